@@ -1,0 +1,166 @@
+"""``pcam-data``: generate the embedded dataset, check a dataset, build its cache and folds.
+
+pcam-data synth --out data/demo [--n 4000 --seed 0 --layout kaggle|pcam]
+pcam-data check data/demo            # report problems; exit 1 if any
+pcam-data build [DIR] [--skip-bad]   # build the cache (embedded dataset without DIR)
+pcam-data folds [DIR] --k 5 --seed 0 # make/save the CV folds and print their balance
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline import cache as cache_mod
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.folds import STRATEGIES, folds_for_cache
+from data_pipeline.problems import DataError, summarize, to_csv_text
+from data_pipeline.synth import SynthConfig, write
+
+
+def _add_data_args(p: argparse.ArgumentParser, optional_dir: bool = True) -> None:
+    p.add_argument(
+        "data",
+        nargs="?" if optional_dir else None,
+        type=Path,
+        default=None,
+        help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="decode processes (default: all available CPUs)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pcam-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser(
+        "synth",
+        help="write the embedded synthetic dataset in a real layout",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = SynthConfig()
+    s.add_argument("--out", type=Path, required=True, help="folder to create")
+    s.add_argument("--n", type=int, default=d.n, help="train patches")
+    s.add_argument("--n-test", type=int, default=None, help="test patches (default n/4)")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--layout", choices=["kaggle", "pcam"], default="kaggle")
+
+    c = sub.add_parser("check", help="validate a dataset folder without building anything")
+    _add_data_args(c, optional_dir=False)
+    c.add_argument("--report", type=Path, default=None, help="also write the problems as CSV")
+
+    b = sub.add_parser("build", help="build (or find) the cache of a dataset")
+    _add_data_args(b)
+    b.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave bad rows out (listed in report.csv beside the cache) instead of stopping",
+    )
+    b.add_argument("--rebuild", action="store_true", help="rebuild even if a cache exists")
+
+    f = sub.add_parser(
+        "folds",
+        help="make and save the cross-validation folds",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_data_args(f)
+    f.add_argument("--skip-bad", action="store_true")
+    f.add_argument("--k", type=int, default=5, help="number of folds")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="slide",
+        help="slide = grouped by slide (honest); random = patch-level (leaky)",
+    )
+    return ap
+
+
+def _config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        data=args.data,
+        cache_dir=args.cache_dir,
+        skip_bad=getattr(args, "skip_bad", False),
+        workers=args.workers,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed command; returns the exit code."""
+    if args.cmd == "synth":
+        cfg = SynthConfig(n=args.n, n_test=args.n_test, seed=args.seed)
+        out = write(args.out, cfg, args.layout)
+        print(
+            f"wrote {cfg.n} train + {cfg.test_count} test patches ({args.layout} layout) to {out}"
+        )
+        return 0
+    if args.cmd == "check":
+        cfg = _config(args)
+        problems = cache_mod.check(
+            args.data, cfg.cache_root, args.workers, progress=not args.quiet
+        )
+        print(summarize(problems, args.data))
+        if args.report:
+            args.report.write_text(to_csv_text(problems))
+            print(f"report written to {args.report}")
+        return 1 if problems else 0
+    cfg = _config(args)
+    if args.cmd == "build":
+        if args.rebuild:
+            path = cache_mod.build_cache(
+                cfg.source(),
+                cfg.cache_root,
+                cfg.skip_bad,
+                cfg.workers,
+                not args.quiet,
+                rebuild=True,
+            )
+            cache = cache_mod.load_cache(path)
+        else:
+            cache = open_dataset(cfg, progress=not args.quiet)
+        m = cache.meta
+        print(f"cache: {cache.path}")
+        print(
+            f"  {m['n']} patches {m['splits']}, labels {m['labels']}, "
+            f"{m['slides']} with a slide id, built in {m['build_seconds']} s"
+        )
+        if m["skipped"]:
+            print(f"  skipped {m['skipped']} bad rows: see {cache.path / 'report.csv'}")
+        return 0
+    if args.cmd == "folds":
+        cache = open_dataset(cfg, progress=not args.quiet)
+        folds_for_cache(cache, args.k, args.seed, args.strategy)
+        summary = Path(cache.path) / "folds" / f"{args.strategy}-k{args.k}-s{args.seed}.json"
+        print(f"folds: {summary.with_suffix('.csv')}")
+        print(json.dumps(json.loads(summary.read_text())["per_fold"], indent=1))
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Cross-validation folds: stratified by label, grouped by slide, duplicates kept together.
+
+A random patch-level split leaks slides (shared stain, overlapping crops) into validation and
+inflates AUC; grouping by slide is what makes the CV score predict the leaderboard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+STRATEGIES = ("slide", "random")
+
+
+def fold_groups(groups: Sequence[str | None], hashes: Sequence[str]) -> np.ndarray:
+    """Integer group per row: its slide; rows without a slide are their own group; rows with
+    identical image hashes are merged into one group (union-find), across slides too."""
+    n = len(groups)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i in range(n):
+        keys = []
+        g = groups[i]
+        if g is not None and g == g and str(g) != "":  # g == g filters NaN
+            keys.append(("slide", str(g)))
+        if hashes[i]:
+            keys.append(("hash", str(hashes[i])))
+        for key in keys:
+            j = first.setdefault(key, i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(n)])
+    return np.unique(roots, return_inverse=True)[1]
+
+
+def make_folds(
+    labels: Sequence[int],
+    groups: Sequence[str | None] | None,
+    hashes: Sequence[str] | None,
+    k: int,
+    seed: int,
+    strategy: str = "slide",
+) -> np.ndarray:
+    """Fold number (0..k-1) for every row.
+
+    ``strategy="slide"``: ``StratifiedGroupKFold`` over slide groups (see ``fold_groups``).
+    ``strategy="random"``: plain ``StratifiedKFold`` over patches (leaky; for comparison only),
+    still keeping exact duplicates together. Deterministic for a given ``seed``.
+    """
+    y = np.asarray(labels)
+    n = len(y)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got k={k}")
+    if not set(np.unique(y)) <= {0, 1}:
+        raise ValueError(f"labels must be 0/1, got values {sorted(set(np.unique(y)))[:5]}")
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < k:
+        raise ValueError(f"k={k} folds need at least {k} patches of each class; have {counts}")
+    hashes = [""] * n if hashes is None else list(hashes)
+    slides = [None] * n if (groups is None or strategy == "random") else list(groups)
+    g = fold_groups(slides, hashes)
+    n_groups = g.max() + 1
+    if n_groups < k:
+        raise ValueError(f"k={k} folds need at least {k} slide groups; found {n_groups}")
+    folds = np.empty(n, dtype=np.int16)
+    if n_groups == n:
+        # every row its own group: StratifiedKFold gives the same guarantees much faster
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(n), y)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(n), y, g)
+    for f, (_, held_out) in enumerate(splits):
+        folds[held_out] = f
+    return folds
+
+
+def folds_for_cache(cache, k: int = 5, seed: int = 0, strategy: str = "slide") -> pd.DataFrame:
+    """Folds of the cache's labelled pool (id, row, fold), made once and saved in the cache.
+
+    Saved as ``<cache>/folds/<strategy>-k<k>-s<seed>.csv`` (written atomically) so search,
+    refit and report all use identical folds; a later call just reads the file.
+    """
+    path = Path(cache.path) / "folds" / f"{strategy}-k{k}-s{seed}.csv"
+    if path.is_file():
+        return pd.read_csv(path, dtype={"id": str})
+    rows = cache.labelled_pool()
+    idx = cache.index.iloc[rows]
+    folds = make_folds(
+        idx["label"].to_numpy(), idx["slide"].to_numpy(), idx["hash"].to_numpy(), k, seed, strategy
+    )
+    df = pd.DataFrame({"id": idx["id"].to_numpy(), "row": rows, "fold": folds})
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    summary = {
+        "k": k,
+        "seed": seed,
+        "strategy": strategy,
+        "per_fold": {
+            int(f): {
+                "n": int((folds == f).sum()),
+                "pos_rate": round(float(idx["label"].to_numpy()[folds == f].mean()), 4),
+            }
+            for f in range(k)
+        },
+    }
+    path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return df

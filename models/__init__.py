@@ -1,0 +1,1 @@
+"""Model factory (timm models and the simple CNN baseline)."""

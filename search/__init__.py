@@ -1,0 +1,1 @@
+"""Search: space, Ray Tune / Optuna adapter, CLIs."""

@@ -1,0 +1,44 @@
+import pandas as pd
+
+from data_pipeline.cli import main
+
+
+def test_main_synth_then_check_clean(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["synth", "--out", str(out), "--n", "64", "--n-test", "16"]) == 0
+    assert main(["check", str(out), "--quiet", "--workers", "1"]) == 0
+    assert "no problems found" in capsys.readouterr().out
+
+
+def test_main_check_bad_data_exits_non_zero_with_report(kaggle_dir, tmp_path, capsys):
+    ids = pd.read_csv(kaggle_dir / "train_labels.csv", dtype=str)["id"].iloc[:2].tolist()
+    for i in ids:
+        (kaggle_dir / "train" / f"{i}.tif").unlink()
+    report = tmp_path / "report.csv"
+    assert (
+        main(["check", str(kaggle_dir), "--quiet", "--workers", "1", "--report", str(report)]) == 1
+    )
+    out = capsys.readouterr().out
+    assert "2 missing_file" in out and ids[0] in out
+    assert set(pd.read_csv(report, dtype=str)["id"]) == set(ids)
+
+
+def test_main_build_stops_then_skip_bad_builds(kaggle_dir, capsys):
+    bad = pd.read_csv(kaggle_dir / "train_labels.csv", dtype=str)["id"].iloc[0]
+    (kaggle_dir / "train" / f"{bad}.tif").write_bytes(b"not a tiff")
+    assert main(["build", str(kaggle_dir), "--quiet", "--workers", "1"]) == 2
+    assert bad in capsys.readouterr().err
+    assert main(["build", str(kaggle_dir), "--quiet", "--workers", "1", "--skip-bad"]) == 0
+    assert "skipped 1 bad rows" in capsys.readouterr().out
+
+
+def test_main_folds_writes_balanced_grouped_folds(kaggle_dir, capsys):
+    assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1", "--k", "4"]) == 0
+    path = capsys.readouterr().out.split("folds: ")[1].split("\n")[0]
+    folds = pd.read_csv(path, dtype={"id": str})
+    assert sorted(folds.fold.unique()) == [0, 1, 2, 3] and len(folds) == 160
+
+
+def test_main_unknown_folder_is_clear_error(tmp_path, capsys):
+    assert main(["check", str(tmp_path), "--quiet"]) == 2
+    assert "Expected either the Kaggle layout" in capsys.readouterr().err
