@@ -1,1 +1,13 @@
-"""Model factory (timm models and the simple CNN baseline)."""
+"""Model factory: ``create(arch, ...)`` for simple_cnn and any timm model (1-logit head)."""
+
+from models.factory import (
+    MissingWeightsError,
+    UnknownModelError,
+    create,
+    data_config,
+    is_resnet,
+    load_weights_file,
+)
+
+__all__ = ["MissingWeightsError", "UnknownModelError", "create", "data_config", "is_resnet",
+           "load_weights_file"]
