@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,14 +177,11 @@ def _tasks(entries: pd.DataFrame, out: str) -> Iterator[tuple]:
 
 
 def _mp_context() -> mp.context.BaseContext:
-    """fork when the parent is plain Python (workers start instantly: a spawned worker spends
-    ~1.4 s importing pandas/h5py); forkserver once torch or Ray may have started threads that a
-    forked child must not inherit."""
-    if {"torch", "ray"} & set(sys.modules) or "fork" not in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["data_pipeline.cache"])
-        return ctx
-    return mp.get_context("fork")
+    """fork: workers start instantly (a spawned worker spends ~1.4 s importing pandas/h5py) and
+    need no ``if __name__ == "__main__"`` guard in the caller's script. They only run PIL, numpy
+    and h5py on files they open themselves, so threads the parent may hold (torch, Ray) are not
+    touched. Where fork does not exist, spawn."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def decode(
@@ -198,24 +196,33 @@ def decode(
     """
     hashes = np.full(len(entries), "", dtype=object)
     errors: list[tuple[int, str, str]] = []
-    tasks = list(_tasks(entries, str(out) if out else ""))
-    if workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)), mp_context=_mp_context()
-        ) as ex:
-            results = ex.map(_decode_task, tasks)
-            for offset, h, errs in results:
-                hashes[offset : offset + len(h)] = h
-                errors += errs
-                if on_progress:
-                    on_progress(len(h))
-    else:
-        for task in tasks:
-            offset, h, errs = _decode_task(task)
-            hashes[offset : offset + len(h)] = h
-            errors += errs
-            if on_progress:
-                on_progress(len(h))
+    todo = list(_tasks(entries, str(out) if out else ""))
+
+    def take(result: tuple) -> None:
+        nonlocal errors
+        offset, h, errs = result
+        hashes[offset : offset + len(h)] = h
+        errors += errs
+        done.add(offset)
+        if on_progress:
+            on_progress(len(h))
+
+    done: set[int] = set()
+    if workers > 1 and len(todo) > 1:
+        try:
+            ctx = _mp_context()
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as ex:
+                for result in ex.map(_decode_task, todo):
+                    take(result)
+        except BrokenProcessPool as e:
+            # workers could not start (e.g. a __main__ read from stdin): decode the rest here
+            print(
+                f"warning: parallel decoding failed ({e}); continuing in one process",
+                file=sys.stderr,
+            )
+    for task in todo:
+        if task[1] not in done:
+            take(_decode_task(task))
     return hashes, errors
 
 

@@ -9,5 +9,11 @@ from models.factory import (
     load_weights_file,
 )
 
-__all__ = ["MissingWeightsError", "UnknownModelError", "create", "data_config", "is_resnet",
-           "load_weights_file"]
+__all__ = [
+    "MissingWeightsError",
+    "UnknownModelError",
+    "create",
+    "data_config",
+    "is_resnet",
+    "load_weights_file",
+]

@@ -98,11 +98,13 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) 
     head = {k for k in own if k.startswith(_classifier_prefix(model))}
     keep = {k: v for k, v in sd.items() if k in own and k not in head}
     missing = [k for k in own if k not in keep and k not in head]
+    unexpected = [k for k in sd if k not in own]
     bad_shape = [k for k, v in keep.items() if v.shape != own[k].shape]
-    if missing or bad_shape:
+    if missing or unexpected or bad_shape:
         raise ValueError(
             f"{source}: weights do not fit this model: {len(missing)} missing "
-            f"(e.g. {missing[:3]}), {len(bad_shape)} wrong shape (e.g. {bad_shape[:3]})"
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(bad_shape)} wrong shape (e.g. {bad_shape[:3]})"
         )
     model.load_state_dict(keep, strict=False)
 
@@ -123,7 +125,8 @@ def _resolve_weights(arch: str, pretrained: bool | str | Path) -> Path | None:
         if not path.is_file():
             raise MissingWeightsError(
                 f"pretrained weights file {path} does not exist (give a .safetensors or "
-                "torch state_dict file of the same architecture)")
+                "torch state_dict file of the same architecture)"
+            )
         return path
     if arch == "simple_cnn":
         raise MissingWeightsError("simple_cnn has no pretrained weights; use pretrained=False")
