@@ -199,10 +199,9 @@ def decode(
     todo = list(_tasks(entries, str(out) if out else ""))
 
     def take(result: tuple) -> None:
-        nonlocal errors
         offset, h, errs = result
         hashes[offset : offset + len(h)] = h
-        errors += errs
+        errors.extend(errs)
         done.add(offset)
         if on_progress:
             on_progress(len(h))
@@ -472,6 +471,7 @@ def _with_action(p: Problem, action: str) -> Problem:
 
 def _remove_stale(cache_root: Path, final: Path, root: Path) -> None:
     """Delete older caches of the same source (its fingerprint changed)."""
+    skip_bad = json.loads((final / "meta.json").read_text()).get("skip_bad")
     for meta in cache_root.glob("*/meta.json"):
         d = meta.parent
         if d == final:
@@ -480,9 +480,7 @@ def _remove_stale(cache_root: Path, final: Path, root: Path) -> None:
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("source") == str(root) and info.get("skip_bad") == json.loads(
-            (final / "meta.json").read_text()
-        ).get("skip_bad"):
+        if info.get("source") == str(root) and info.get("skip_bad") == skip_bad:
             shutil.rmtree(d, ignore_errors=True)
 
 
