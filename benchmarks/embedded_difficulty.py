@@ -5,7 +5,6 @@
 Same data, model, seed and epochs; only the fold assignment differs. Issue 2 asks for a held-out
 AUC roughly in 0.85-0.97 (not trivially separable) and a visibly higher score with random patch
 folds (slide leakage: overlapping crops and shared stain) than with slide-grouped folds.
-
 """
 
 from __future__ import annotations

@@ -60,13 +60,11 @@ def cached_weights(arch: str) -> list[Path]:
     if cfg is None:
         return candidates
     if cfg.hf_hub_id:
-        from huggingface_hub import constants
+        from huggingface_hub import constants, try_to_load_from_cache
 
         repo = Path(constants.HF_HUB_CACHE) / f"models--{cfg.hf_hub_id.replace('/', '--')}"
         for fname in ("model.safetensors", "pytorch_model.bin"):
             try:
-                from huggingface_hub import try_to_load_from_cache
-
                 hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
             except Exception:  # malformed cache: treat as absent
                 hit = None

@@ -5,7 +5,14 @@ import pytest
 
 from data_pipeline import build_cache, folds_for_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
-from search.engine import TrainData, TrainParams, TrialDiverged, lr_factor, train_cv
+from search.engine import (
+    TrainData,
+    TrainParams,
+    TrialDiverged,
+    TrialOutOfMemory,
+    lr_factor,
+    train_cv,
+)
 
 TINY = {"crop": 32, "batch_size": 32, "lr": 3e-3, "width": 8}
 
@@ -97,3 +104,18 @@ def test_lr_factor_warms_up_then_cosine_decays():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))
     assert f[-1] < 0.01
+
+
+def test_train_cv_cuda_oom_raises_trial_out_of_memory(embedded, monkeypatch):
+    import torch
+
+    import models
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models, "create", oom)
+    data, folds = _small(embedded)
+    with pytest.raises(TrialOutOfMemory, match="out of memory") as e:
+        train_cv({**TINY, "batch_size": 16}, data, folds, epochs=1)
+    assert e.value.params["batch_size"] == 16
