@@ -349,7 +349,8 @@ def _cache_name(root: Path, layout: str, fp: str) -> str:
     return f"{name}-{layout}-{fp[:12]}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -363,7 +364,7 @@ def _clean_abandoned(cache_root: Path) -> None:
     """Remove temp folders of builds whose process is gone (killed mid-build)."""
     for d in cache_root.glob(".building-*"):
         m = re.search(r"-(\d+)$", d.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(d, ignore_errors=True)
 
 

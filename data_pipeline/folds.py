@@ -91,13 +91,18 @@ def make_folds(
     return folds
 
 
+def folds_file(cache, k: int, seed: int, strategy: str) -> Path:
+    """Where ``folds_for_cache`` keeps a fold assignment inside the cache."""
+    return Path(cache.path) / "folds" / f"{strategy}-k{k}-s{seed}.csv"
+
+
 def folds_for_cache(cache, k: int = 5, seed: int = 0, strategy: str = "slide") -> pd.DataFrame:
     """Folds of the cache's labelled pool (id, row, fold), made once and saved in the cache.
 
     Saved as ``<cache>/folds/<strategy>-k<k>-s<seed>.csv`` (written atomically) so search,
     refit and report all use identical folds; a later call just reads the file.
     """
-    path = Path(cache.path) / "folds" / f"{strategy}-k{k}-s{seed}.csv"
+    path = folds_file(cache, k, seed, strategy)
     if path.is_file():
         return pd.read_csv(path, dtype={"id": str})
     rows = cache.labelled_pool()

@@ -3,6 +3,7 @@
 from models.factory import (
     MissingWeightsError,
     UnknownModelError,
+    check_name,
     create,
     data_config,
     is_resnet,
@@ -12,6 +13,7 @@ from models.factory import (
 __all__ = [
     "MissingWeightsError",
     "UnknownModelError",
+    "check_name",
     "create",
     "data_config",
     "is_resnet",

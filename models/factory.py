@@ -44,7 +44,7 @@ def is_resnet(arch: str) -> bool:
     return arch in RESNETS
 
 
-def _check_name(arch: str) -> None:
+def check_name(arch: str) -> None:
     if arch == "simple_cnn" or timm.is_model(arch):
         return
     close = difflib.get_close_matches(arch, ["simple_cnn", *timm.list_models()], n=5, cutoff=0.6)
@@ -150,7 +150,7 @@ def create(
     depth: int = 4,
 ) -> nn.Module:
     """A 1-logit classifier: (B, 3, H, W) float -> (B, 1) logits. See the module docstring."""
-    _check_name(arch)
+    check_name(arch)
     if not 0 <= unfreeze <= 4:
         raise ValueError(f"unfreeze must be 0..4 (stages trained from the head), got {unfreeze}")
     weights = _resolve_weights(arch, pretrained)

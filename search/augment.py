@@ -57,3 +57,52 @@ def augment(
     if strength <= 0:
         return x
     return hed_jitter(dihedral(x, generator), strength, generator)
+
+
+CENTRE = 32  # px: PCam's label is about the centre 32x32 of the patch
+
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp: x' = lam*x + (1-lam)*x[perm], same for the targets; one lam ~ Beta(alpha, alpha)
+    per batch. alpha -> 0 gives lam in {0, 1} almost surely (no mixing within a pair)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    lam = max(lam, 1 - lam)  # the first image dominates: same mixes, kept near the original
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    return lam * x + (1 - lam) * x[perm], lam * y + (1 - lam) * y[perm]
+
+
+def centre_fraction(box: tuple[int, int, int, int], size: int, centre: int = CENTRE) -> float:
+    """Fraction of the centre ``centre`` x ``centre`` square of a ``size`` patch that the box
+    (y0, y1, x0, x1), half-open, covers."""
+    c0 = (size - min(centre, size)) // 2
+    c1 = c0 + min(centre, size)
+    y0, y1, x0, x1 = box
+    h = max(0, min(y1, c1) - max(y0, c0))
+    w = max(0, min(x1, c1) - max(x0, c0))
+    return h * w / float((c1 - c0) ** 2)
+
+
+def cutmix(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix with PCam's centre rule: a box of x[perm] is pasted into x, and the target moves
+    toward y[perm] only by the share of the **centre 32x32** the box covers:
+    y' = (1 - c)*y + c*y[perm]. A box pasted in the outer ring (c = 0) leaves the label alone:
+    tumour there does not make a tumour patch. Box area ~ 1 - Beta(alpha, alpha), as in the
+    CutMix paper; one box per batch. x: (B, C, S, S)."""
+    s = x.shape[-1]
+    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    cut = (1 - lam) ** 0.5
+    h = w = int(round(s * cut))
+    if h == 0:
+        return x, y
+    cy, cx = (int(v) for v in torch.randint(0, s, (2,), generator=generator))
+    y0, y1 = max(cy - h // 2, 0), min(cy - h // 2 + h, s)
+    x0, x1 = max(cx - w // 2, 0), min(cx - w // 2 + w, s)
+    perm = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    c = centre_fraction((y0, y1, x0, x1), s)
+    return out, (1 - c) * y + c * y[perm]

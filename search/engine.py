@@ -20,13 +20,15 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import models
-from search.augment import augment
+from search.augment import augment, cutmix, mixup
+from search.losses import LOSSES, binary_loss
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+MIXES = ("none", "mixup", "cutmix")
+MIN_DELTA = 1e-4  # an AUC gain smaller than this is not an improvement (early stopping)
 CROPS = (32, 48, 64, 96)
 
 
@@ -48,6 +50,15 @@ class TrainParams:
     momentum: float = 0.9  # sgd / rmsprop
     width: int = 16  # simple_cnn: channels of the first block
     depth: int = 4  # simple_cnn: number of blocks
+    patience: int = 0  # early stopping: epochs without a better held-out AUC (0 = off)
+    restore_best: bool = False  # keep each fold's best-epoch weights (and OOF probs)
+    mix: str = "none"  # none | mixup | cutmix (cutmix labels follow the centre 32x32)
+    mix_alpha: float = 0.4  # Beta(alpha, alpha) of the mixing weight / box size
+    mix_prob: float = 0.5  # share of batches mixed
+    loss: str = "bce"  # bce | focal
+    focal_gamma: float = 2.0  # focal: (1 - p_t)^gamma; 0 = BCE
+    focal_alpha: float = -1.0  # focal: weight of positives in [0, 1]; < 0 = none
+    pos_weight: float = 1.0  # BCE/focal weight of positive examples (PCam is ~60/40)
 
     @classmethod
     def from_dict(cls, params: dict) -> TrainParams:
@@ -62,6 +73,12 @@ class TrainParams:
         if p.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {p.crop}")
         if p.lr <= 0 or p.batch_size < 2 or not 0 <= p.dropout < 1 or not 0 <= p.aug <= 1:
+            raise ValueError(f"invalid params {params}")
+        if p.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {p.mix!r}")
+        if p.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {p.loss!r}")
+        if p.patience < 0 or p.mix_alpha < 0 or not 0 <= p.mix_prob <= 1 or p.pos_weight <= 0:
             raise ValueError(f"invalid params {params}")
         return p
 
@@ -90,7 +107,11 @@ class TrialError(RuntimeError):
 
     def __init__(self, message: str, epoch: int, params: dict) -> None:
         super().__init__(f"{message} at epoch {epoch} with params {params}")
-        self.epoch, self.params = epoch, params
+        self.message, self.epoch, self.params = message, epoch, params
+
+    def __reduce__(self):
+        # Ray copies and pickles errors from trials to the driver: rebuild from the same args
+        return (type(self), (self.message, self.epoch, self.params))
 
 
 class TrialDiverged(TrialError):
@@ -109,8 +130,12 @@ class CVResult:
     stopped_early: bool  # on_epoch asked to stop before ``epochs``
     seconds: float
     device: str
-    states: list[dict] | None = None  # per-fold state_dicts (CPU tensors)
-    oof: np.ndarray | None = None  # (N,) held-out probability of each row, last epoch
+    states: list[dict] | None = None  # per-fold state_dicts (CPU tensors; best epoch's with
+    # restore_best)
+    oof: np.ndarray | None = None  # (N,) held-out probability of each row, its fold's last epoch
+    oof_best: np.ndarray | None = None  # (N,) same at its fold's best epoch (restore_best)
+    best_epochs: list[int] | None = None  # per fold: epoch of the best held-out AUC
+    self_stopped: bool = False  # early stopping (patience) ended every fold before ``epochs``
 
     @property
     def epochs_run(self) -> int:
@@ -119,6 +144,18 @@ class CVResult:
     @property
     def final(self) -> dict:
         return self.history[-1]
+
+
+def create_model(p: TrainParams, pretrained: bool | str = False) -> torch.nn.Module:
+    """The model ``p`` describes (``models.create`` with its arch, dropout, stages, size)."""
+    return models.create(
+        p.arch,
+        dropout=p.dropout,
+        unfreeze=p.unfreeze,
+        pretrained=pretrained,
+        width=p.width,
+        depth=p.depth,
+    )
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -228,14 +265,8 @@ def train_cv(
         fold_models, opts, scheds, gens, train_idx, val_idx = [], [], [], [], [], []
         for f in range(k):
             torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
-            m = models.create(
-                p.arch,
-                dropout=p.dropout,
-                unfreeze=p.unfreeze,
-                pretrained=pretrained,
-                width=p.width,
-                depth=p.depth,
-            ).to(dev, memory_format=torch.channels_last)  # faster on CUDA and oneDNN CPU
+            m = create_model(p, pretrained)
+            m = m.to(dev, memory_format=torch.channels_last)  # faster on CUDA and oneDNN CPU
             tr = torch.from_numpy(np.flatnonzero(folds != f))
             steps = max(1, len(tr) // p.batch_size)  # drop_last: no BatchNorm on 1-2 samples
             opt = _make_optimizer(p, [q for q in m.parameters() if q.requires_grad])
@@ -255,7 +286,19 @@ def train_cv(
 
         history: list[dict] = []
         oof = np.full(len(folds), np.nan, dtype=np.float32)
-        stopped = False
+        oof_best = np.full(len(folds), np.nan, dtype=np.float32)
+        stopped = self_stopped = False
+        # early stopping, per fold: a fold stops after `patience` epochs without a better
+        # held-out AUC; a stopped fold keeps reporting its final (or, restored, best) AUC
+        active = [True] * k
+        best_auc, best_epoch, since = [-math.inf] * k, [0] * k, [0] * k
+        best_states: list[dict | None] = [None] * k
+        last = {
+            "auc": [math.nan] * k,
+            "loss": [math.nan] * k,
+            "acc": [math.nan] * k,
+            "train": [math.nan] * k,
+        }
         train_seconds, images_seen = 0.0, 0
         for epoch in range(1, epochs + 1):
             # ---- train every fold one epoch
@@ -263,6 +306,9 @@ def train_cv(
             train_loss = []
             images_epoch = 0
             for f in range(k):
+                if not active[f]:
+                    train_loss.append(last["train"][f])
+                    continue
                 m, opt, sched, g, tr = fold_models[f], opts[f], scheds[f], gens[f], train_idx[f]
                 m.train()
                 perm = tr[torch.randperm(len(tr), generator=g)]
@@ -273,9 +319,13 @@ def train_cv(
                     xb = batch(idx, p.aug, g)
                     yb = y[idx].to(dev, non_blocking=True)
                     yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
+                    if p.mix != "none" and float(torch.rand((), generator=g)) < p.mix_prob:
+                        xb, yb = (mixup if p.mix == "mixup" else cutmix)(xb, yb, p.mix_alpha, g)
                     with torch.autocast(dev.type, dtype=amp, enabled=cuda):
                         logits = m(xb).squeeze(1)
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), yb)
+                    loss = binary_loss(
+                        logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, p.pos_weight
+                    )
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
@@ -289,6 +339,7 @@ def train_cv(
                         f"training loss is {mean_loss} (fold {f})", epoch, asdict(p)
                     )
                 train_loss.append(mean_loss)
+                last["train"][f] = mean_loss
             images_seen += images_epoch
             if cuda:
                 torch.cuda.synchronize(dev)
@@ -296,17 +347,37 @@ def train_cv(
             train_seconds += epoch_seconds
 
             # ---- score every fold on its held-out part
-            aucs, losses, accs = [], [], []
             for f in range(k):
+                if not active[f]:
+                    continue
                 probs = _predict(fold_models[f], batch, val_idx[f], dev, amp, eval_batch)
                 if not np.isfinite(probs).all():
                     raise TrialDiverged(f"non-finite predictions (fold {f})", epoch, asdict(p))
                 yv = data.labels[val_idx[f]]
                 oof[val_idx[f]] = probs
-                aucs.append(_auc(yv, probs))
+                auc = _auc(yv, probs)
                 pc = np.clip(probs, 1e-7, 1 - 1e-7)
-                losses.append(float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc))))
-                accs.append(float(np.mean((probs > 0.5) == yv)))
+                last["auc"][f] = auc
+                last["loss"][f] = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
+                last["acc"][f] = float(np.mean((probs > 0.5) == yv))
+                if auc > best_auc[f] + MIN_DELTA or best_epoch[f] == 0:
+                    best_auc[f], best_epoch[f], since[f] = auc, epoch, 0
+                    oof_best[val_idx[f]] = probs
+                    if p.restore_best:  # a CPU copy of this epoch's weights
+                        best_states[f] = {
+                            n: v.detach().cpu().clone()
+                            for n, v in fold_models[f].state_dict().items()
+                        }
+                else:
+                    since[f] += 1
+                    if p.patience and since[f] >= p.patience:
+                        active[f] = False
+            # a stopped fold reports its final AUC, or its best when its best weights are kept
+            aucs = [
+                best_auc[f] if p.restore_best and not active[f] else last["auc"][f]
+                for f in range(k)
+            ]
+            losses, accs = list(last["loss"]), list(last["acc"])
             metrics = {
                 "epoch": epoch,
                 "auc": float(np.mean(aucs)),
@@ -321,20 +392,33 @@ def train_cv(
                 "seconds": time.perf_counter() - t_start,
                 "train_images_per_s": images_seen / max(train_seconds, 1e-9),  # all epochs
                 "epoch_images_per_s": images_epoch / max(epoch_seconds, 1e-9),  # this epoch
+                "folds_active": sum(active),
+                "best_epochs": list(best_epoch),
+                "self_stopped": not any(active) and epoch < epochs,
             }
             history.append(metrics)
             if on_epoch is not None and on_epoch(epoch, metrics) and epoch < epochs:
                 stopped = True
                 break
+            if not any(active):  # every fold early-stopped
+                self_stopped = epoch < epochs
+                break
     except torch.cuda.OutOfMemoryError as e:
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epoch, asdict(p)) from e
 
+    if p.restore_best:
+        for m, sd in zip(fold_models, best_states, strict=True):
+            if sd is not None:
+                m.load_state_dict(sd)
     states = None
     if keep_states:
         states = [{n: v.detach().cpu() for n, v in m.state_dict().items()} for m in fold_models]
     return CVResult(
         history=history,
         stopped_early=stopped,
+        self_stopped=self_stopped,
+        best_epochs=list(best_epoch),
+        oof_best=oof_best if keep_oof else None,
         seconds=time.perf_counter() - t_start,
         device=str(dev) if not cuda else torch.cuda.get_device_name(dev),
         states=states,

@@ -3,8 +3,6 @@ import math
 import numpy as np
 import pytest
 
-from data_pipeline import build_cache, folds_for_cache, load_cache
-from data_pipeline.synth import SynthConfig, write
 from search.engine import (
     TrainData,
     TrainParams,
@@ -18,13 +16,9 @@ TINY = {"crop": 32, "batch_size": 32, "lr": 3e-3, "width": 8}
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
+def embedded(cv_data):
     """The embedded dataset at a tiny size (1200 train patches), cached, with 3 slide folds."""
-    root = tmp_path_factory.mktemp("emb")
-    src = write(root / "kaggle", SynthConfig(n=1200, n_test=40, seed=0), "kaggle")
-    cache = load_cache(build_cache(src, root / "cache", workers=1, progress=False))
-    folds = folds_for_cache(cache, k=3, seed=0)
-    return TrainData.from_cache(cache, folds.row.to_numpy()), folds.fold.to_numpy()
+    return cv_data(1200, 3, seed=0, n_test=40)
 
 
 def _small(embedded, n=96):

@@ -1,0 +1,427 @@
+"""``pcam-search``: a k-fold cross-validated hyperparameter search, Optuna study + Ray Tune + ASHA.
+
+pcam-search --trials 200                 # embedded data, study "pcam" in studies/pcam.db
+pcam-search --data DIR --storage postgresql://user@host/db --gpus-per-trial 0.25
+pcam-search --address 10.0.0.1:6379      # join a Ray cluster started with `ray start`
+
+Run the same command again to continue: --trials counts every finished trial of the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from rich.console import Console
+from rich.markup import escape
+
+import models
+from data_pipeline.cache import available_cpus
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.folds import STRATEGIES, folds_file, folds_for_cache
+from data_pipeline.problems import DataError, summarize
+from search import study as studies
+from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
+from search.engine import TrainData
+from search.progress import Tally, live
+from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+# Settings a study keeps for life: trials scored differently are not comparable.
+FROZEN_SETTINGS = ("folds", "fold_strategy", "fold_seed", "max_epochs")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pcam-search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = ap.add_argument
+    a(
+        "--trials",
+        type=int,
+        default=SearchConfig.trials,
+        help="finished trials wanted in the study, earlier runs included (default: %(default)s)",
+    )
+    a(
+        "--data",
+        type=Path,
+        default=None,
+        help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
+    )
+    a("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
+    a(
+        "--storage",
+        default="",
+        help="sqlite:///PATH or postgresql://user@host/db (default: sqlite:///studies/pcam.db)",
+    )
+    a(
+        "--studies-dir",
+        type=Path,
+        default=DEFAULT_STUDIES_DIR,
+        help="SQLite file and per-study outputs (default: ./studies)",
+    )
+    a(
+        "--space",
+        default=None,
+        help="search space file, a path or a name in studies/ (default: cpu; GPU: default)",
+    )
+    a("--folds", type=int, default=None, help="k of k-fold CV (default: CPU 3, GPU 5)")
+    a(
+        "--fold-strategy",
+        choices=STRATEGIES,
+        default="slide",
+        help="slide-grouped folds (default) or random (leaks slides; only to measure that)",
+    )
+    a(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="epochs of a trial never stopped early (default: CPU 2, GPU 12)",
+    )
+    a(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: epochs before a trial may be stopped (default: CPU 1, GPU 2)",
+    )
+    a(
+        "--reduction-factor",
+        type=int,
+        default=None,
+        help="ASHA eta: 1/eta of trials continue at each rung (default: 3)",
+    )
+    a("--no-asha", action="store_true", help="run every trial for --max-epochs")
+    a(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for this run; running trials are then stopped and re-run on resume",
+    )
+    a("--cpus-per-trial", type=float, default=None, help="CPU threads per trial (CPU 1, GPU 2)")
+    a(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPU share per trial, fractions allowed: 0.25 = 4 trials per GPU (GPU default 0.25)",
+    )
+    a(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="trials at once (default: as many as the resources allow)",
+    )
+    a(
+        "--address",
+        default=None,
+        help="join an existing Ray cluster (host:port or 'auto'); default: a private local one",
+    )
+    a(
+        "--pretrained",
+        default=None,
+        help="pretrained weights: a file, or 'cache' (local timm/HF/torch caches). "
+        "Enables searching the number of unfrozen ResNet stages",
+    )
+    a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")
+    a(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="dataset cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
+    )
+    a("--skip-bad", action="store_true", help="leave bad data rows out instead of stopping")
+    a("--workers", type=int, default=None, help="decode processes for the cache build")
+    a("--verbose", action="store_true", help="Ray's own logs instead of the live view")
+    a("--no-progress", action="store_true", help="no live view (plain log lines)")
+    return ap
+
+
+def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
+    """The one config of this run: flags, else the CPU or GPU defaults."""
+    d = for_device(has_gpu)
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    return SearchConfig(
+        data=DataConfig(
+            data=args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers
+        ),
+        study=args.study,
+        storage=args.storage,
+        studies_dir=args.studies_dir,
+        trials=args.trials,
+        folds=pick(args.folds, d.folds),
+        fold_strategy=args.fold_strategy,
+        max_epochs=pick(args.max_epochs, d.max_epochs),
+        grace_period=pick(args.grace_period, d.grace_period),
+        reduction_factor=pick(args.reduction_factor, d.reduction_factor),
+        asha=not args.no_asha,
+        timeout=args.timeout,
+        cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
+        gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
+        concurrency=args.concurrency,
+        address=args.address,
+        space=pick(args.space, d.space),
+        pretrained=args.pretrained,
+        seed=args.seed,
+        verbose=args.verbose,
+        progress=not (args.no_progress or args.verbose) and sys.stderr.isatty(),
+    )
+
+
+def _check_config(cfg: SearchConfig) -> None:
+    if cfg.trials < 1 or cfg.folds < 2 or cfg.max_epochs < 1 or cfg.grace_period < 1:
+        raise ValueError("--trials and --max-epochs must be >= 1, --folds >= 2, grace >= 1")
+    if cfg.reduction_factor < 2:
+        raise ValueError(f"--reduction-factor must be >= 2, got {cfg.reduction_factor}")
+    if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
+        raise ValueError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+
+
+def safe_argv(argv: list[str]) -> str:
+    """The command line as typed, with passwords in URLs masked."""
+    return shlex.join(["pcam-search", *(studies.safe_url(a) if "://" in a else a for a in argv)])
+
+
+def _check_weights(cfg: SearchConfig, space: Space) -> None:
+    """Fail before any trial when asked-for pretrained weights are missing."""
+    if not cfg.pretrained:
+        return
+    archs = list(space.params.get("arch", {}).get("choices", [])) or [space.fixed.get("arch")]
+    for arch in archs:
+        if arch and arch != "simple_cnn":
+            models.create(arch, pretrained=cfg.pretrained_arg)
+
+
+def _open_study(cfg: SearchConfig, storage, console: Console) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage, study_name=cfg.study, direction="maximize", load_if_exists=True
+    )
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ValueError(f"study {cfg.study!r} exists and minimizes; pcam-search maximizes AUC")
+    zombies = studies.fail_zombies(study)
+    if zombies:
+        console.print(
+            f"[yellow]marked {len(zombies)} trial(s) left RUNNING by a stopped search "
+            f"as FAIL (interrupted; they will be re-run): {zombies}[/]"
+        )
+    return study
+
+
+def _record_study(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    space: Space,
+    fingerprint: str,
+    folds_file: str,
+    argv: list[str],
+) -> None:
+    """Study user attrs: what the trials were scored on. A mismatch with an earlier run is an
+    error (trials would not be comparable)."""
+    attrs = study.user_attrs
+    prev = attrs.get("config")
+    if prev:
+        if attrs.get("dataset_fingerprint") != fingerprint:
+            raise ValueError(
+                f"study {cfg.study!r} was searched on dataset {attrs.get('dataset_fingerprint')}, "
+                f"this run reads {fingerprint}: use another --study"
+            )
+        now = cfg.to_dict()
+        diff = {k: (prev.get(k), now[k]) for k in FROZEN_SETTINGS if prev.get(k) != now[k]}
+        if diff:
+            raise ValueError(
+                f"study {cfg.study!r} was searched with other settings {diff} (earlier, now): "
+                "use the same flags or another --study"
+            )
+    else:
+        study.set_user_attr("dataset_fingerprint", fingerprint)
+        study.set_user_attr("folds_file", folds_file)
+    study.set_user_attr("config", cfg.to_dict())
+    study.set_user_attr("space", space.to_dict())
+    study.set_user_attr("version", importlib.metadata.version("pcam-search"))
+    runs = list(attrs.get("runs", []))
+    runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": safe_argv(argv)})
+    study.set_user_attr("runs", runs[-50:])
+    study.set_user_attr("command", safe_argv(argv))
+
+
+def next_commands(cfg: SearchConfig) -> list[str]:
+    url = studies.safe_url(cfg.storage_url)
+    refit = ["pcam-refit", "--best", "--study", cfg.study]
+    if cfg.storage:
+        refit += ["--storage", url]
+    return [shlex.join(["optuna-dashboard", url]), shlex.join(refit)]
+
+
+def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Tally) -> None:
+    counts = studies.tally(study)
+    console.print(
+        f"study [bold]{cfg.study}[/] in {studies.safe_url(cfg.storage_url)}: "
+        + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
+        + f"  (this run: {tally.finished} finished, {tally.epochs} epochs trained)"
+    )
+    best = studies.best_trial(study)
+    if best is not None:
+        folds = best.user_attrs.get("auc_folds", [])
+        console.print(
+            f"best mean {cfg.folds}-fold AUC [bold green]{best.value:.4f}[/] "
+            f"(trial {best.number}; folds {', '.join(f'{a:.4f}' for a in folds)})"
+        )
+        console.print("  " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
+    console.print("next:")
+    for c in next_commands(cfg):
+        console.print(f"  {c}", highlight=False, markup=False)
+
+
+def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
+    """The search: data -> folds -> study -> Ray Tune trials -> summary."""
+    from search import ray_adapter  # Ray is heavy: import it only when searching
+
+    space = load_space(cfg.space)
+    _check_weights(cfg, space)
+    skipped = [] if cfg.pretrained else skipped_for_weights(space)
+    if skipped:
+        console.print(
+            f"no pretrained weights (--pretrained): not searching {skipped}; "
+            "ResNets train all stages"
+        )
+    storage = studies.make_storage(cfg.storage_url)
+    study = _open_study(cfg, storage, console)
+    done = studies.count_finished(study)
+    remaining = cfg.trials - done
+    if remaining <= 0:
+        console.print(
+            f"study {cfg.study!r} already has {done} finished trials (--trials "
+            f"{cfg.trials}); raise --trials to search more"
+        )
+        _summary(console, study, cfg, Tally(target=0, finished_before=done))
+        return 0
+
+    cache = open_dataset(cfg.data, progress=cfg.progress)
+    folds_df = folds_for_cache(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy)
+    where = str(folds_file(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy))
+    _record_study(study, cfg, space, cache.fingerprint, where, argv)
+    data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
+    folds = folds_df["fold"].to_numpy(np.int64)
+
+    concurrency = cfg.concurrency or _fit_concurrency(cfg)
+    console.print(
+        f"searching study [bold]{cfg.study}[/] ({studies.safe_url(cfg.storage_url)}): "
+        f"{remaining} more trial(s), {done} finished before; {len(data.labels)} patches, "
+        f"{cfg.folds} {cfg.fold_strategy} folds, up to {cfg.max_epochs} epochs, "
+        f"{concurrency} at once, space {cfg.space}"
+    )
+    tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
+    prior = studies.best_trial(study)
+    if prior is not None:
+        tally.offer_best(prior.number, prior.value, prior.params)
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed + len(study.trials),  # a resumed run does not replay the same draws
+        constant_liar=True,  # parallel trials: avoid sampling next to running ones
+    )
+    settings = ray_adapter.TrialSettings(
+        max_epochs=cfg.max_epochs,
+        seed=cfg.seed,
+        threads=max(1, int(cfg.cpus_per_trial)),
+        pretrained=cfg.pretrained_arg,
+    )
+    resources = ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency)
+    pretrained = bool(cfg.pretrained)
+    interrupted = False
+    try:
+        with live(tally, cfg.progress, console):
+            ray_adapter.run_trials(
+                study=study,
+                storage=storage,
+                space_fn=lambda t: suggest(t, space, pretrained),
+                sampler=sampler,
+                n_trials=remaining,
+                data=data,
+                folds=folds,
+                settings=settings,
+                resources=resources,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+                asha=cfg.asha,
+                timeout=cfg.timeout,
+                tally=tally,
+                driver=studies.driver_id(),
+                storage_path=str(cfg.out_dir / "ray"),
+                verbose=cfg.verbose,
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+    _summary(console, study, cfg, tally)
+    if tally.finished < tally.target:
+        # Ray Tune catches Ctrl-C itself and returns early; a timeout also ends early
+        why = "time budget reached" if cfg.timeout and not interrupted else "interrupted"
+        console.print(f"[yellow]{why}: run the same command again to continue[/]")
+        return 0 if why == "time budget reached" else EXIT_INTERRUPTED
+    return 0
+
+
+def _fit_concurrency(cfg: SearchConfig) -> int:
+    from search import ray_adapter
+
+    res = ray_adapter.cluster_resources()
+    n = int(res.get("CPU", 1) // cfg.cpus_per_trial)
+    if cfg.gpus_per_trial > 0:
+        n = min(n, int(res.get("GPU", 0) // cfg.gpus_per_trial))
+    if n < 1:
+        raise ValueError(
+            f"the Ray cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot run one "
+            f"trial of {cfg.cpus_per_trial} CPUs and {cfg.gpus_per_trial} GPUs"
+        )
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
+    console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
+    out = Console(soft_wrap=True)
+    try:
+        from search import ray_adapter
+
+        if args.address is None:
+            ray_adapter.init_ray(None, available_cpus(), torch.cuda.device_count(), args.verbose)
+        else:
+            ray_adapter.init_ray(args.address, None, None, args.verbose)
+        has_gpu = ray_adapter.cluster_resources().get("GPU", 0) > 0
+        cfg = build_config(args, has_gpu)
+        _check_config(cfg)
+        return run(cfg, argv, out)
+    except DataError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        if getattr(e, "problems", None):
+            console.print(summarize(e.problems))
+        return EXIT_BAD_INPUT
+    except (
+        SpaceError,
+        studies.StorageError,
+        studies.StudyBusyError,
+        models.MissingWeightsError,
+        models.UnknownModelError,
+        ValueError,
+        ConnectionError,
+    ) as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return EXIT_INTERRUPTED
+    finally:
+        if "ray_adapter" in locals():
+            ray_adapter.shutdown_ray()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""A saved fold ensemble: one safetensors file per fold + ``ensemble.json``, and TTA prediction.
+
+The JSON holds everything needed to rebuild and use the models without the study: arch,
+training params, normalisation, crop, folds file, data fingerprint, package version and the
+SHA-256 of every weights file (a modified file is refused). Weights are safetensors: loading
+them never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from search.engine import TrainParams, centre_crop, create_model, resolve_device
+
+TTA_CHOICES = (1, 4, 8)
+
+
+class EnsembleError(ValueError):
+    """An ensemble folder is incomplete, tampered with or inconsistent."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dihedral_views(x: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The first ``n`` of the 8 dihedral transforms of (B, C, H, W) square patches.
+
+    1: identity; 4: the four 90-degree rotations; 8: rotations and their mirror images.
+    Tissue has no orientation, so every view has the same label.
+    """
+    if n not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, got {n}")
+    rots = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4 if n >= 4 else 1)]
+    return rots + [r.flip(-1) for r in rots] if n == 8 else rots
+
+
+@dataclass
+class Ensemble:
+    """Fold models (eval mode, on ``device``) and the metadata they were saved with."""
+
+    models: list[torch.nn.Module]
+    meta: dict
+    device: torch.device
+
+    @property
+    def params(self) -> TrainParams:
+        return TrainParams.from_dict(self.meta["params"])
+
+    @torch.no_grad()
+    def predict(
+        self, images: np.ndarray, tta: int = 8, batch: int = 512, progress=None
+    ) -> np.ndarray:
+        """Mean probability over fold models and ``tta`` dihedral views: (N, 96, 96, 3) uint8
+        -> (N,) float32 in [0, 1]. ``progress(n_done)`` is called after each batch."""
+        p = self.params
+        x = centre_crop(images, p.crop)  # (N, c, c, 3) uint8
+        mean = torch.tensor(self.meta["norm"]["mean"], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.meta["norm"]["std"], device=self.device).view(1, 3, 1, 1)
+        cuda = self.device.type == "cuda"
+        out = np.empty(len(x), np.float32)
+        for s in range(0, len(x), batch):
+            xb = x[s : s + batch].to(self.device, non_blocking=cuda)
+            xb = (xb.permute(0, 3, 1, 2).float().div_(255) - mean) / std
+            views = dihedral_views(xb, tta)
+            acc = torch.zeros(len(xb), device=self.device)
+            for m in self.models:
+                for v in views:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                        acc += torch.sigmoid(m(v).squeeze(1).float())
+            out[s : s + len(xb)] = (acc / (len(self.models) * len(views))).cpu().numpy()
+            if progress is not None:
+                progress(len(xb))
+        return out
+
+
+def save_ensemble(folder: Path, states: list[dict], meta: dict) -> Path:
+    """Write fold weights + ``ensemble.json`` into ``folder`` atomically (temp folder, rename).
+
+    ``meta`` needs ``params`` (TrainParams dict) and ``norm``; file names, hashes and the
+    package version are added. An existing folder is replaced only after the new one is whole.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir()
+    files = []
+    for f, sd in enumerate(states):
+        name = f"fold{f}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name))
+        files.append({"file": name, "sha256": _sha256(tmp / name)})
+    meta = {**meta, "folds": files, "version": importlib.metadata.version("pcam-search")}
+    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        _rmtree(old)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def load_ensemble(folder: Path, device: str | torch.device | None = None) -> Ensemble:
+    """Rebuild the fold models from ``folder``; a missing, modified or non-safetensors weights
+    file is an ``EnsembleError`` naming it."""
+    folder = Path(folder)
+    meta_path = folder / "ensemble.json"
+    if not meta_path.is_file():
+        raise EnsembleError(f"{folder}: no ensemble.json (not an ensemble folder)")
+    meta = json.loads(meta_path.read_text())
+    dev = resolve_device(device)
+    p = TrainParams.from_dict(meta["params"])
+    fold_models = []
+    for entry in meta["folds"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise EnsembleError(f"{path}: weights file missing")
+        if _sha256(path) != entry["sha256"]:
+            raise EnsembleError(f"{path}: contents differ from the hash saved with the ensemble")
+        try:
+            sd = load_file(str(path))
+        except Exception as e:
+            raise EnsembleError(f"{path}: not a valid safetensors file ({e})") from None
+        m = create_model(p)
+        try:
+            m.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise EnsembleError(f"{path}: does not fit {p.arch}: {e}") from None
+        fold_models.append(m.to(dev, memory_format=torch.channels_last).eval())
+    return Ensemble(fold_models, meta, dev)

@@ -1,0 +1,397 @@
+"""All Ray imports of the project live here: Ray's API churns; its next change touches one file.
+
+``run_trials`` schedules a search with Ray Tune: ``OptunaSearch`` bound to the RDB study,
+``ASHAScheduler`` on the per-epoch mean k-fold AUC, reused actors, data in the object store once
+(``tune.with_parameters``). Stock Ray (2.60) records the study wrongly; ``_TruthfulSearch``
+fixes it:
+
+- ASHA's STOP skips the searcher's ``on_trial_result`` for the last result, so trials lose
+  their last (sometimes only) intermediate value: we report it in ``on_trial_complete``;
+- an ASHA-stopped trial is recorded COMPLETE with its early value: we record it PRUNED;
+- a trial that raised gets FAIL without a reason: we store the error type and message;
+- a trial stopped by the run's end (timeout, Ctrl-C) is FAIL with ``interrupted`` (re-run on
+  resume), not COMPLETE with a half-trained value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import optuna
+import ray
+import torch
+from optuna.trial import TrialState
+from ray import cloudpickle, tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.engine import TrainData, train_cv
+from search.progress import Tally
+
+METRIC = "auc"  # mean held-out AUC over the k folds, reported once per epoch
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """What every trial needs besides its params (goes to trials by ``with_parameters``)."""
+
+    max_epochs: int
+    seed: int
+    threads: int  # torch CPU threads
+    pretrained: bool | str
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: float
+    gpus_per_trial: float
+    concurrency: int
+
+
+def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: TrialSettings) -> None:
+    """One trial: train the k fold models in lockstep, report mean fold AUC every epoch."""
+    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+    def report(epoch: int, m: dict) -> bool:
+        tune.report(
+            {
+                METRIC: m["auc"],
+                "epoch": epoch,
+                "auc_folds": m["auc_folds"],
+                "val_loss": m["val_loss"],
+                "train_loss": m["train_loss"],
+                "acc": m["acc"],
+                "trial_seconds": m["seconds"],
+                "images_per_s": m["train_images_per_s"],
+                "device": device_name,
+                "self_stopped": bool(m.get("self_stopped", False)),
+                "node": ray.get_runtime_context().get_node_id()[:12],
+            }
+        )
+        return False  # stopping is ASHA's call: Ray ends this thread at the next report
+
+    train_cv(
+        config,
+        data,
+        folds,
+        epochs=settings.max_epochs,
+        device=device,
+        seed=settings.seed,
+        threads=settings.threads,
+        pretrained=settings.pretrained,
+        on_epoch=report,
+    )
+
+
+def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
+    """No training: reports ``max_epochs`` made-up AUCs (a smooth function of lr) at once.
+
+    For measuring orchestration overhead per trial (``benchmarks/search_overhead.py``).
+    """
+    base = 0.9 - 0.05 * abs(math.log10(float(config.get("lr", 1e-3))) + 3)
+    for epoch in range(1, settings.max_epochs + 1):
+        tune.report({METRIC: base + 0.01 * epoch, "epoch": epoch, "auc_folds": [base]})
+
+
+class _RecordingASHA(ASHAScheduler):
+    """ASHA that remembers which trials it stopped before their last epoch."""
+
+    def __init__(self, stopped: set[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stopped_early = stopped
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get("training_iteration", 0) < self._max_t:
+            self.stopped_early.add(trial.trial_id)
+        return decision
+
+
+class _TrialRegistry(tune.Callback):
+    """Keeps each Ray trial object (its error file) where the searcher can reach it."""
+
+    def __init__(self) -> None:
+        self.trials: dict = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.trials[trial.trial_id] = trial
+
+
+def _error_of(trial) -> tuple[str, str]:
+    """(type name, message) of the exception that ended a Ray trial.
+
+    Read from the trial's local error files (written by Ray before the searcher hears of the
+    failure; ``Trial.get_pickled_error`` reads the synced copy, which is not there yet).
+    """
+    exc = None
+    path = getattr(trial, "pickled_error_file", None)
+    if path and os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                exc = cloudpickle.load(f)
+        except Exception:  # an error class that cannot be rebuilt here: use the text file
+            exc = None
+    if exc is not None:
+        cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the trainable's error
+        return type(cause).__name__, str(cause).strip()[:2000]
+    text_path = getattr(trial, "error_file", None)
+    if text_path and os.path.isfile(text_path):
+        with open(text_path) as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+        if lines:  # last line of the traceback: "pkg.mod.ErrorType: message"
+            head, _, msg = lines[-1].partition(": ")
+            return head.rsplit(".", 1)[-1], msg[:2000]
+    return "WorkerError", "the trial's worker failed without a recorded error"
+
+
+class _TruthfulSearch(OptunaSearch):
+    """OptunaSearch whose study says what happened (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int,
+        stopped_early: set[str],
+        registry: _TrialRegistry,
+        tally: Tally,
+        driver: dict,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._max_epochs = max_epochs
+        self._stopped_early = stopped_early
+        self._registry = registry
+        self._tally = tally
+        self._driver = driver
+        self._reported: dict[str, set[int]] = {}
+        self.interrupted_reason = "the search stopped before the trial finished"
+
+    def __getstate__(self) -> dict:
+        # Ray pickles the searcher into its experiment folder (tuner.pkl). The storage holds the
+        # database URL, password included: keep it out. Nothing restores from that pickle.
+        return {"_metric": self._metric, "_mode": self._mode}
+
+    def save(self, checkpoint_path: str) -> None:
+        """No Ray-side searcher checkpoint: the RDB study is the state, and resume reads it."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """See ``save``."""
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot = self._ot_trials[trial_id]
+        ot.set_user_attr("driver", self._driver)
+        ot.set_user_attr("ray_trial_id", trial_id)
+        self._reported[trial_id] = set()
+        self._tally.running[ot.number] = 0
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        ot = self._ot_trials.get(trial_id)
+        if ot is None or trial_id in self._completed_trials or METRIC not in result:
+            return
+        epoch = int(result["epoch"])
+        if epoch in self._reported[trial_id]:
+            return
+        self._reported[trial_id].add(epoch)
+        value = float(result[METRIC])
+        if math.isfinite(value):  # Optuna rejects NaN intermediate values
+            ot.report(value, epoch)
+        self._tally.epochs += 1
+        self._tally.running[ot.number] = epoch
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot = self._ot_trials.get(trial_id)
+        if ot is None or trial_id in self._completed_trials:
+            return
+        if result and METRIC in result:
+            self.on_trial_result(trial_id, result)  # ASHA's STOP skipped it: the last epoch
+        self._completed_trials.add(trial_id)
+        epochs = int(result["epoch"]) if result and "epoch" in result else 0
+        epochs = max(epochs, *self._reported.get(trial_id, ()), 0)
+        attrs: dict = {"epochs_run": epochs}
+        if result and METRIC in result:
+            attrs.update(
+                auc_folds=[float(a) for a in result.get("auc_folds", [])],
+                seconds=round(float(result.get("trial_seconds", 0.0)), 2),
+                device=result.get("device", ""),
+                node=result.get("node", ""),
+                val_loss=float(result.get("val_loss", float("nan"))),
+                images_per_s=round(float(result.get("images_per_s", 0.0)), 1),
+            )
+        value = float(result[METRIC]) if result and METRIC in result else float("nan")
+
+        error_text = ""
+        if error:
+            etype, msg = _error_of(self._registry.trials.get(trial_id))
+            attrs.update(error_type=etype, error_message=msg)
+            state, error_text = TrialState.FAIL, f"{etype}: {msg}"
+        elif epochs >= self._max_epochs and math.isfinite(value):
+            state = TrialState.COMPLETE
+        elif result and result.get("self_stopped") and math.isfinite(value):
+            # early stopping (patience) ended every fold: finished on its own terms
+            attrs.update(early_stopped=True)
+            state = TrialState.COMPLETE
+        elif epochs >= self._max_epochs:
+            attrs.update(error_type="NonFiniteAUC", error_message=f"final mean AUC is {value}")
+            state, error_text = TrialState.FAIL, f"NonFiniteAUC: final mean AUC is {value}"
+        elif trial_id in self._stopped_early:
+            state = TrialState.PRUNED
+        else:  # timeout, Ctrl-C, or never started: not this trial's fault
+            attrs.update(interrupted=True, fail_reason=self.interrupted_reason)
+            state = TrialState.FAIL
+        self._tally.record(
+            ot.number,
+            "INTERRUPTED" if attrs.get("interrupted") else state.name,
+            value if math.isfinite(value) else None,
+            ot.params,
+            epochs,
+            error_text,
+        )
+        try:
+            for k, v in attrs.items():
+                ot.set_user_attr(k, v)
+            self._ot_study.tell(ot, value if state == TrialState.COMPLETE else None, state=state)
+        except Exception as e:  # never lose the search over one bookkeeping write
+            logging.getLogger(__name__).warning("could not record trial %s: %s", ot.number, e)
+
+    def close_open_trials(self, reason: str) -> int:
+        """FAIL (interrupted) every trial asked but not finished, e.g. after Ctrl-C."""
+        n = 0
+        for trial_id in list(self._ot_trials):
+            if trial_id not in self._completed_trials:
+                self.interrupted_reason = reason
+                self.on_trial_complete(trial_id, None)
+                n += 1
+        return n
+
+
+def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool):
+    """Start a private Ray instance, or join the cluster at ``address``.
+
+    Returns the cluster's resources ({"CPU": n, "GPU": m, ...}).
+    """
+    # Before ray.init: no per-trial CSV/JSON/TensorBoard writers (we log to Optuna). Pending
+    # trials (RUNNING in the study before they run) are bounded by max_concurrent_trials; a
+    # TUNE_MAX_PENDING_TRIALS_PG of 1 was measured to serialise trials on a 2-node cluster.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "0")
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the old reporter honours verbose=0
+    kwargs: dict = dict(
+        include_dashboard=False,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        ignore_reinit_error=True,
+    )
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    return ray.cluster_resources()
+
+
+def cluster_resources() -> dict:
+    """Resources of the Ray instance joined by ``init_ray`` ({"CPU": n, "GPU": m, ...})."""
+    return ray.cluster_resources()
+
+
+def shutdown_ray() -> None:
+    ray.shutdown()
+
+
+def run_trials(
+    *,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    space_fn: Callable[[optuna.Trial], dict],
+    sampler: optuna.samplers.BaseSampler,
+    n_trials: int,
+    data: TrainData,
+    folds: np.ndarray,
+    settings: TrialSettings,
+    resources: Resources,
+    grace_period: int,
+    reduction_factor: int,
+    asha: bool,
+    timeout: float | None,
+    tally: Tally,
+    driver: dict,
+    storage_path: str,
+    verbose: bool,
+    trainable: Callable = _trainable,
+) -> _TruthfulSearch:
+    """Run ``n_trials`` more trials of ``study`` on the Ray instance ``init_ray`` joined.
+
+    Returns the searcher (its ``study`` is the live study). Trials left open by an
+    interrupted run are closed as FAIL (interrupted) before returning or raising.
+    """
+    stopped: set[str] = set()
+    registry = _TrialRegistry()
+    searcher = _TruthfulSearch(
+        space=space_fn,
+        metric=METRIC,
+        mode="max",
+        sampler=sampler,
+        study_name=study.study_name,
+        storage=storage,
+        max_epochs=settings.max_epochs,
+        stopped_early=stopped,
+        registry=registry,
+        tally=tally,
+        driver=driver,
+    )
+    if asha:
+        scheduler = _RecordingASHA(
+            stopped,
+            time_attr="training_iteration",  # one report per epoch
+            max_t=settings.max_epochs,
+            grace_period=min(grace_period, settings.max_epochs),
+            reduction_factor=reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    trainable = tune.with_resources(
+        tune.with_parameters(trainable, data=data, folds=folds, settings=settings),
+        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            metric=METRIC,
+            mode="max",
+            num_samples=n_trials,
+            max_concurrent_trials=resources.concurrency,
+            reuse_actors=True,  # measured 8x less overhead per trial (NOTES.md)
+            time_budget_s=timeout,
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage_path,
+            verbose=1 if verbose else 0,
+            callbacks=[registry],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        searcher.close_open_trials(
+            "the run ended (timeout) before the trial finished"
+            if timeout
+            else "the search was interrupted before the trial finished"
+        )
+    return searcher

@@ -1,0 +1,312 @@
+"""Refit: the best COMPLETE trial's params, retrained on every fold, as a TTA ensemble.
+
+``refit(cfg)``: study -> trial -> same data and folds as the search (the dataset fingerprint
+must match) -> ``train_cv`` for the full epoch budget, keeping fold weights and out-of-fold
+probabilities -> ``studies/<study>/refit/trial-<N>/`` (ensemble + oof.csv) -> test
+predictions (mean over fold models x dihedral views) -> ``submission.csv`` -> a ``refit``
+record in the study's user attrs. No Ray: one process, the engine's own loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sklearn.metrics import roc_auc_score
+
+import models
+from data_pipeline.cache import Cache
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.folds import folds_file, folds_for_cache
+from data_pipeline.kaggle import SUBMISSION_CSV
+from data_pipeline.synth import SynthConfig
+from search import study as studies
+from search.engine import TrainData, TrainParams, create_model, train_cv
+from search.ensemble import Ensemble, load_ensemble, save_ensemble
+
+
+class RefitError(ValueError):
+    """The refit cannot run as asked (no COMPLETE trial, data changed, ids mismatch, ...)."""
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """One ``pcam-refit`` run."""
+
+    study: str = "pcam"
+    storage: str = ""  # "" = sqlite:///<studies_dir>/pcam.db, as pcam-search
+    studies_dir: Path = Path("studies")
+    trial: int | None = None  # None = the best COMPLETE trial
+    epochs: int | None = None  # None = the study's max_epochs
+    tta: int = 8  # dihedral views per patch at test time: 1, 4 or 8
+    data: Path | None = None  # None = the data the study was searched on
+    cache_dir: Path | None = None
+    out: Path | None = None  # submission path; None = <refit folder>/submission.csv
+    force: bool = False  # overwrite an existing submission
+    device: str | None = None  # None = CUDA when present
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or studies.sqlite_url(self.studies_dir / "pcam.db")
+
+
+@dataclass
+class RefitResult:
+    trial: int
+    params: dict
+    oof_auc: float
+    oof_auc_folds: list[float]
+    oof_auc_best: float | None  # at each fold's best epoch (early stopping / restore_best)
+    best_epochs: list[int] | None
+    test_auc: float | None
+    ensemble_dir: Path
+    oof_csv: Path
+    submission: Path | None
+    seconds: dict = field(default_factory=dict)
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """The best COMPLETE trial, or trial ``number`` if COMPLETE; never a pruned or failed one."""
+    if number is None:
+        best = studies.best_trial(study)
+        if best is None:
+            raise RefitError(f"study {study.study_name!r} has no COMPLETE trial to refit yet")
+        return best
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise RefitError(f"study {study.study_name!r} has no trial {number}")
+    t = trials[number]
+    if t.state != TrialState.COMPLETE:
+        raise RefitError(f"trial {number} is {t.state.name}: only COMPLETE trials are refit")
+    return t
+
+
+def trial_params(study: optuna.Study, trial: FrozenTrial) -> dict:
+    """The full training params of a trial: the space's fixed values + the trial's params."""
+    space = study.user_attrs.get("space", {})
+    params = {**space.get("fixed", {}), **trial.params}
+    TrainParams.from_dict(params)  # a clear error if the study holds params we cannot train
+    return params
+
+
+def data_config(search_cfg: dict, cfg: RefitConfig) -> DataConfig:
+    """The search's data (or ``cfg.data``), as a DataConfig."""
+    d = search_cfg.get("data", {})
+    emb = d.get("embedded") or {}
+    return DataConfig(
+        data=cfg.data if cfg.data is not None else (Path(d["data"]) if d.get("data") else None),
+        cache_dir=cfg.cache_dir or (Path(d["cache_dir"]) if d.get("cache_dir") else None),
+        skip_bad=bool(d.get("skip_bad", False)),
+        embedded=SynthConfig(**emb) if emb else SynthConfig(),
+    )
+
+
+def submission_frame(cache: Cache, probs: np.ndarray, test_rows: np.ndarray) -> pd.DataFrame:
+    """``id,label`` rows in ``sample_submission.csv``'s order (Kaggle layout) or the cache's
+    test order (PCam). Ids that differ from the sample submission are a ``RefitError``
+    naming them: never a partial or reordered file."""
+    ids = cache.index["id"].to_numpy()[test_rows]
+    pred = pd.Series(probs, index=ids)
+    sample = Path(cache.meta["source"]) / SUBMISSION_CSV
+    if cache.meta.get("layout") != "kaggle":
+        return pd.DataFrame({"id": ids, "label": probs})
+    if not sample.is_file():
+        raise RefitError(f"{sample}: missing; it gives the ids and order of a submission")
+    want = pd.read_csv(sample, dtype={"id": str})["id"]
+    missing = sorted(set(want) - set(ids))
+    extra = sorted(set(ids) - set(want))
+    if missing or extra:
+        raise RefitError(
+            f"test images and {sample} disagree: {len(missing)} ids have no image "
+            f"(first: {missing[:5]}), {len(extra)} images are not in it (first: {extra[:5]}); "
+            "no submission written"
+        )
+    return pd.DataFrame({"id": want.to_numpy(), "label": pred.loc[want].to_numpy()})
+
+
+def write_csv_atomic(df: pd.DataFrame, path: Path, force: bool) -> Path:
+    """Write ``df`` to ``path`` via a temp file + rename; refuse to overwrite without force."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise RefitError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def predict_test(
+    ens: Ensemble, cache: Cache, tta: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(test rows, mean TTA probabilities) for the cache's test split."""
+    rows = cache.rows("test")
+    if len(rows) == 0:
+        return rows, np.zeros(0, np.float32)
+    with Progress(
+        TextColumn("predict test"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("test", total=len(rows))
+        probs = ens.predict(
+            np.asarray(cache.images[rows]), tta=tta, progress=lambda n: bar.advance(task, n)
+        )
+    return rows, probs
+
+
+def refit(cfg: RefitConfig, console: Console) -> RefitResult:
+    """Retrain, save, predict, write and record (see the module docstring)."""
+    storage = studies.make_storage(cfg.storage_url)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError:
+        raise RefitError(
+            f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
+        ) from None
+    trial = pick_trial(study, cfg.trial)
+    params = trial_params(study, trial)
+    search_cfg = study.user_attrs.get("config", {})
+    epochs = cfg.epochs or int(search_cfg.get("max_epochs", 1))
+    k = int(search_cfg.get("folds", 3))
+    console.print(
+        f"refit trial {trial.number} of study {cfg.study!r} (search mean AUC "
+        f"{trial.value:.4f}): {k} folds x {epochs} epochs, TTA x{cfg.tta}"
+    )
+
+    t0 = time.perf_counter()
+    cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
+    want_fp = study.user_attrs.get("dataset_fingerprint")
+    if cfg.data is None and want_fp and cache.fingerprint != want_fp:
+        raise RefitError(
+            f"the study was searched on dataset {want_fp}, the data now reads "
+            f"{cache.fingerprint}: pass --data to refit on other data"
+        )
+    fold_seed = int(search_cfg.get("fold_seed", 0))
+    strategy = search_cfg.get("fold_strategy", "slide")
+    folds_df = folds_for_cache(cache, k, fold_seed, strategy)
+    data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
+    folds = folds_df["fold"].to_numpy(np.int64)
+
+    # ---- train every fold for the full budget (lockstep), one bar per fold
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}  {task.fields[auc]}"),
+        TimeElapsedColumn(),
+        disable=not cfg.progress,
+        console=Console(stderr=True),
+    ) as bar:
+        tasks = [bar.add_task(f"fold {f}", total=epochs, auc="") for f in range(k)]
+
+        def on_epoch(epoch: int, m: dict) -> bool:
+            for f, t in enumerate(tasks):
+                bar.update(t, completed=epoch, auc=f"AUC {m['auc_folds'][f]:.4f}")
+            return False
+
+        pretrained = search_cfg.get("pretrained") or False
+        res = train_cv(
+            params,
+            data,
+            folds,
+            epochs=epochs,
+            device=cfg.device,
+            seed=cfg.seed,
+            pretrained=True if pretrained == "cache" else pretrained,
+            on_epoch=on_epoch,
+            keep_states=True,
+            keep_oof=True,
+        )
+    t_train = time.perf_counter() - t0
+
+    # ---- save the ensemble and the out-of-fold predictions
+    out_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
+    p = TrainParams.from_dict(params)
+    norm = models.data_config(create_model(p), p.arch)
+    meta = {
+        "study": cfg.study,
+        "trial": trial.number,
+        "arch": p.arch,
+        "params": asdict(p),
+        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
+        "crop": p.crop,
+        "epochs": epochs,
+        "k": k,
+        "folds_file": str(folds_file(cache, k, fold_seed, strategy)),
+        "dataset_fingerprint": cache.fingerprint,
+        "device": res.device,
+    }
+    ens_dir = save_ensemble(out_dir / "ensemble", res.states, meta)
+    oof = res.oof
+    oof_auc = _auc(data.labels, oof)
+    oof_folds = [_auc(data.labels[folds == f], oof[folds == f]) for f in range(k)]
+    # With early stopping / restore_best the kept weights are each fold's best epoch, chosen on
+    # that same held-out fold: an optimistic OOF. Report it beside the final-epoch OOF.
+    oof_best_auc = _auc(data.labels, res.oof_best) if p.restore_best or p.patience else None
+    saved = res.oof_best if p.restore_best else oof  # predictions of the weights that were saved
+    oof_df = pd.DataFrame({"id": data.ids, "label": data.labels, "fold": folds, "prob": saved})
+    oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
+
+    # ---- test predictions with TTA -> submission
+    t1 = time.perf_counter()
+    ens = load_ensemble(ens_dir, cfg.device)  # what pcam-predict loads: test the saved files
+    rows, probs = predict_test(ens, cache, cfg.tta, cfg.progress)
+    t_pred = time.perf_counter() - t1
+    submission, test_auc = None, None
+    if len(rows):
+        sub = submission_frame(cache, probs, rows)
+        submission = write_csv_atomic(sub, cfg.out or out_dir / "submission.csv", cfg.force)
+        y_test = cache.index["label"].to_numpy()[rows]
+        if (y_test >= 0).all():
+            test_auc = _auc(y_test, probs)
+
+    result = RefitResult(
+        trial=trial.number,
+        params=params,
+        oof_auc=oof_auc,
+        oof_auc_folds=oof_folds,
+        oof_auc_best=oof_best_auc,
+        best_epochs=res.best_epochs,
+        test_auc=test_auc,
+        ensemble_dir=ens_dir,
+        oof_csv=oof_csv,
+        submission=submission,
+        seconds={"train": round(t_train, 1), "predict": round(t_pred, 1)},
+    )
+    record = {
+        "trial": trial.number,
+        "epochs": epochs,
+        "tta": cfg.tta,
+        "oof_auc": oof_auc,
+        "oof_auc_folds": oof_folds,
+        "oof_auc_best_epochs": oof_best_auc,
+        "best_epochs": res.best_epochs,
+        "test_auc": test_auc,
+        "search_auc": trial.value,
+        "ensemble": str(ens_dir),
+        "oof_csv": str(oof_csv),
+        "submission": str(submission) if submission else None,
+        "seconds": result.seconds,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    study.set_user_attr("refit", json.loads(json.dumps(record)))
+    (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
+    return result

@@ -1,0 +1,169 @@
+"""``pcam-refit`` and ``pcam-predict``.
+
+pcam-refit --best                    # best COMPLETE trial of study "pcam" in studies/pcam.db
+pcam-refit --trial 17 --epochs 10    # a chosen COMPLETE trial, longer
+pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from rich.markup import escape
+
+import models
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.problems import DataError
+from search import study as studies
+from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
+from search.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
+from search.refit import (
+    RefitConfig,
+    RefitError,
+    predict_test,
+    refit,
+    submission_frame,
+    write_csv_atomic,
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def refit_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pcam-refit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--best", action="store_true", help="refit the best COMPLETE trial")
+    which.add_argument("--trial", type=int, help="refit this COMPLETE trial number")
+    ap.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
+    ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
+    ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="data folder (default: the data the study was searched on)",
+    )
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs per fold (default: the search's --max-epochs)",
+    )
+    ap.add_argument(
+        "--tta",
+        type=int,
+        choices=TTA_CHOICES,
+        default=8,
+        help="dihedral test-time views per patch (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="submission path (default: studies/<study>/refit/trial-N/submission.csv)",
+    )
+    ap.add_argument("--force", action="store_true", help="overwrite an existing submission")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def refit_main(argv: list[str] | None = None) -> int:
+    args = refit_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
+    cfg = RefitConfig(
+        study=args.study,
+        storage=args.storage,
+        studies_dir=args.studies_dir,
+        trial=None if args.best else args.trial,
+        epochs=args.epochs,
+        tta=args.tta,
+        data=args.data,
+        cache_dir=args.cache_dir,
+        out=args.out,
+        force=args.force,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+    try:
+        r = refit(cfg, out)
+    except (
+        RefitError,
+        EnsembleError,
+        DataError,
+        studies.StorageError,
+        models.MissingWeightsError,
+        ValueError,
+    ) as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_BAD_INPUT
+    folds = ", ".join(f"{a:.4f}" for a in r.oof_auc_folds)
+    out.print(f"OOF AUC {r.oof_auc:.4f} (folds {folds})", highlight=False)
+    if r.test_auc is not None:
+        out.print(
+            f"test AUC {r.test_auc:.4f} (true test labels present): OOF - test = "
+            f"{r.oof_auc - r.test_auc:+.4f}",
+            highlight=False,
+        )
+    out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)
+    if r.submission:
+        out.print(f"submission: {r.submission}", highlight=False)
+    else:
+        out.print("no test split in the data: no submission written")
+    return 0
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pcam-predict",
+        description="score the test split of a folder with a saved ensemble; writes id,label",
+    )
+    ap.add_argument(
+        "data",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="Kaggle or PCam folder (default: the embedded dataset)",
+    )
+    ap.add_argument("--ensemble", type=Path, required=True, help="an ensemble folder")
+    ap.add_argument("--out", type=Path, required=True, help="CSV to write (id,label)")
+    ap.add_argument("--tta", type=int, choices=TTA_CHOICES, default=8)
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--device", default=None)
+    return ap
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    args = predict_parser().parse_args(argv)
+    err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
+    try:
+        ens = load_ensemble(args.ensemble, args.device)
+        cache = open_dataset(
+            DataConfig(data=args.data, cache_dir=args.cache_dir), progress=sys.stderr.isatty()
+        )
+        rows, probs = predict_test(ens, cache, args.tta, sys.stderr.isatty())
+        if len(rows) == 0:
+            raise RefitError(f"{cache.meta['source']}: no test split to predict")
+        path = write_csv_atomic(submission_frame(cache, probs, rows), args.out, args.force)
+    except (RefitError, EnsembleError, DataError, ValueError) as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_BAD_INPUT
+    out.print(f"wrote {len(rows)} predictions to {path}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(refit_main())

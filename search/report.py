@@ -1,0 +1,404 @@
+"""``pcam-report``: one self-contained HTML page of plotly figures for a study (and its refit).
+
+Optuna's own plots where it has them (history, timeline, importances, parallel coordinates,
+slices, contour); plotly for the rest (intermediate values by state, compute per state,
+architectures, the refit's ROC curves, calibration and confusion matrix). Every section
+degrades to a sentence when it cannot be drawn (no refit yet, one trial, only pruned trials).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import sys
+import webbrowser
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from optuna.trial import TrialState
+from rich.console import Console
+from rich.markup import escape
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from search import study as studies
+from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
+
+STATE_COLOURS = {
+    "COMPLETE": "#2ca02c",
+    "PRUNED": "#ff7f0e",
+    "FAIL": "#d62728",
+    "RUNNING": "#1f77b4",
+    "WAITING": "#7f7f7f",
+}
+Section = tuple[str, "go.Figure | str"]  # title, figure or a sentence saying why not
+
+
+def _trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False)
+
+
+def fig_history(study: optuna.Study) -> go.Figure | str:
+    if not studies.best_trial(study):
+        return "No COMPLETE trial yet: nothing to plot as a best-so-far line."
+    return optuna.visualization.plot_optimization_history(study, target_name="mean fold AUC")
+
+
+def fig_timeline(study: optuna.Study) -> go.Figure | str:
+    if not _trials(study):
+        return "The study has no trials."
+    return optuna.visualization.plot_timeline(study)
+
+
+def fig_compute_per_state(study: optuna.Study) -> go.Figure | str:
+    """Trial-seconds and epochs by final state: what ASHA saved shows as cheap PRUNED bars."""
+    rows = [
+        (
+            t.state.name,
+            float(t.user_attrs.get("seconds", 0.0)),
+            int(t.user_attrs.get("epochs_run", 0)),
+        )
+        for t in _trials(study)
+    ]
+    if not rows:
+        return "The study has no trials."
+    df = pd.DataFrame(rows, columns=["state", "seconds", "epochs"])
+    g = (
+        df.groupby("state")
+        .agg(trials=("state", "size"), seconds=("seconds", "sum"), epochs=("epochs", "sum"))
+        .reset_index()
+    )
+    fig = go.Figure()
+    fig.add_bar(
+        x=g["state"],
+        y=g["seconds"],
+        name="trial-seconds",
+        marker_color=[STATE_COLOURS.get(s, "#999") for s in g["state"]],
+        text=[f"{n} trials, {e} epochs" for n, e in zip(g["trials"], g["epochs"], strict=True)],
+    )
+    fig.update_layout(yaxis_title="training seconds (summed over trials)", showlegend=False)
+    return fig
+
+
+def fig_intermediate(study: optuna.Study) -> go.Figure | str:
+    """Every trial's mean fold AUC per epoch, coloured by its final state."""
+    fig = go.Figure()
+    shown: set[str] = set()
+    for t in _trials(study):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        s = t.state.name
+        fig.add_scatter(
+            x=steps,
+            y=[t.intermediate_values[k] for k in steps],
+            mode="lines+markers",
+            line={"color": STATE_COLOURS.get(s, "#999"), "width": 1},
+            marker={"size": 4},
+            name=s,
+            legendgroup=s,
+            showlegend=s not in shown,
+            hovertext=f"trial {t.number} ({s})",
+            opacity=0.7,
+        )
+        shown.add(s)
+    if not shown:
+        return "No trial reported an epoch yet."
+    fig.update_layout(xaxis_title="epoch", yaxis_title="mean fold AUC (held out)")
+    return fig
+
+
+def _needs_complete(n: int, make: Callable[[], go.Figure]) -> Callable[[optuna.Study], object]:
+    def draw(study: optuna.Study) -> go.Figure | str:
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(done) < n:
+            return f"Needs at least {n} COMPLETE trials (the study has {len(done)})."
+        return make(study)
+
+    return draw
+
+
+def fig_contour(study: optuna.Study) -> go.Figure | str:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = {k for t in done for k in t.params}
+    if not {"lr", "batch_size"} <= names:
+        return "lr and batch_size are not both searched in this study."
+    if len(done) < 3:
+        return f"Needs at least 3 COMPLETE trials (the study has {len(done)})."
+    return optuna.visualization.plot_contour(study, params=["lr", "batch_size"])
+
+
+def fig_architectures(study: optuna.Study) -> go.Figure | str:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    fixed = study.user_attrs.get("space", {}).get("fixed", {})
+    archs = {t.params.get("arch", fixed.get("arch", "?")) for t in done}
+    if len(archs) < 2:
+        return f"Only one architecture was searched ({', '.join(sorted(archs)) or 'none'})."
+    fig = go.Figure()
+    for a in sorted(archs):
+        vals = [t.value for t in done if t.params.get("arch", fixed.get("arch")) == a]
+        fig.add_box(y=vals, name=a, boxpoints="all")
+    fig.update_layout(yaxis_title="mean fold AUC (COMPLETE trials)")
+    res = [t for t in done if "unfreeze" in t.params]
+    if res:
+        fig.add_scatter(
+            x=[f"unfreeze={t.params['unfreeze']}" for t in res],
+            y=[t.value for t in res],
+            mode="markers",
+            name="ResNets by unfrozen stages",
+        )
+    return fig
+
+
+def _refit_record(study: optuna.Study) -> tuple[dict, pd.DataFrame] | str:
+    rec = study.user_attrs.get("refit")
+    if not rec:
+        return "No refit yet: run `pcam-refit --best` to add ROC curves and calibration."
+    path = Path(rec.get("oof_csv", ""))
+    if not path.is_file():
+        return f"The refit's out-of-fold file {path} is missing."
+    return rec, pd.read_csv(path)
+
+
+def fig_roc(study: optuna.Study) -> go.Figure | str:
+    got = _refit_record(study)
+    if isinstance(got, str):
+        return got
+    rec, oof = got
+    fig = go.Figure()
+    for f in sorted(oof["fold"].unique()):
+        d = oof[oof["fold"] == f]
+        if d["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(d["label"], d["prob"])
+        fig.add_scatter(
+            x=fpr,
+            y=tpr,
+            mode="lines",
+            name=f"fold {f} (AUC {roc_auc_score(d['label'], d['prob']):.4f})",
+            line={"width": 1},
+        )
+    fpr, tpr, _ = roc_curve(oof["label"], oof["prob"])
+    fig.add_scatter(
+        x=fpr,
+        y=tpr,
+        mode="lines",
+        line={"width": 3, "color": "black"},
+        name=f"out-of-fold (AUC {rec['oof_auc']:.4f})",
+    )
+    fig.add_scatter(
+        x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#999"}, showlegend=False
+    )
+    title = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f}"
+    if rec.get("test_auc") is not None:
+        title += (
+            f", test AUC {rec['test_auc']:.4f} (OOF - test = "
+            f"{rec['oof_auc'] - rec['test_auc']:+.4f})"
+        )
+    fig.update_layout(
+        title=title, xaxis_title="false positive rate", yaxis_title="true positive rate"
+    )
+    return fig
+
+
+def fig_calibration(study: optuna.Study) -> go.Figure | str:
+    got = _refit_record(study)
+    if isinstance(got, str):
+        return got
+    _, oof = got
+    frac, mean_p = calibration_curve(oof["label"], oof["prob"], n_bins=10, strategy="quantile")
+    fig = go.Figure()
+    fig.add_scatter(x=mean_p, y=frac, mode="lines+markers", name="out-of-fold")
+    fig.add_scatter(
+        x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#999"}, name="perfect"
+    )
+    fig.update_layout(xaxis_title="mean predicted probability", yaxis_title="fraction positive")
+    return fig
+
+
+def fig_confusion(study: optuna.Study) -> go.Figure | str:
+    got = _refit_record(study)
+    if isinstance(got, str):
+        return got
+    _, oof = got
+    fpr, tpr, thr = roc_curve(oof["label"], oof["prob"])
+    best = int(np.argmax(tpr - fpr))  # Youden's J = sensitivity + specificity - 1
+    t = float(min(thr[best], 1.0))
+    cm = confusion_matrix(oof["label"], (oof["prob"] >= t).astype(int), labels=[0, 1])
+    fig = go.Figure(
+        go.Heatmap(
+            z=cm,
+            x=["pred 0", "pred 1"],
+            y=["true 0", "true 1"],
+            text=cm,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            showscale=False,
+        )
+    )
+    fig.update_layout(
+        title=f"out-of-fold at the Youden threshold {t:.3f}", yaxis={"autorange": "reversed"}
+    )
+    return fig
+
+
+SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
+    ("Optimisation history (best so far)", fig_history),
+    ("Trial states over time", fig_timeline),
+    ("Compute per final state", fig_compute_per_state),
+    ("Mean fold AUC per epoch, by final state", fig_intermediate),
+    (
+        "Parameter importances",
+        _needs_complete(2, lambda s: optuna.visualization.plot_param_importances(s)),
+    ),
+    (
+        "Parallel coordinates",
+        _needs_complete(2, lambda s: optuna.visualization.plot_parallel_coordinate(s)),
+    ),
+    ("Slices", _needs_complete(1, lambda s: optuna.visualization.plot_slice(s))),
+    ("lr x batch size", fig_contour),
+    ("Architectures", fig_architectures),
+    ("Refit: ROC curves per fold and out-of-fold", fig_roc),
+    ("Refit: calibration", fig_calibration),
+    ("Refit: confusion matrix", fig_confusion),
+]
+
+
+def sections(study: optuna.Study) -> list[Section]:
+    """Every section's figure, or the sentence saying why it is not drawn."""
+    out: list[Section] = []
+    for title, draw in SECTIONS:
+        try:
+            out.append((title, draw(study)))
+        except Exception as e:  # a plot that cannot be drawn must not sink the report
+            out.append((title, f"Not drawn: {type(e).__name__}: {e}"))
+    return out
+
+
+def _header(study: optuna.Study) -> str:
+    counts = studies.tally(study)
+    best = studies.best_trial(study)
+    attrs = study.user_attrs
+    rows = [
+        ("study", study.study_name),
+        ("trials", ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "none"),
+        ("dataset fingerprint", attrs.get("dataset_fingerprint", "?")),
+        ("folds", attrs.get("folds_file", "?")),
+        ("package version", attrs.get("version", "?")),
+        ("reproduce", attrs.get("command", "?")),
+    ]
+    if best is not None:
+        rows.insert(2, ("best mean fold AUC", f"{best.value:.4f} (trial {best.number})"))
+        rows.insert(3, ("best params", ", ".join(f"{k}={v}" for k, v in best.params.items())))
+    rec = attrs.get("refit")
+    if rec:
+        folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
+        line = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"
+        if rec.get("oof_auc_best_epochs") is not None:
+            line += (f"; at each fold's best epoch {rec['oof_auc_best_epochs']:.4f} (epochs "
+                     f"{rec.get('best_epochs')}, optimistic: chosen on the same fold)")
+        if rec.get("test_auc") is not None:
+            line += f"; test AUC {rec['test_auc']:.4f}"
+        rows.append(("refit", line))
+    body = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
+    )
+    return f"<table class='head'>{body}</table>"
+
+
+def render(study: optuna.Study) -> str:
+    """The whole page; plotly.js is inlined once, so the file works offline."""
+    parts, first = [], True
+    for i, (title, fig) in enumerate(sections(study)):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        if isinstance(fig, str):
+            parts.append(f"<p class='note'>{html.escape(fig)}</p>")
+            continue
+        fig.update_layout(height=420, margin={"t": 50, "b": 40})
+        parts.append(
+            pio.to_html(
+                fig,
+                full_html=False,
+                include_plotlyjs="inline" if first else False,
+                div_id=f"fig{i}",
+            )
+        )
+        first = False
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+        "table.head th{text-align:left;padding-right:1em;vertical-align:top}"
+        "p.note{color:#666;font-style:italic}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pcam-search: "
+        f"{html.escape(study.study_name)}</title><style>{style}</style></head><body>"
+        f"<h1>Study {html.escape(study.study_name)}</h1>{_header(study)}"
+        f"{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(study: optuna.Study, out_dir: Path, png: bool = False) -> Path:
+    """Write ``report.html`` (atomically) into ``out_dir``; returns its path.
+
+    With ``png`` (needs the optional ``kaleido`` package) each figure is also written as
+    ``<n>.png`` beside it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "report.html"
+    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
+    tmp.write_text(render(study), encoding="utf-8")
+    os.replace(tmp, path)
+    if png:
+        for i, (_, fig) in enumerate(sections(study)):
+            if not isinstance(fig, str):
+                fig.write_image(out_dir / f"{i:02d}.png", width=1000, height=450)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="pcam-report",
+        description="write an HTML report of a study under studies/<study>/report/",
+    )
+    ap.add_argument("--study", default=DEFAULT_STUDY)
+    ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
+    ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
+    ap.add_argument(
+        "--out", type=Path, default=None, help="folder (default: studies/<study>/report)"
+    )
+    ap.add_argument("--open", action="store_true", help="open the page in the browser")
+    ap.add_argument("--png", action="store_true",
+                    help="also write each figure as PNG (needs: pip install kaleido)")
+    args = ap.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    err = Console(stderr=True, soft_wrap=True)
+    url = args.storage or studies.sqlite_url(args.studies_dir / "pcam.db")
+    try:
+        study = optuna.load_study(study_name=args.study, storage=studies.make_storage(url))
+    except KeyError:
+        err.print(f"[red]error:[/] no study {escape(args.study)!r} in {studies.safe_url(url)}")
+        return 2
+    except studies.StorageError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}")
+        return 2
+    if args.png:
+        try:
+            import kaleido  # noqa: F401
+        except ImportError:
+            err.print("[red]error:[/] --png needs the kaleido package: pip install kaleido")
+            return 2
+    path = write_report(study, args.out or args.studies_dir / args.study / "report", args.png)
+    print(path.resolve())
+    if args.open:
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

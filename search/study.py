@@ -1,0 +1,146 @@
+"""The Optuna side of a search: storage, the study, resume bookkeeping. No Ray here.
+
+Only the driver process writes the study (Ray Tune keeps the searcher in the driver), which is
+the shape SQLite handles; WAL journaling plus a long busy timeout lets optuna-dashboard or any
+other reader open the live file without "database is locked" killing the search.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from data_pipeline.cache import pid_alive
+
+SQLITE_TIMEOUT_S = 60  # seconds a writer waits for a lock before "database is locked"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password replaced by ``***``: the only form we print or save."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy parses: print nothing secret-looking
+        return url.split("@")[-1] if "@" in url else url
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+def _enable_wal(url: str) -> None:
+    """Switch a SQLite file to WAL (a property of the file: set once, kept by every opener).
+
+    WAL lets readers (the dashboard) read while the search writes and vice versa.
+    """
+    db = make_url(url).database
+    if not db or db == ":memory:":
+        return
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db, timeout=SQLITE_TIMEOUT_S)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` (any SQLAlchemy URL).
+
+    Errors name the URL without its password.
+    """
+    kwargs: dict = {}
+    if url.startswith("sqlite"):
+        _enable_wal(url)
+        kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    else:
+        kwargs = {"pool_pre_ping": True}
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except sqlalchemy.exc.IntegrityError as e:
+            # two processes creating the schema of a new database at once (a search and a
+            # dashboard): the other one won; open what it made
+            err: Exception = e
+            time.sleep(0.5 * (attempt + 1))
+        except Exception as e:
+            err = e
+            break
+    raise StorageError(f"cannot open study storage {safe_url(url)}: {_clean(err, url)}")
+
+
+def _clean(e: Exception, url: str) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    pw = make_url(url).password if "://" in url else None
+    return msg.replace(str(pw), "***") if pw else msg
+
+
+class StorageError(RuntimeError):
+    """The storage URL cannot be opened (server down, bad path, wrong driver)."""
+
+
+class StudyBusyError(RuntimeError):
+    """Another live pcam-search driver on this machine is running the same study."""
+
+
+def driver_id() -> dict:
+    """Who runs trials now: stored on each trial so a restart can tell zombies apart."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+
+def fail_zombies(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a driver that is gone (Ctrl-C, ``kill -9``, crash) as FAIL.
+
+    A RUNNING trial whose driver still lives on this host means a second search on the same
+    study: that is refused (``StudyBusyError``) rather than corrupting the live one's trials.
+    Returns the numbers of the trials failed.
+    """
+    host = socket.gethostname()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        drv = t.user_attrs.get("driver", {})
+        pid = drv.get("pid")
+        if drv.get("host") == host and pid not in (None, os.getpid()) and pid_alive(int(pid)):
+            raise StudyBusyError(
+                f"study {study.study_name!r} is being searched by pcam-search pid "
+                f"{drv['pid']} on this machine; wait for it or stop it first"
+            )
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(
+            t._trial_id, "fail_reason", "left RUNNING by a search that was stopped or killed"
+        )
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        failed.append(t.number)
+    return failed
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count toward ``--trials``: COMPLETE, PRUNED and FAIL, except those that
+    failed only because the search itself was interrupted (they get re-run)."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if not t.user_attrs.get("interrupted")
+    )
+
+
+def tally(study: optuna.Study) -> dict[str, int]:
+    """Trial counts by state name (``COMPLETE``, ``PRUNED``, ``FAIL``, ``RUNNING``, ...)."""
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    """Best COMPLETE trial (highest mean fold AUC), or None before the first one."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(done, key=lambda t: t.value) if done else None

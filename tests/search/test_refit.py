@@ -1,0 +1,223 @@
+"""Search (a few trials) -> refit -> ensemble + submission, end to end on small generated data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from data_pipeline import DataConfig, open_dataset
+from search import study as studies
+from search.cli import main as search_main
+from search.ensemble import EnsembleError, dihedral_views, load_ensemble
+from search.refit import RefitError, pick_trial, submission_frame, write_csv_atomic
+from search.refit_cli import predict_main, refit_main
+
+SPACE = """
+[fixed]
+arch = "simple_cnn"
+width = 8
+crop = 32
+batch_size = 32
+aug = 0.0
+
+[params.lr]
+type = "float"
+low = 1e-3
+high = 1e-2
+log = true
+"""
+
+
+@pytest.fixture(scope="module")
+def refitted(_kaggle_master, tmp_path_factory):
+    """A 4-trial search, then ``pcam-refit --best``; returns (root, data folder)."""
+    root = tmp_path_factory.mktemp("refit")
+    (root / "space.toml").write_text(SPACE)
+    common = ["--studies-dir", str(root / "studies"), "--cache-dir", str(root / "cache")]
+    assert (
+        search_main(
+            [
+                "--data",
+                str(_kaggle_master),
+                "--space",
+                str(root / "space.toml"),
+                "--trials",
+                "4",
+                "--max-epochs",
+                "2",
+                "--folds",
+                "2",
+                "--no-progress",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert refit_main(["--best", "--tta", "8", "--no-progress", *common]) == 0
+    return root, _kaggle_master
+
+
+def _refit_dir(root: Path) -> Path:
+    (d,) = (root / "studies" / "pcam" / "refit").glob("trial-*")
+    return d
+
+
+def test_refit_submission_matches_sample_submission(refitted):
+    root, data = refitted
+    sub = pd.read_csv(_refit_dir(root) / "submission.csv", dtype={"id": str})
+    sample = pd.read_csv(data / "sample_submission.csv", dtype={"id": str})
+    # Kaggle: header id,label, every sample id once, in its order, probabilities
+    assert list(sub.columns) == ["id", "label"]
+    assert sub["id"].tolist() == sample["id"].tolist()
+    assert sub["label"].between(0, 1).all() and sub["label"].nunique() > 1
+
+
+def test_refit_uses_best_complete_trial_and_records_it(refitted):
+    root, _ = refitted
+    study = optuna.load_study(
+        study_name="pcam", storage=studies.sqlite_url(root / "studies" / "pcam.db")
+    )
+    rec = study.user_attrs["refit"]
+    assert rec["trial"] == studies.best_trial(study).number
+    assert 0 <= rec["oof_auc"] <= 1 and len(rec["oof_auc_folds"]) == 2
+    # the embedded data has true test labels: the honesty gap can be measured
+    assert rec["test_auc"] is not None
+    oof = pd.read_csv(rec["oof_csv"])
+    assert list(oof.columns) == ["id", "label", "fold", "prob"]
+    assert oof["prob"].notna().all() and set(oof["fold"]) == {0, 1}
+
+
+def test_ensemble_reload_gives_identical_predictions(refitted):
+    root, data = refitted
+    ens_dir = _refit_dir(root) / "ensemble"
+    meta = json.loads((ens_dir / "ensemble.json").read_text())
+    assert {
+        "arch",
+        "params",
+        "norm",
+        "crop",
+        "folds_file",
+        "dataset_fingerprint",
+        "version",
+    } <= set(meta)
+    out = root / "preds.csv"
+    assert (
+        predict_main(
+            [
+                str(data),
+                "--ensemble",
+                str(ens_dir),
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(root / "cache"),
+            ]
+        )
+        == 0
+    )
+    sub = pd.read_csv(_refit_dir(root) / "submission.csv", dtype={"id": str})
+    again = pd.read_csv(out, dtype={"id": str})
+    assert again["id"].tolist() == sub["id"].tolist()
+    np.testing.assert_allclose(again["label"], sub["label"], rtol=0, atol=1e-6)
+
+
+def test_refit_refuses_to_overwrite_submission(refitted):
+    root, _ = refitted
+    common = ["--studies-dir", str(root / "studies"), "--cache-dir", str(root / "cache")]
+    before = (_refit_dir(root) / "submission.csv").read_bytes()
+    assert refit_main(["--best", "--no-progress", "--epochs", "1", *common]) == 2
+    assert (_refit_dir(root) / "submission.csv").read_bytes() == before
+
+
+def test_load_ensemble_refuses_modified_weights(refitted, tmp_path):
+    root, _ = refitted
+    ens = Path(shutil.copytree(_refit_dir(root) / "ensemble", tmp_path / "ens"))
+    blob = bytearray((ens / "fold0.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (ens / "fold0.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(EnsembleError, match="fold0.safetensors: contents differ"):
+        load_ensemble(ens)
+
+
+def test_load_ensemble_refuses_pickled_weights(refitted, tmp_path):
+    root, _ = refitted
+    ens = Path(shutil.copytree(_refit_dir(root) / "ensemble", tmp_path / "ens"))
+    evil = pickle.dumps({"conv.weight": object()})  # a pickle, not safetensors
+    (ens / "fold0.safetensors").write_bytes(evil)
+    meta = json.loads((ens / "ensemble.json").read_text())
+    meta["folds"][0]["sha256"] = hashlib.sha256(evil).hexdigest()  # even with a matching hash
+    (ens / "ensemble.json").write_text(json.dumps(meta))
+    with pytest.raises(EnsembleError, match="not a valid safetensors file"):
+        load_ensemble(ens)
+
+
+def _fake_cache(tmp_path: Path, test_ids: list[str], sample_ids: list[str]):
+    (tmp_path / "sample_submission.csv").write_text(
+        "id,label\n" + "".join(f"{i},0\n" for i in sample_ids)
+    )
+    index = pd.DataFrame({"id": test_ids, "split": "test", "label": -1})
+    return SimpleNamespace(index=index, meta={"source": str(tmp_path), "layout": "kaggle"})
+
+
+def test_submission_frame_follows_sample_order(tmp_path):
+    cache = _fake_cache(tmp_path, ["a", "b", "c"], ["c", "a", "b"])
+    df = submission_frame(cache, np.array([0.1, 0.2, 0.3]), np.arange(3))
+    assert df["id"].tolist() == ["c", "a", "b"]
+    assert df["label"].tolist() == [0.3, 0.1, 0.2]
+
+
+def test_submission_frame_mismatched_ids_named(tmp_path):
+    cache = _fake_cache(tmp_path, ["a", "b", "x"], ["a", "b", "c"])
+    with pytest.raises(RefitError, match=r"\['c'\].*\['x'\]"):
+        submission_frame(cache, np.array([0.1, 0.2, 0.3]), np.arange(3))
+
+
+def test_write_csv_atomic_needs_force(tmp_path):
+    p = write_csv_atomic(pd.DataFrame({"id": ["a"], "label": [0.5]}), tmp_path / "s.csv", False)
+    with pytest.raises(RefitError, match="--force"):
+        write_csv_atomic(pd.DataFrame({"id": ["b"], "label": [0.1]}), p, False)
+    assert p.read_text() == "id,label\na,0.5\n"
+
+
+def test_pick_trial_refuses_pruned(tmp_path):
+    st = optuna.create_study(direction="maximize")
+    t = st.ask()
+    t.report(0.9, 1)
+    st.tell(t, state=TrialState.PRUNED)
+    with pytest.raises(RefitError, match="no COMPLETE trial"):
+        pick_trial(st, None)
+    with pytest.raises(RefitError, match="trial 0 is PRUNED"):
+        pick_trial(st, 0)
+
+
+def test_dihedral_views_are_the_8_symmetries():
+    x = torch_arange()
+    views = dihedral_views(x, 8)
+    # 8 distinct images of an asymmetric patch, each a permutation of the same pixels
+    flat = {tuple(v.flatten().tolist()) for v in views}
+    assert len(flat) == 8
+    assert all(sorted(v.flatten().tolist()) == sorted(x.flatten().tolist()) for v in views)
+    assert len(dihedral_views(x, 4)) == 4 and len(dihedral_views(x, 1)) == 1
+
+
+def torch_arange():
+    import torch
+
+    return torch.arange(9, dtype=torch.float32).view(1, 1, 3, 3)
+
+
+def test_refit_data_is_the_searched_data(refitted):
+    root, data = refitted
+    cache = open_dataset(DataConfig(data=data, cache_dir=root / "cache"), progress=False)
+    meta = json.loads((_refit_dir(root) / "ensemble" / "ensemble.json").read_text())
+    assert meta["dataset_fingerprint"] == cache.fingerprint

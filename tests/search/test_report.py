@@ -1,0 +1,60 @@
+"""The HTML report on made-up studies: full, pruned-only, single-trial, no refit."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from search import report
+
+
+def test_report_full_study_draws_every_section(tmp_path, made_up_study, with_refit):
+    st = with_refit(made_up_study(6, 6, 1), tmp_path)
+    got = dict(report.sections(st))
+    # every section is a figure: nothing degraded to a sentence on a complete study
+    not_drawn = {k: v for k, v in got.items() if isinstance(v, str)}
+    assert not not_drawn
+    html = report.render(st)
+    assert html.count("Plotly.newPlot") == len(report.SECTIONS)
+    assert "abc123" in html and "pcam-search --trials 10" in html and "test AUC 0.7800" in html
+
+
+@pytest.mark.parametrize("case", ["pruned_only", "single", "empty"])
+def test_report_degrades_with_a_sentence(case, tmp_path, made_up_study):
+    st = {
+        "pruned_only": made_up_study(0, 4),
+        "single": made_up_study(1, 0),
+        "empty": optuna.create_study(direction="maximize"),
+    }[case]
+    path = report.write_report(st, tmp_path / "report")
+    html = path.read_text()
+    assert "No refit yet" in html
+    assert "Traceback" not in html and "Not drawn" not in html
+    if case != "single":
+        assert "No COMPLETE trial yet" in html
+
+
+def test_intermediate_values_coloured_by_state(made_up_study):
+    fig = report.fig_intermediate(made_up_study(2, 3))
+    # one line per trial, in its final state's colour
+    colours = [tr.line.color for tr in fig.data]
+    assert colours.count(report.STATE_COLOURS["COMPLETE"]) == 2
+    assert colours.count(report.STATE_COLOURS["PRUNED"]) == 3
+
+
+def test_report_cli_missing_study_is_clear(tmp_path, capsys):
+    rc = report.main(["--studies-dir", str(tmp_path), "--study", "nope"])
+    assert rc == 2 and "no study 'nope'" in capsys.readouterr().err
+
+
+def test_report_png_without_kaleido_is_clear(tmp_path, capsys):
+    try:
+        import kaleido  # noqa: F401
+
+        pytest.skip("kaleido is installed: --png works")
+    except ImportError:
+        pass
+    url = f"sqlite:///{tmp_path / 'pcam.db'}"
+    optuna.create_study(storage=url, study_name="pcam")
+    rc = report.main(["--studies-dir", str(tmp_path), "--png"])
+    assert rc == 2 and "pip install kaleido" in capsys.readouterr().err

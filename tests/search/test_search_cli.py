@@ -1,0 +1,442 @@
+"""Real Ray Tune searches of tiny trials on small generated data (CPU): what the study records."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import study as studies
+from search.cli import main
+
+# lr 1e30 makes the loss NaN in the first epoch: those trials must end FAIL, not kill the search
+SPACE = """
+[fixed]
+arch = "simple_cnn"
+width = 8
+crop = 32
+optimizer = "sgd"
+batch_size = 32
+aug = 0.0
+
+[params.lr]
+type = "categorical"
+choices = [1e-4, 0.003, 1e30]
+
+[params.dropout]
+type = "float"
+low = 0.0
+high = 0.5
+"""
+MAX_EPOCHS = 3
+
+
+def _args(root: Path, data: Path, trials: int, *extra: str) -> list[str]:
+    space = root / "space.toml"
+    space.write_text(SPACE)
+    return [
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(root / "cache"),
+        "--studies-dir",
+        str(root / "studies"),
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--max-epochs",
+        str(MAX_EPOCHS),
+        "--folds",
+        "2",
+        "--grace-period",
+        "1",
+        "--reduction-factor",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _load(root: Path, name: str = "pcam") -> optuna.Study:
+    url = studies.sqlite_url(root / "studies" / "pcam.db")
+    return optuna.load_study(study_name=name, storage=url)
+
+
+@pytest.fixture(scope="module")
+def searched(_kaggle_master, tmp_path_factory):
+    """One 12-trial search; returns its root folder."""
+    root = tmp_path_factory.mktemp("search")
+    assert main(_args(root, _kaggle_master, 12)) == 0
+    return root
+
+
+def test_search_states_are_truthful(searched):
+    trials = _load(searched).trials
+    states = {t.state for t in trials}
+    # every trial ended; nothing left RUNNING for the dashboard
+    assert states <= {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+    assert len(trials) == 12
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        if t.params["lr"] > 1:  # diverges: FAIL with the reason, never a value
+            assert t.state == TrialState.FAIL
+            assert t.user_attrs["error_type"] == "TrialDiverged"
+            assert "nan" in t.user_attrs["error_message"]
+        elif t.state == TrialState.COMPLETE:
+            # every epoch's mean fold AUC, the last one included, and the final value
+            assert steps == list(range(1, MAX_EPOCHS + 1))
+            assert t.value == pytest.approx(t.intermediate_values[MAX_EPOCHS])
+            assert t.user_attrs["epochs_run"] == MAX_EPOCHS
+            assert len(t.user_attrs["auc_folds"]) == 2
+            assert t.user_attrs["device"] == "cpu" and t.user_attrs["seconds"] > 0
+        else:  # ASHA stopped it early: PRUNED, with the epochs it did run
+            assert t.state == TrialState.PRUNED
+            assert 1 <= t.user_attrs["epochs_run"] < MAX_EPOCHS
+            assert steps == list(range(1, t.user_attrs["epochs_run"] + 1))
+    assert TrialState.COMPLETE in states and TrialState.PRUNED in states
+
+
+def test_search_study_attrs_describe_the_run(searched):
+    attrs = _load(searched).user_attrs
+    assert len(attrs["dataset_fingerprint"]) >= 8
+    assert Path(attrs["folds_file"]).is_file()
+    assert attrs["space"]["params"]["lr"]["choices"] == [1e-4, 0.003, 1e30]
+    assert attrs["config"]["folds"] == 2 and attrs["config"]["max_epochs"] == MAX_EPOCHS
+    assert attrs["version"] and attrs["command"].startswith("pcam-search ")
+
+
+def test_search_resume_counts_earlier_trials(searched, _kaggle_master):
+    # --trials is the total of finished trials: 12 exist, so 2 more run
+    assert main(_args(searched, _kaggle_master, 14)) == 0
+    study = _load(searched)
+    assert studies.count_finished(study) == 14
+    # asking again for 14 runs nothing
+    assert main(_args(searched, _kaggle_master, 14)) == 0
+    assert len(_load(searched).trials) == 14
+
+
+def test_search_refuses_changed_folds_for_same_study(searched, _kaggle_master, capsys):
+    args = _args(searched, _kaggle_master, 20)
+    args[args.index("--folds") + 1] = "3"
+    assert main(args) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "search.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+def _states(root: Path) -> dict[str, int]:
+    if not (root / "studies" / "pcam.db").is_file():
+        return {}
+    try:
+        return studies.tally(_load(root))
+    except Exception:  # study not created yet, or its schema being created right now
+        return {}
+
+
+def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
+    # a search killed with SIGKILL (driver and its Ray processes) leaves RUNNING trials;
+    # the same command again marks them FAIL (interrupted), keeps the finished ones, and
+    # completes the requested number of finished trials
+    args = _args(tmp_path, _kaggle_master, 12)
+    proc = _cli(args, start_new_session=True)
+    try:
+        _wait_for(
+            lambda: (
+                _states(tmp_path).get("RUNNING", 0) >= 1
+                and sum(_states(tmp_path).get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2
+            ),
+            120,
+            "finished and running trials",
+        )
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _load(tmp_path).trials
+    finished_before = {t.number for t in before if t.state != TrialState.RUNNING}
+    zombies = {t.number for t in before if t.state == TrialState.RUNNING}
+    assert zombies
+
+    out = subprocess.run(
+        [sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    after = {t.number: t for t in _load(tmp_path).trials}
+    assert all(t.state != TrialState.RUNNING for t in after.values())
+    for n in zombies:
+        assert after[n].state == TrialState.FAIL and after[n].user_attrs["interrupted"]
+    # nothing finished was lost or changed
+    for t in before:
+        if t.number in finished_before:
+            assert after[t.number].state == t.state and after[t.number].value == t.value
+    assert studies.count_finished(_load(tmp_path)) == 12
+
+
+def test_search_ctrl_c_closes_running_trials(_kaggle_master, tmp_path):
+    args = _args(tmp_path, _kaggle_master, 30)
+    proc = _cli(args)
+    _wait_for(
+        lambda: (
+            _states(tmp_path).get("RUNNING", 0) >= 1
+            and _states(tmp_path).get("COMPLETE", 0) + _states(tmp_path).get("PRUNED", 0) >= 1
+        ),
+        120,
+        "a running trial",
+    )
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "run the same command again" in out
+    counts = studies.tally(_load(tmp_path))
+    # Ctrl-C leaves no RUNNING trial behind: they are FAIL (interrupted)
+    assert counts.get("RUNNING", 0) == 0
+
+
+def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
+    # --timeout ends the run with exit 0; trials cut off are FAIL (interrupted), none RUNNING,
+    # and they do not count toward --trials (re-run on resume)
+    assert main(_args(tmp_path, _kaggle_master, 200, "--timeout", "8")) == 0
+    assert "time budget reached" in capsys.readouterr().out
+    study = _load(tmp_path)
+    counts = studies.tally(study)
+    assert counts.get("RUNNING", 0) == 0
+    cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert studies.count_finished(study) == len(study.trials) - len(cut) < 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_search_survives_live_dashboard_on_sqlite(_kaggle_master, tmp_path):
+    # optuna-dashboard reading the live SQLite file must not make the search die of
+    # "database is locked"
+    args = _args(tmp_path, _kaggle_master, 10)
+    url = studies.sqlite_url(tmp_path / "studies" / "pcam.db")
+    studies.make_storage(url)  # the file exists before the dashboard opens it
+    port = _free_port()
+    dash = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), url, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    reads, errors, stop = [0], [], threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                api = f"http://127.0.0.1:{port}/api/studies"
+                with urllib.request.urlopen(api, timeout=10) as r:
+                    for s in json.load(r)["study_summaries"]:
+                        sid = s["study_id"]
+                        urllib.request.urlopen(f"{api}/{sid}?after=0", timeout=10).read()
+                        urllib.request.urlopen(f"{api}/{sid}/param_importances", timeout=30)
+                reads[0] += 1
+            except Exception as e:  # connection refused while the dashboard starts
+                if reads[0]:
+                    detail = e.read()[-300:] if hasattr(e, "read") else b""
+                    errors.append(f"{e!r} {detail!r}")
+                time.sleep(0.2)
+
+    th = threading.Thread(target=hammer, daemon=True)
+    th.start()
+    try:
+        rc = main(args)
+        stop.set()
+        th.join(15)
+        # what the dashboard serves is what the search recorded: states, values, epochs
+        api = f"http://127.0.0.1:{port}/api/studies"
+        with urllib.request.urlopen(api, timeout=10) as r:
+            (sid,) = [s["study_id"] for s in json.load(r)["study_summaries"]]
+        # the dashboard caches trials for up to 10 s: wait until it serves no RUNNING trial
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(f"{api}/{sid}?after=0", timeout=30) as r:
+                served = {t["number"]: t for t in json.load(r)["trials"]}
+            if all(t["state"] != "Running" for t in served.values()) or (
+                time.monotonic() > deadline
+            ):
+                break
+            time.sleep(1)
+    finally:
+        stop.set()
+        dash.terminate()
+        dash.wait(10)
+    assert rc == 0
+    assert reads[0] > 5, "the dashboard never answered"
+    assert not errors, errors[:5]
+    study = _load(tmp_path)
+    assert studies.count_finished(study) == 10
+    assert set(served) == {t.number for t in study.trials}
+    for t in study.trials:
+        got = served[t.number]
+        assert got["state"].upper() == t.state.name
+        steps = {iv["step"]: iv["value"] for iv in got["intermediate_values"]}
+        assert steps == pytest.approx(t.intermediate_values)
+        if t.state == TrialState.COMPLETE:
+            assert got["values"] == pytest.approx([t.value])
+
+
+PG_URL = os.environ.get("PCAM_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _postgres_or_skip() -> None:
+    import psycopg
+
+    try:
+        psycopg.connect(
+            PG_URL.replace("postgresql://", "postgresql://", 1), connect_timeout=3
+        ).close()
+    except Exception as e:
+        pytest.skip(f"no PostgreSQL server answers at {studies.safe_url(PG_URL)}: {e}")
+
+
+def _with_password(url: str, password: str) -> str:
+    # the local server trusts connections, so a made-up password still connects
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=password).render_as_string(hide_password=False)
+
+
+def test_search_on_postgres(_kaggle_master, tmp_path, capsys):
+    _postgres_or_skip()
+    name = f"pcam-test-{os.getpid()}-{int(time.time())}"
+    url = _with_password(PG_URL, "s3cret-pw")
+    args = _args(tmp_path, _kaggle_master, 4, "--storage", url, "--study", name)
+    try:
+        assert main(args) == 0
+        # the password is never printed, nor stored in the study or any file we write
+        out = capsys.readouterr()
+        assert "s3cret-pw" not in out.out + out.err
+        study = optuna.load_study(study_name=name, storage=PG_URL)
+        assert "s3cret-pw" not in json.dumps(study.user_attrs)
+        for f in (tmp_path / "studies").rglob("*"):
+            if f.is_file():
+                assert b"s3cret-pw" not in f.read_bytes(), f
+        study = optuna.load_study(study_name=name, storage=PG_URL)
+        assert studies.count_finished(study) == 4
+        assert any(t.state == TrialState.COMPLETE for t in study.trials)
+        # run again: resumes the same Postgres study instead of starting over
+        args[args.index("--trials") + 1] = "5"
+        assert main(args) == 0
+        assert studies.count_finished(optuna.load_study(study_name=name, storage=PG_URL)) == 5
+    finally:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=PG_URL)
+
+
+def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
+    # `ray start` a head and a second node (two raylets) on this machine; --address joins them
+    ray = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    port = _free_port()
+    head = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        assert head.returncode == 0, head.stdout + head.stderr
+        node = subprocess.run(
+            [ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert node.returncode == 0, node.stdout + node.stderr
+        args = _args(tmp_path, _kaggle_master, 6, "--address", f"127.0.0.1:{port}")
+        out = subprocess.run(
+            [sys.executable, "-m", "search.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        trials = _load(tmp_path).trials
+        assert studies.count_finished(_load(tmp_path)) == 6
+        # 1 CPU per node, 2 trials at once: both raylets ran trials
+        nodes = {t.user_attrs.get("node") for t in trials if t.user_attrs.get("node")}
+        assert len(nodes) == 2, out.stdout + out.stderr
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_search_self_stopped_trial_is_complete(_kaggle_master, tmp_path):
+    # early stopping inside a trial (patience) must not read as ASHA pruning or interruption.
+    # lr 1e-9 learns nothing; with batch 2 the held-out AUC only wobbles with BatchNorm's
+    # running statistics, so patience 1 ends every fold well before epoch 6
+    space = (
+        SPACE.replace('optimizer = "sgd"', 'optimizer = "sgd"\npatience = 1')
+        .replace("batch_size = 32", "batch_size = 2")
+        .replace("choices = [1e-4, 0.003, 1e30]", "choices = [1e-9]")
+    )
+    args = _args(tmp_path, _kaggle_master, 2, "--max-epochs", "6", "--no-asha")  # last wins
+    (tmp_path / "space.toml").write_text(space)  # _args wrote the default test space there
+    assert main(args) == 0
+    for t in _load(tmp_path).trials:
+        assert t.state == TrialState.COMPLETE, (t.number, t.state, t.user_attrs)
+        assert t.user_attrs["early_stopped"] is True
+        epochs = t.user_attrs["epochs_run"]
+        assert epochs < 6 and sorted(t.intermediate_values) == list(range(1, epochs + 1))
+        assert t.value == pytest.approx(t.intermediate_values[epochs])
+
+
+def test_search_extended_space_end_to_end(_kaggle_master, tmp_path):
+    args = _args(tmp_path, _kaggle_master, 4, "--max-epochs", "2", "--space", "extended")
+    assert main(args) == 0
+    study = _load(tmp_path)
+    assert studies.count_finished(study) == 4
+    assert all(t.state != TrialState.FAIL for t in study.trials), [
+        t.user_attrs.get("error_message") for t in study.trials
+    ]
+
+
+def test_search_missing_pretrained_weights_is_a_clear_error(_kaggle_master, tmp_path, capsys):
+    # asked-for weights that are not there stop the search before any trial, naming the file
+    missing = tmp_path / "resnet18.safetensors"
+    args = _args(tmp_path, _kaggle_master, 2, "--space", "default", "--pretrained", str(missing))
+    assert main(args) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "studies" / "pcam.db").exists() or not _load(tmp_path).trials

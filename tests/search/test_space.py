@@ -1,0 +1,66 @@
+import optuna
+import pytest
+
+from search.engine import TrainParams
+from search.space import STUDIES_DIR, SpaceError, load_space, suggest
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "space.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES_DIR.glob("*.toml")))
+def test_load_space_shipped_files_sample_valid_params(name):
+    space = load_space(name)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        # every sample must build TrainParams: the space and the engine agree on names/values
+        TrainParams.from_dict(suggest(study.ask(), space))
+
+
+def test_suggest_unfreeze_only_for_resnet_with_weights():
+    space = load_space("default")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen_with, seen_without = [], []
+    for _ in range(40):
+        with_w = suggest(study.ask(), space, pretrained=True)
+        without = suggest(study.ask(), space, pretrained=False)
+        seen_with.append(with_w)
+        seen_without.append(without)
+    # without weights a frozen random stage is meaningless: never asked
+    assert all("unfreeze" not in p for p in seen_without)
+    # with weights: asked exactly for ResNets
+    assert all(("unfreeze" in p) == p["arch"].startswith("resnet") for p in seen_with)
+    # width is a simple_cnn knob only
+    assert all(("width" in p) == (p["arch"] == "simple_cnn") for p in seen_with)
+
+
+def test_load_space_unknown_param_names_it(tmp_path):
+    p = _write(tmp_path, '[params.learning_rate]\ntype = "float"\nlow = 0.1\nhigh = 1.0\n')
+    with pytest.raises(SpaceError, match=r"space.toml.*'learning_rate'"):
+        load_space(p)
+
+
+def test_load_space_invalid_choice_names_value(tmp_path):
+    p = _write(tmp_path, '[params.crop]\ntype = "categorical"\nchoices = [32, 50]\n')
+    with pytest.raises(SpaceError, match=r"\[params.crop\] value 50"):
+        load_space(p)
+
+
+def test_load_space_unknown_arch_suggests_close_name(tmp_path):
+    p = _write(tmp_path, '[fixed]\narch = "resnet5O"\n')
+    with pytest.raises(SpaceError, match="did you mean.*resnet50"):
+        load_space(p)
+
+
+def test_load_space_log_range_needs_positive_low(tmp_path):
+    p = _write(tmp_path, '[params.lr]\ntype = "float"\nlow = 0\nhigh = 1e-2\nlog = true\n')
+    with pytest.raises(SpaceError, match="log scale needs low > 0"):
+        load_space(p)
+
+
+def test_load_space_missing_file_lists_known(tmp_path):
+    with pytest.raises(SpaceError, match=r"not found.*'cpu'"):
+        load_space("nope")

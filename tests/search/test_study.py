@@ -1,0 +1,91 @@
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import study as studies
+
+
+def _sqlite(tmp_path):
+    return studies.sqlite_url(tmp_path / "s.db")
+
+
+def test_safe_url_hides_password():
+    assert studies.safe_url("postgresql://bob:s3cret@db.example/x") == (
+        "postgresql://bob:***@db.example/x"
+    )
+    assert studies.safe_url("sqlite:///studies/pcam.db") == "sqlite:///studies/pcam.db"
+
+
+def test_make_storage_sqlite_uses_wal(tmp_path):
+    studies.make_storage(_sqlite(tmp_path))
+    mode = sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0]
+    # WAL is what lets a dashboard read while the search writes
+    assert mode == "wal"
+
+
+def test_make_storage_unreachable_server_is_clear_and_hides_password():
+    with pytest.raises(studies.StorageError) as e:
+        studies.make_storage("postgresql://bob:s3cret@127.0.0.1:1/x")
+    assert "s3cret" not in str(e.value)
+    assert "127.0.0.1:1" in str(e.value)
+
+
+def _study_with_running(tmp_path, driver):
+    st = optuna.create_study(
+        storage=studies.make_storage(_sqlite(tmp_path)), study_name="z", direction="maximize"
+    )
+    t = st.ask()
+    t.set_user_attr("driver", driver)
+    done = st.ask()
+    st.tell(done, 0.7)
+    return st
+
+
+def test_fail_zombies_marks_dead_drivers_trials_fail(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(proc.stdout)  # a process that has exited
+    st = _study_with_running(tmp_path, {"host": socket.gethostname(), "pid": dead_pid})
+    assert studies.fail_zombies(st) == [0]
+    t0 = st.trials[0]
+    assert t0.state == TrialState.FAIL and t0.user_attrs["interrupted"] is True
+    # interrupted trials do not count toward --trials; the COMPLETE one does
+    assert studies.count_finished(st) == 1
+
+
+def test_fail_zombies_refuses_while_driver_alive(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        st = _study_with_running(tmp_path, {"host": socket.gethostname(), "pid": live.pid})
+        with pytest.raises(studies.StudyBusyError, match=str(live.pid)):
+            studies.fail_zombies(st)
+        assert st.trials[0].state == TrialState.RUNNING
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_fail_zombies_ignores_own_process(tmp_path):
+    st = _study_with_running(tmp_path, {"host": socket.gethostname(), "pid": os.getpid()})
+    # stamped with this very pid: left by an earlier search in this process (a notebook, a
+    # test), so stale: failed, not refused
+    assert studies.fail_zombies(st) == [0]
+
+
+def test_best_trial_ignores_pruned(tmp_path):
+    st = optuna.create_study(storage=studies.make_storage(_sqlite(tmp_path)), direction="maximize")
+    t = st.ask()
+    t.report(0.99, 1)
+    st.tell(t, state=TrialState.PRUNED)  # PRUNED keeps its last value 0.99
+    st.tell(st.ask(), 0.8)
+    assert studies.best_trial(st).value == 0.8
