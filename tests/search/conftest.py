@@ -15,10 +15,15 @@ from search.engine import TrainData
 
 def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) -> optuna.Study:
     rng = np.random.default_rng(seed)
-    st = optuna.create_study(direction="maximize")
+    # a seeded sampler, and categorical values enqueued in turn, so every run draws the same
+    # study and the complete trials cover both choices (a contour needs two batch sizes)
+    st = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed))
     st.set_user_attr("dataset_fingerprint", "abc123")
     st.set_user_attr("command", "pcam-search --trials 10")
     for i in range(n_complete + n_pruned + n_fail):
+        st.enqueue_trial(
+            {"batch_size": (64, 128)[i % 2], "arch": ("simple_cnn", "resnet18")[(i // 2) % 2]}
+        )
         t = st.ask()
         lr = t.suggest_float("lr", 1e-4, 1e-2, log=True)
         t.suggest_categorical("batch_size", [64, 128])
