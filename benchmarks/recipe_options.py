@@ -19,8 +19,15 @@ import numpy as np
 from data_pipeline import DataConfig, folds_for_cache, open_dataset
 from search.engine import TrainData, train_cv
 
-BASE = {"arch": "simple_cnn", "width": 8, "crop": 32, "optimizer": "adamw", "lr": 3e-3,
-        "batch_size": 64, "aug": 0.5}
+BASE = {
+    "arch": "simple_cnn",
+    "width": 8,
+    "crop": 32,
+    "optimizer": "adamw",
+    "lr": 3e-3,
+    "batch_size": 64,
+    "aug": 0.5,
+}
 OPTIONS = {
     "default (BCE, no mixing)": {},
     "early stopping (patience 1, restore best)": {"patience": 1, "restore_best": True},
@@ -46,8 +53,14 @@ def main() -> None:
         for seed in args.seeds:
             r = train_cv({**BASE, **opt}, data, folds, epochs=args.epochs, seed=seed, threads=2)
             aucs.append(r.final["auc"])
-        rows.append((name, float(np.mean(aucs)), float(np.std(aucs)),
-                     (time.perf_counter() - t0) / len(args.seeds)))
+        rows.append(
+            (
+                name,
+                float(np.mean(aucs)),
+                float(np.std(aucs)),
+                (time.perf_counter() - t0) / len(args.seeds),
+            )
+        )
     base = rows[0][1]
     print(f"embedded n=4000, 3 slide folds, {args.epochs} epochs, seeds {args.seeds}")
     print(f"{'recipe':<44}{'mean AUC':>9}{'± sd':>8}{'vs default':>11}{'s/run':>7}")

@@ -123,7 +123,8 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--address",
         default=None,
-        help="join an existing Ray cluster (host:port or 'auto'); default: a private local one",
+        help="join an existing Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS if set, "
+        "else a private local Ray, even when a `ray start` cluster runs on this machine)",
     )
     a(
         "--pretrained",

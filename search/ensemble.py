@@ -62,30 +62,37 @@ class Ensemble:
 
     @torch.no_grad()
     def predict(
-        self, images: np.ndarray, tta: int = 8, batch: int = 512, progress=None
+        self,
+        images: np.ndarray,
+        tta: int = 8,
+        batch: int = 512,
+        progress=None,
+        per_model: bool = False,
     ) -> np.ndarray:
         """Mean probability over fold models and ``tta`` dihedral views: (N, 96, 96, 3) uint8
-        -> (N,) float32 in [0, 1]. ``progress(n_done)`` is called after each batch."""
+        -> (N,) float32 in [0, 1]; with ``per_model`` each fold model's own mean over the
+        views, (M, N). ``progress(n_done)`` is called after each batch."""
         p = self.params
         x = centre_crop(images, p.crop)  # (N, c, c, 3) uint8
         mean = torch.tensor(self.meta["norm"]["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.meta["norm"]["std"], device=self.device).view(1, 3, 1, 1)
         cuda = self.device.type == "cuda"
-        out = np.empty(len(x), np.float32)
+        out = np.empty((len(self.models), len(x)), np.float32)  # (M, N)
         for s in range(0, len(x), batch):
             xb = x[s : s + batch].to(self.device, non_blocking=cuda)
             xb = (xb.permute(0, 3, 1, 2).float().div_(255) - mean) / std
-            views = dihedral_views(xb, tta)
-            acc = torch.zeros(len(xb), device=self.device)
-            for m in self.models:
+            views = [
+                v.contiguous(memory_format=torch.channels_last) for v in dihedral_views(xb, tta)
+            ]
+            for i, m in enumerate(self.models):
+                acc = torch.zeros(len(xb), device=self.device)
                 for v in views:
-                    v = v.contiguous(memory_format=torch.channels_last)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
                         acc += torch.sigmoid(m(v).squeeze(1).float())
-            out[s : s + len(xb)] = (acc / (len(self.models) * len(views))).cpu().numpy()
+                out[i, s : s + len(xb)] = (acc / len(views)).cpu().numpy()
             if progress is not None:
                 progress(len(xb))
-        return out
+        return out if per_model else out.mean(0)
 
 
 def save_ensemble(folder: Path, states: list[dict], meta: dict) -> Path:

@@ -295,10 +295,14 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
         logging_level=logging.INFO if verbose else logging.ERROR,
         ignore_reinit_error=True,
     )
+    # As in Ray's own scripts, RAY_ADDRESS joins a cluster too. Without either, "local" starts
+    # a private instance: plain ray.init() would silently join any `ray start` cluster running
+    # on this machine (and then refuse num_cpus).
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     return ray.cluster_resources()
 
 

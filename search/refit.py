@@ -70,10 +70,20 @@ class RefitResult:
     oof_auc_best: float | None  # at each fold's best epoch (early stopping / restore_best)
     best_epochs: list[int] | None
     test_auc: float | None
+    # each fold model alone on the test set, one view: like for like with oof_auc_folds
+    test_auc_folds: list[float] | None
     ensemble_dir: Path
     oof_csv: Path
     submission: Path | None
     seconds: dict = field(default_factory=dict)
+
+    @property
+    def validation_gap(self) -> float | None:
+        """Mean per-fold OOF AUC minus mean single-model, single-view test AUC: how much
+        validation flatters (> 0) or undersells (< 0) the same models on unseen slides."""
+        if self.test_auc_folds is None:
+            return None
+        return float(np.mean(self.oof_auc_folds) - np.mean(self.test_auc_folds))
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -270,13 +280,17 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     ens = load_ensemble(ens_dir, cfg.device)  # what pcam-predict loads: test the saved files
     rows, probs = predict_test(ens, cache, cfg.tta, cfg.progress)
     t_pred = time.perf_counter() - t1
-    submission, test_auc = None, None
+    submission, test_auc, test_auc_folds = None, None, None
     if len(rows):
         sub = submission_frame(cache, probs, rows)
         submission = write_csv_atomic(sub, cfg.out or out_dir / "submission.csv", cfg.force)
         y_test = cache.index["label"].to_numpy()[rows]
         if (y_test >= 0).all():
             test_auc = _auc(y_test, probs)
+            # The ensemble + TTA score is not comparable with OOF, which is one model on one
+            # view: score each fold model alone, untransformed, for the like-for-like gap.
+            single = ens.predict(np.asarray(cache.images[rows]), tta=1, per_model=True)
+            test_auc_folds = [_auc(y_test, pm) for pm in single]
 
     result = RefitResult(
         trial=trial.number,
@@ -286,6 +300,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         oof_auc_best=oof_best_auc,
         best_epochs=res.best_epochs,
         test_auc=test_auc,
+        test_auc_folds=test_auc_folds,
         ensemble_dir=ens_dir,
         oof_csv=oof_csv,
         submission=submission,
@@ -300,6 +315,8 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "oof_auc_best_epochs": oof_best_auc,
         "best_epochs": res.best_epochs,
         "test_auc": test_auc,
+        "test_auc_folds": test_auc_folds,
+        "validation_minus_test": result.validation_gap,
         "search_auc": trial.value,
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),

@@ -113,8 +113,17 @@ def refit_main(argv: list[str] | None = None) -> int:
     out.print(f"OOF AUC {r.oof_auc:.4f} (folds {folds})", highlight=False)
     if r.test_auc is not None:
         out.print(
-            f"test AUC {r.test_auc:.4f} (true test labels present): OOF - test = "
-            f"{r.oof_auc - r.test_auc:+.4f}",
+            f"test AUC {r.test_auc:.4f} (ensemble of {len(r.oof_auc_folds)}, TTA; true test "
+            f"labels present)",
+            highlight=False,
+        )
+    if r.test_auc_folds is not None:
+        # like for like: fold model f on its held-out fold vs the same model on the test set
+        tf = ", ".join(f"{a:.4f}" for a in r.test_auc_folds)
+        out.print(
+            f"test AUC of each fold model alone, 1 view: {tf}\n"
+            f"validation - test = {r.validation_gap:+.4f} (mean per-fold OOF minus mean "
+            f"single-model test AUC; > 0: validation flatters the models)",
             highlight=False,
         )
     out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)

@@ -197,10 +197,9 @@ def fig_roc(study: optuna.Study) -> go.Figure | str:
     )
     title = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f}"
     if rec.get("test_auc") is not None:
-        title += (
-            f", test AUC {rec['test_auc']:.4f} (OOF - test = "
-            f"{rec['oof_auc'] - rec['test_auc']:+.4f})"
-        )
+        title += f", ensemble test AUC {rec['test_auc']:.4f}"
+    if rec.get("validation_minus_test") is not None:
+        title += f" (like for like, validation - test = {rec['validation_minus_test']:+.4f})"
     fig.update_layout(
         title=title, xaxis_title="false positive rate", yaxis_title="true positive rate"
     )
@@ -301,10 +300,18 @@ def _header(study: optuna.Study) -> str:
         folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
         line = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"
         if rec.get("oof_auc_best_epochs") is not None:
-            line += (f"; at each fold's best epoch {rec['oof_auc_best_epochs']:.4f} (epochs "
-                     f"{rec.get('best_epochs')}, optimistic: chosen on the same fold)")
+            line += (
+                f"; at each fold's best epoch {rec['oof_auc_best_epochs']:.4f} (epochs "
+                f"{rec.get('best_epochs')}, optimistic: chosen on the same fold)"
+            )
         if rec.get("test_auc") is not None:
-            line += f"; test AUC {rec['test_auc']:.4f}"
+            line += f"; ensemble + TTA test AUC {rec['test_auc']:.4f}"
+        if rec.get("test_auc_folds") is not None:
+            tf = ", ".join(f"{a:.4f}" for a in rec["test_auc_folds"])
+            line += (
+                f"; each fold model alone on test, 1 view: {tf} (validation - test = "
+                f"{rec['validation_minus_test']:+.4f})"
+            )
         rows.append(("refit", line))
     body = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
@@ -373,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="folder (default: studies/<study>/report)"
     )
     ap.add_argument("--open", action="store_true", help="open the page in the browser")
-    ap.add_argument("--png", action="store_true",
-                    help="also write each figure as PNG (needs: pip install kaleido)")
+    ap.add_argument(
+        "--png",
+        action="store_true",
+        help="also write each figure as PNG (needs: pip install kaleido)",
+    )
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err = Console(stderr=True, soft_wrap=True)

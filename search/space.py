@@ -129,8 +129,9 @@ def _validate(params: dict, fixed: dict, source: str) -> Space:
             raise SpaceError(f"{where}: when must be a table of lists, e.g. {{ loss = [...] }}")
         for other in when:
             if other not in clean and other not in fixed:
-                raise SpaceError(f"{where}: when refers to {other!r}, which is not fixed or "
-                                 "searched before it")
+                raise SpaceError(
+                    f"{where}: when refers to {other!r}, which is not fixed or searched before it"
+                )
         clean[name] = dict(spec)
     _check_values(clean, dict(fixed), source)
     archs = list(params.get("arch", {}).get("choices", [])) + (

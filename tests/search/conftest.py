@@ -57,6 +57,8 @@ def _add_refit(st: optuna.Study, tmp_path) -> optuna.Study:
             "oof_auc": 0.8,
             "oof_auc_folds": [0.8, 0.79, 0.81],
             "test_auc": 0.78,
+            "test_auc_folds": [0.77, 0.76, 0.78],
+            "validation_minus_test": 0.03,
             "oof_csv": str(path),
         },
     )

@@ -92,6 +92,11 @@ def test_refit_uses_best_complete_trial_and_records_it(refitted):
     assert 0 <= rec["oof_auc"] <= 1 and len(rec["oof_auc_folds"]) == 2
     # the embedded data has true test labels: the honesty gap can be measured
     assert rec["test_auc"] is not None
+    # ... like for like too: each fold model alone, one view, against its own OOF fold
+    assert len(rec["test_auc_folds"]) == 2 and all(0 <= a <= 1 for a in rec["test_auc_folds"])
+    assert rec["validation_minus_test"] == pytest.approx(
+        np.mean(rec["oof_auc_folds"]) - np.mean(rec["test_auc_folds"])
+    )
     oof = pd.read_csv(rec["oof_csv"])
     assert list(oof.columns) == ["id", "label", "fold", "prob"]
     assert oof["prob"].notna().all() and set(oof["fold"]) == {0, 1}
@@ -129,6 +134,15 @@ def test_ensemble_reload_gives_identical_predictions(refitted):
     again = pd.read_csv(out, dtype={"id": str})
     assert again["id"].tolist() == sub["id"].tolist()
     np.testing.assert_allclose(again["label"], sub["label"], rtol=0, atol=1e-6)
+
+
+def test_ensemble_predict_per_model_averages_to_the_ensemble(refitted):
+    root, _ = refitted
+    ens = load_ensemble(_refit_dir(root) / "ensemble", "cpu")
+    images = np.random.default_rng(0).integers(0, 256, (7, 96, 96, 3), dtype=np.uint8)
+    each = ens.predict(images, tta=4, per_model=True)
+    assert each.shape == (len(ens.models), 7)
+    np.testing.assert_allclose(each.mean(0), ens.predict(images, tta=4), rtol=0, atol=1e-6)
 
 
 def test_refit_refuses_to_overwrite_submission(refitted):

@@ -17,6 +17,7 @@ def test_report_full_study_draws_every_section(tmp_path, made_up_study, with_ref
     html = report.render(st)
     assert html.count("Plotly.newPlot") == len(report.SECTIONS)
     assert "abc123" in html and "pcam-search --trials 10" in html and "test AUC 0.7800" in html
+    assert "validation - test = +0.0300" in html  # the like-for-like gap is shown
 
 
 @pytest.mark.parametrize("case", ["pruned_only", "single", "empty"])

@@ -425,6 +425,20 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         assert sorted(cpus.values()) == [0, 2], cpus
         ran_on = {t.user_attrs.get("node") for t in study.trials}
         assert ran_on and all(cpus.get(n) == 2 for n in ran_on), (ran_on, cpus)
+        # without --address (or RAY_ADDRESS) a search starts its own Ray, even with a
+        # `ray start` cluster running on the machine
+        args = _args(tmp_path, _kaggle_master, 2, "--study", "alone", "--max-epochs", "1")
+        env.pop("RAY_ADDRESS", None)
+        out = subprocess.run(
+            [sys.executable, "-m", "search.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        alone = {t.user_attrs.get("node") for t in _load(tmp_path, "alone").trials}
+        assert alone and not alone & set(cpus), (alone, cpus)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
