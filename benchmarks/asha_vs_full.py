@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -49,6 +50,10 @@ def _run(tmp: Path, study: str, trials: int, max_epochs: int, extra: list[str]) 
         "best": s.best_value,
         "pruned": sum(t.state.name == "PRUNED" for t in s.trials),
         "complete": sum(t.state.name == "COMPLETE" for t in s.trials),
+        # how far trials got: {epochs run: trials}, e.g. ASHA's rungs
+        "reached": dict(
+            sorted(Counter(t.user_attrs.get("epochs_run", 0) for t in s.trials).items())
+        ),
     }
 
 
@@ -72,6 +77,7 @@ def main() -> None:
             f"{name:<12}{r['epochs']:>8d}{r['wall']:>9.1f}{r['complete']:>10d}"
             f"{r['pruned']:>8d}{r['best']:>10.4f}"
         )
+    print(f"ASHA trials by epochs run: {asha['reached']}")
     print(
         f"ASHA / no pruning: epochs {asha['epochs'] / full['epochs']:.2f} (target <= 0.35), "
         f"wall {asha['wall'] / full['wall']:.2f}, best AUC difference "

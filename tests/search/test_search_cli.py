@@ -439,6 +439,18 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         assert out.returncode == 0, out.stdout + out.stderr
         alone = {t.user_attrs.get("node") for t in _load(tmp_path, "alone").trials}
         assert alone and not alone & set(cpus), (alone, cpus)
+        # ... and RAY_ADDRESS joins the cluster, as for Ray's own scripts
+        args = _args(tmp_path, _kaggle_master, 2, "--study", "env", "--max-epochs", "1")
+        out = subprocess.run(
+            [sys.executable, "-m", "search.cli", *args],
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        joined = {t.user_attrs.get("node") for t in _load(tmp_path, "env").trials}
+        assert joined and all(cpus.get(n) == 2 for n in joined), (joined, cpus)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
