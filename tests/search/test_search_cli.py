@@ -356,6 +356,19 @@ def test_search_on_postgres(_kaggle_master, tmp_path, capsys):
             optuna.delete_study(study_name=name, storage=PG_URL)
 
 
+def _search_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """``pcam-search args`` in its own process with ``env``; it must exit 0."""
+    out = subprocess.run(
+        [sys.executable, "-m", "search.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
 def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
     # `ray start` a head and a second node (two raylets) on this machine; --address joins them.
     # The head offers no CPU, so every trial must be scheduled onto the node that joined; this
@@ -391,14 +404,7 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         )
         assert node.returncode == 0, node.stdout + node.stderr
         args = _args(tmp_path, _kaggle_master, 6, "--address", f"127.0.0.1:{port}")
-        out = subprocess.run(
-            [sys.executable, "-m", "search.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        out = _search_process(args, env)
         assert "2 at once" in out.stdout, out.stdout  # the CPUs of the joined node were seen
         study = _load(tmp_path)
         assert studies.count_finished(study) == 6
@@ -429,26 +435,12 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         # `ray start` cluster running on the machine
         args = _args(tmp_path, _kaggle_master, 2, "--study", "alone", "--max-epochs", "1")
         env.pop("RAY_ADDRESS", None)
-        out = subprocess.run(
-            [sys.executable, "-m", "search.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        _search_process(args, env)
         alone = {t.user_attrs.get("node") for t in _load(tmp_path, "alone").trials}
         assert alone and not alone & set(cpus), (alone, cpus)
         # ... and RAY_ADDRESS joins the cluster, as for Ray's own scripts
         args = _args(tmp_path, _kaggle_master, 2, "--study", "env", "--max-epochs", "1")
-        out = subprocess.run(
-            [sys.executable, "-m", "search.cli", *args],
-            env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        _search_process(args, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
         joined = {t.user_attrs.get("node") for t in _load(tmp_path, "env").trials}
         assert joined and all(cpus.get(n) == 2 for n in joined), (joined, cpus)
     finally:
