@@ -70,20 +70,15 @@ class RefitResult:
     oof_auc_best: float | None  # at each fold's best epoch (early stopping / restore_best)
     best_epochs: list[int] | None
     test_auc: float | None
-    # each fold model alone on the test set, one view: like for like with oof_auc_folds
+    # each saved fold model alone on the test set, one view
     test_auc_folds: list[float] | None
+    # mean per-fold held-out AUC of the saved models minus the mean of test_auc_folds: how much
+    # validation flatters (> 0) or undersells (< 0) the same models on unseen slides
+    validation_gap: float | None
     ensemble_dir: Path
     oof_csv: Path
     submission: Path | None
     seconds: dict = field(default_factory=dict)
-
-    @property
-    def validation_gap(self) -> float | None:
-        """Mean per-fold OOF AUC minus mean single-model, single-view test AUC: how much
-        validation flatters (> 0) or undersells (< 0) the same models on unseen slides."""
-        if self.test_auc_folds is None:
-            return None
-        return float(np.mean(self.oof_auc_folds) - np.mean(self.test_auc_folds))
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -280,7 +275,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     ens = load_ensemble(ens_dir, cfg.device)  # what pcam-predict loads: test the saved files
     rows, probs = predict_test(ens, cache, cfg.tta, cfg.progress)
     t_pred = time.perf_counter() - t1
-    submission, test_auc, test_auc_folds = None, None, None
+    submission, test_auc, test_auc_folds, gap = None, None, None, None
     if len(rows):
         sub = submission_frame(cache, probs, rows)
         submission = write_csv_atomic(sub, cfg.out or out_dir / "submission.csv", cfg.force)
@@ -291,6 +286,9 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
             # view: score each fold model alone, untransformed, for the like-for-like gap.
             single = ens.predict(np.asarray(cache.images[rows]), tta=1, per_model=True)
             test_auc_folds = [_auc(y_test, pm) for pm in single]
+            # held-out AUC of the weights that were saved (best epoch with restore_best)
+            saved_folds = [_auc(data.labels[folds == f], saved[folds == f]) for f in range(k)]
+            gap = float(np.mean(saved_folds) - np.mean(test_auc_folds))
 
     result = RefitResult(
         trial=trial.number,
@@ -301,6 +299,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         best_epochs=res.best_epochs,
         test_auc=test_auc,
         test_auc_folds=test_auc_folds,
+        validation_gap=gap,
         ensemble_dir=ens_dir,
         oof_csv=oof_csv,
         submission=submission,

@@ -14,6 +14,7 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
+from sklearn.metrics import roc_auc_score
 
 from data_pipeline import DataConfig, open_dataset
 from search import study as studies
@@ -235,3 +236,28 @@ def test_refit_data_is_the_searched_data(refitted):
     cache = open_dataset(DataConfig(data=data, cache_dir=root / "cache"), progress=False)
     meta = json.loads((_refit_dir(root) / "ensemble" / "ensemble.json").read_text())
     assert meta["dataset_fingerprint"] == cache.fingerprint
+
+
+def test_refit_gap_scores_the_saved_best_epoch_weights(_kaggle_master, tmp_path):
+    # with restore_best the ensemble keeps each fold's best epoch: the like-for-like gap must
+    # compare those weights' held-out AUC (oof.csv) with their test AUC, not the last epoch's.
+    # lr 1e-9 learns nothing: the held-out AUC only drifts with BatchNorm's running
+    # statistics, so some fold's best epoch comes before its last (seeded: deterministic)
+    space = SPACE.split("[params.lr]")[0].replace(
+        "aug = 0.0", "aug = 0.0\nlr = 1e-9\npatience = 1\nrestore_best = true"
+    )
+    space += '[params.dropout]\ntype = "float"\nlow = 0.0\nhigh = 0.5\n'
+    (tmp_path / "space.toml").write_text(space)
+    common = ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache")]
+    search = ["--data", str(_kaggle_master), "--space", str(tmp_path / "space.toml")]
+    search += ["--trials", "2", "--max-epochs", "4", "--folds", "2", "--no-asha", "--no-progress"]
+    assert search_main([*search, *common]) == 0
+    assert refit_main(["--best", "--tta", "1", "--no-progress", *common]) == 0
+    rec = json.loads(next((tmp_path / "studies").rglob("refit.json")).read_text())
+    assert min(rec["best_epochs"]) < 4
+    oof = pd.read_csv(rec["oof_csv"])
+    saved = [roc_auc_score(g["label"], g["prob"]) for _, g in oof.groupby("fold")]
+    assert saved != pytest.approx(rec["oof_auc_folds"])  # best epoch != last epoch here
+    assert rec["validation_minus_test"] == pytest.approx(
+        np.mean(saved) - np.mean(rec["test_auc_folds"])
+    )
