@@ -8,6 +8,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -136,9 +137,12 @@ def test_search_refuses_changed_folds_for_same_study(searched, _kaggle_master, c
     assert "other settings" in capsys.readouterr().err
 
 
-def _wait_for(pred, timeout: float, what: str) -> None:
+def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     t0 = time.monotonic()
     while not pred():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"search exited {proc.returncode} before {what}:\n{out}")
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.5)
@@ -155,11 +159,16 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 
 
 def _states(root: Path) -> dict[str, int]:
-    if not (root / "studies" / "pcam.db").is_file():
+    """Trials by state, read through a read-only SQLite connection: a poller that opened the
+    file as an Optuna storage would create the schema itself and race the driver doing the
+    same (seen in CI: the driver never created its study)."""
+    db = root / "studies" / "pcam.db"
+    if not db.is_file():
         return {}
     try:
-        return studies.tally(_load(root))
-    except Exception:  # study not created yet, or its schema being created right now
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            return dict(c.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+    except sqlite3.Error:  # schema not there yet
         return {}
 
 
@@ -170,14 +179,12 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
     args = _args(tmp_path, _kaggle_master, 12)
     proc = _cli(args, start_new_session=True)
     try:
-        _wait_for(
-            lambda: (
-                _states(tmp_path).get("RUNNING", 0) >= 1
-                and sum(_states(tmp_path).get(s, 0) for s in ("COMPLETE", "PRUNED")) >= 2
-            ),
-            120,
-            "finished and running trials",
-        )
+
+        def running_after_two_finished() -> bool:
+            n = _states(tmp_path)
+            return n.get("RUNNING", 0) >= 1 and n.get("COMPLETE", 0) + n.get("PRUNED", 0) >= 2
+
+        _wait_for(running_after_two_finished, 120, "finished and running trials", proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -204,14 +211,12 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
 def test_search_ctrl_c_closes_running_trials(_kaggle_master, tmp_path):
     args = _args(tmp_path, _kaggle_master, 30)
     proc = _cli(args)
-    _wait_for(
-        lambda: (
-            _states(tmp_path).get("RUNNING", 0) >= 1
-            and _states(tmp_path).get("COMPLETE", 0) + _states(tmp_path).get("PRUNED", 0) >= 1
-        ),
-        120,
-        "a running trial",
-    )
+
+    def running_after_one_finished() -> bool:
+        n = _states(tmp_path)  # one read per poll: the three counts agree
+        return n.get("RUNNING", 0) >= 1 and n.get("COMPLETE", 0) + n.get("PRUNED", 0) >= 1
+
+    _wait_for(running_after_one_finished, 120, "a running trial", proc)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
