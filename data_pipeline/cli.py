@@ -1,6 +1,6 @@
 """``pcam-data``: generate the embedded dataset, check a dataset, build its cache and folds.
 
-pcam-data synth --out data/demo [--n 4000 --seed 0 --layout kaggle|pcam]
+pcam-data synth --out data/demo [--n 4000 --seed 0 --layout kaggle|pcam] [--tumour-signal 0.5 ...]
 pcam-data check data/demo            # report problems; exit 1 if any
 pcam-data build [DIR] [--skip-bad]   # build the cache (embedded dataset without DIR)
 pcam-data folds [DIR] --k 5 --seed 0 # make/save the CV folds and print their balance
@@ -57,6 +57,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--n-test", type=int, default=None, help="test patches (default n/4)")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--layout", choices=["kaggle", "pcam"], default="kaggle")
+    s.add_argument(
+        "--patches-per-slide", type=int, default=d.patches_per_slide, help="crops per slide"
+    )
+    s.add_argument("--flip-rate", type=float, default=d.flip_rate, help="label noise share")
+    s.add_argument(
+        "--tumour-signal",
+        type=float,
+        default=d.tumour_signal,
+        help="tumour vs normal nuclei difference (1 = embedded set, 0.5 = weaker)",
+    )
+    s.add_argument(
+        "--stain-range",
+        type=float,
+        default=d.stain_range,
+        help="per-slide stain variation (1 = embedded set, 2 = twice the spread)",
+    )
 
     c = sub.add_parser("check", help="validate a dataset folder without building anything")
     _add_data_args(c, optional_dir=False)
@@ -101,7 +117,15 @@ def _config(args: argparse.Namespace) -> DataConfig:
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed command; returns the exit code."""
     if args.cmd == "synth":
-        cfg = SynthConfig(n=args.n, n_test=args.n_test, seed=args.seed)
+        cfg = SynthConfig(
+            n=args.n,
+            n_test=args.n_test,
+            seed=args.seed,
+            patches_per_slide=args.patches_per_slide,
+            flip_rate=args.flip_rate,
+            tumour_signal=args.tumour_signal,
+            stain_range=args.stain_range,
+        )
         out = write(args.out, cfg, args.layout)
         print(
             f"wrote {cfg.n} train + {cfg.test_count} test patches ({args.layout} layout) to {out}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,10 @@ class SynthConfig:
     tumour_slide_frac: float = 0.6  # slides with tumour regions; the rest are normal
     flip_rate: float = 0.02  # fraction of labels flipped (annotation noise), train and test
     slide_map_coverage: float = 0.85  # share of train ids listed in patch_id_wsi.csv
+    # difficulty knobs (1.0 = the embedded set; the defaults leave its bytes unchanged):
+    tumour_signal: float = 1.0  # how far tumour nuclei differ from stroma ones in size and
+    # darkness: 0.5 = halfway to normal nuclei (a weaker signal), 0 = only crowding differs
+    stain_range: float = 1.0  # per-slide stain/scanner variation: 2.0 = twice the spread
 
     @property
     def test_count(self) -> int:
@@ -102,7 +106,12 @@ def _nuclei(
     return np.tanh(1.6 * blob), np.stack([ys, xs], axis=1)
 
 
-def _slide(rng: np.random.Generator, tumour: bool) -> dict:
+def _toward(value: float, centre: float, scale: float) -> float:
+    """``value`` pulled toward (scale < 1) or pushed away from (> 1) ``centre``; exact at 1."""
+    return value if scale == 1.0 else centre + scale * (value - centre)
+
+
+def _slide(rng: np.random.Generator, tumour: bool, cfg: SynthConfig = SynthConfig()) -> dict:
     """Draw one slide canvas: returns RGB float image, tumour-nucleus centres, lymph mask."""
     # tissue: eosin concentration with white gaps (~12% of area)
     tissue = _smooth(rng, 10)
@@ -125,19 +134,23 @@ def _slide(rng: np.random.Generator, tumour: bool) -> dict:
         # density ramps up from the region border: sparse tumour cells make borderline patches
         dens = 0.010 * np.clip((t_field - thr) / 0.6, 0, 1) * (tissue > -1.2)
         # per-slide tumour appearance overlapping the normal range (sizes in px std)
-        t_sig = rng.uniform(1.7, 3.0)
-        blobs, centres = _nuclei(rng, dens, t_sig, rng.uniform(0.8, 1.3), amp_jitter=0.4)
+        t_sig = _toward(rng.uniform(1.7, 3.0), s_sig, cfg.tumour_signal)
+        t_amp = _toward(rng.uniform(0.8, 1.3), 0.8, cfg.tumour_signal)  # stroma nuclei: 0.8
+        blobs, centres = _nuclei(rng, dens, t_sig, t_amp, amp_jitter=0.4)
         h += blobs
         # chromatin texture inside tumour nuclei
         h += 0.15 * blobs * rng.standard_normal(h.shape).astype(np.float32)
         eosin *= 1 - 0.3 * np.clip((t_field - thr) / 0.6, 0, 1)  # less stroma among tumour
     # per-slide stain and scanner: stain vectors, stain strength, brightness
-    h_od = H_OD * rng.uniform(0.8, 1.2, 3)
-    e_od = E_OD * rng.uniform(0.8, 1.2, 3)
-    od = np.clip(h, 0, 1.6)[..., None] * h_od * rng.uniform(0.8, 1.3) + eosin[
+    st = cfg.stain_range
+    h_od = H_OD * np.array([_toward(u, 1.0, st) for u in rng.uniform(0.8, 1.2, 3)])
+    e_od = E_OD * np.array([_toward(u, 1.0, st) for u in rng.uniform(0.8, 1.2, 3)])
+    h_amt = _toward(rng.uniform(0.8, 1.3), 1.05, st)  # stain strength: H, then E
+    e_amt = _toward(rng.uniform(0.6, 1.2), 0.9, st)
+    od = np.clip(h, 0, 1.6)[..., None] * np.clip(h_od, 0.05, None) * max(h_amt, 0.1) + eosin[
         ..., None
-    ] * e_od * rng.uniform(0.6, 1.2)
-    rgb = rng.uniform(215, 245) * np.exp(-1.4 * od)
+    ] * np.clip(e_od, 0.05, None) * max(e_amt, 0.1)
+    rgb = _toward(rng.uniform(215, 245), 230, st) * np.exp(-1.4 * od)
     rgb = ndimage.gaussian_filter(rgb, sigma=(0.6, 0.6, 0))  # optics blur
     return {"rgb": rgb.astype(np.float32), "centres": centres, "lymph": lymph}
 
@@ -185,7 +198,7 @@ def generate(n: int, seed: int, slide_prefix: str, cfg: SynthConfig) -> Patches:
     while len(imgs) < n:
         rng = np.random.default_rng([seed, s])
         tumour = rng.random() < cfg.tumour_slide_frac
-        slide = _slide(rng, tumour)
+        slide = _slide(rng, tumour, cfg)
         name = f"{slide_prefix}_{'tumor' if tumour else 'normal'}_{s:03d}"
         for y, x in _crop_positions(rng, slide, min(cfg.patches_per_slide, n - len(imgs))):
             crop = slide["rgb"][y : y + PATCH, x : x + PATCH]
@@ -304,7 +317,12 @@ def write(out: Path, cfg: SynthConfig = SynthConfig(), layout: str = "kaggle") -
 
 def ensure_embedded(root: Path, cfg: SynthConfig = SynthConfig()) -> Path:
     """The embedded dataset's Kaggle-layout folder under ``root``, generated on first use."""
-    out = Path(root) / f"kaggle-n{cfg.n}-t{cfg.test_count}-s{cfg.seed}-v{GENERATOR_VERSION}"
+    name = f"kaggle-n{cfg.n}-t{cfg.test_count}-s{cfg.seed}-v{GENERATOR_VERSION}"
+    knobs = {k: v for k, v in asdict(cfg).items() if k not in ("n", "n_test", "seed")}
+    if knobs != {k: v for k, v in asdict(SynthConfig()).items() if k in knobs}:
+        # other difficulty settings: a folder of their own (the default keeps its old name)
+        name += "-" + hashlib.sha1(repr(sorted(knobs.items())).encode()).hexdigest()[:8]
+    out = Path(root) / name
     if not out.is_dir():
         out.parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -29,6 +29,7 @@ from data_pipeline.folds import STRATEGIES, folds_file, folds_for_cache
 from data_pipeline.problems import DataError, summarize
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
+from search.deadline import Deadline
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
@@ -86,13 +87,13 @@ def parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=int,
         default=None,
-        help="epochs of a trial never stopped early (default: CPU 2, GPU 12)",
+        help="epochs of a trial never stopped early (default: CPU 12, GPU 24)",
     )
     a(
         "--grace-period",
         type=int,
         default=None,
-        help="ASHA: epochs before a trial may be stopped (default: CPU 1, GPU 2)",
+        help="ASHA: fold-epochs before a trial may be stopped (default: 1 = fold 0, epoch 1)",
     )
     a(
         "--reduction-factor",
@@ -102,10 +103,23 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--no-asha", action="store_true", help="run every trial for --max-epochs")
     a(
+        "--no-race",
+        action="store_true",
+        help="train all folds of a trial in lockstep from epoch 1 (default: fold 0 first)",
+    )
+    a(
         "--timeout",
         type=float,
         default=None,
-        help="seconds for this run; running trials are then stopped and re-run on resume",
+        help="seconds for this search: no trial starts that could not finish by then; "
+        "trials still running at the end are stopped and re-run on resume",
+    )
+    a(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds end to end: the search, then the refit of the best trial and its "
+        "submission, whose estimated time is reserved",
     )
     a("--cpus-per-trial", type=float, default=None, help="CPU threads per trial (CPU 1, GPU 2)")
     a(
@@ -164,7 +178,9 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
         asha=not args.no_asha,
+        race=not args.no_race,
         timeout=args.timeout,
+        budget=args.budget,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
         gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
         concurrency=args.concurrency,
@@ -184,6 +200,9 @@ def _check_config(cfg: SearchConfig) -> None:
         raise ValueError(f"--reduction-factor must be >= 2, got {cfg.reduction_factor}")
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
         raise ValueError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    for name, v in (("--timeout", cfg.timeout), ("--budget", cfg.budget)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {v}")
 
 
 def safe_argv(argv: list[str]) -> str:
@@ -266,7 +285,7 @@ def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Ta
     console.print(
         f"study [bold]{cfg.study}[/] in {studies.safe_url(cfg.storage_url)}: "
         + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
-        + f"  (this run: {tally.finished} finished, {tally.epochs} epochs trained)"
+        + f"  (this run: {tally.finished} finished, {tally.fold_epochs} fold-epochs trained)"
     )
     best = studies.best_trial(study)
     if best is not None:
@@ -281,9 +300,12 @@ def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Ta
         console.print(f"  {c}", highlight=False, markup=False)
 
 
-def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
-    """The search: data -> folds -> study -> Ray Tune trials -> summary."""
-    from search import ray_adapter  # Ray is heavy: import it only when searching
+def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | None = None) -> int:
+    """The search: data -> folds -> study -> Ray Tune trials -> summary (-> refit: --budget).
+
+    ``t_cmd``: ``time.monotonic()`` when the command started (the budget counts from there).
+    """
+    t_cmd = time.monotonic() if t_cmd is None else t_cmd
 
     space = load_space(cfg.space)
     _check_weights(cfg, space)
@@ -316,10 +338,46 @@ def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
     console.print(
         f"searching study [bold]{cfg.study}[/] ({studies.safe_url(cfg.storage_url)}): "
         f"{remaining} more trial(s), {done} finished before; {len(data.labels)} patches, "
-        f"{cfg.folds} {cfg.fold_strategy} folds, up to {cfg.max_epochs} epochs, "
-        f"{concurrency} at once, space {cfg.space}"
+        f"{cfg.folds} {cfg.fold_strategy} folds, up to {cfg.max_epochs} epochs"
+        f"{' (fold 0 first)' if cfg.race else ''}, {concurrency} at once, space {cfg.space}"
+        + (f", budget {cfg.budget:.0f} s (search + submission)" if cfg.budget else "")
+        + (f", search timeout {cfg.timeout:.0f} s" if cfg.timeout else "")
+    )
+    deadline = Deadline(
+        full_fold_epochs=cfg.folds * cfg.max_epochs,
+        timeout=cfg.timeout,
+        # the budget counts from the command's start (Ray and the data took some already)
+        budget=None if cfg.budget is None else cfg.budget - (time.monotonic() - t_cmd),
+        predict_images=len(cache.rows("test")) * cfg.tta,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
+    interrupted = _search(
+        cfg, study, storage, space, (data, folds), deadline, tally, concurrency, console
+    )
+    _summary(console, study, cfg, tally)
+    if deadline.active and tally.finished < tally.target and not interrupted:
+        full = deadline.full_trial_s() or 0.0
+        console.print(
+            f"[yellow]deadline reached: the search ended {deadline.end():.0f} s after it "
+            f"started; a full trial needs ~{full:.0f} s, so no trial was started after "
+            f"{deadline.end() - full:.0f} s; {tally.interrupted} running trial(s) stopped "
+            "(re-run on resume)[/]"
+        )
+    if interrupted:
+        console.print("[yellow]interrupted: run the same command again to continue[/]")
+        return EXIT_INTERRUPTED
+    if tally.finished < tally.target and not deadline.active:
+        console.print("[yellow]stopped early: run the same command again to continue[/]")
+    if cfg.budget is not None:
+        return _refit_in_budget(cfg, console, t_cmd)
+    return 0
+
+
+def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency, console) -> bool:
+    """Run the Ray Tune trials; True if interrupted by Ctrl-C."""
+    from search import ray_adapter  # Ray is heavy: import it only when searching
+
+    data, folds = data_folds
     prior = studies.best_trial(study)
     if prior is not None:
         tally.offer_best(prior.number, prior.value, prior.params)
@@ -332,10 +390,10 @@ def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
         seed=cfg.seed,
         threads=max(1, int(cfg.cpus_per_trial)),
         pretrained=cfg.pretrained_arg,
+        race=cfg.race,
     )
     resources = ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency)
     pretrained = bool(cfg.pretrained)
-    interrupted = False
     try:
         with live(tally, cfg.progress, console):
             ray_adapter.run_trials(
@@ -343,7 +401,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
                 storage=storage,
                 space_fn=lambda t: suggest(t, space, pretrained),
                 sampler=sampler,
-                n_trials=remaining,
+                n_trials=tally.target,
                 data=data,
                 folds=folds,
                 settings=settings,
@@ -351,20 +409,43 @@ def run(cfg: SearchConfig, argv: list[str], console: Console) -> int:
                 grace_period=cfg.grace_period,
                 reduction_factor=cfg.reduction_factor,
                 asha=cfg.asha,
-                timeout=cfg.timeout,
+                deadline=deadline,
                 tally=tally,
                 driver=studies.driver_id(),
                 storage_path=str(cfg.out_dir / "ray"),
                 verbose=cfg.verbose,
             )
     except KeyboardInterrupt:
-        interrupted = True
-    _summary(console, study, cfg, tally)
-    if tally.finished < tally.target:
-        # Ray Tune catches Ctrl-C itself and returns early; a timeout also ends early
-        why = "time budget reached" if cfg.timeout and not interrupted else "interrupted"
-        console.print(f"[yellow]{why}: run the same command again to continue[/]")
-        return 0 if why == "time budget reached" else EXIT_INTERRUPTED
+        return True
+    return False
+
+
+def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float) -> int:
+    """--budget: refit the best trial now (its time was reserved) and write the submission."""
+    from search import ray_adapter
+    from search.refit import RefitConfig, RefitError, refit
+
+    ray_adapter.shutdown_ray()  # free the cores for the refit
+    rcfg = RefitConfig(
+        study=cfg.study,
+        storage=cfg.storage,
+        studies_dir=cfg.studies_dir,
+        tta=cfg.tta,
+        force=True,  # this run's own refit folder: a re-run of the same budget replaces it
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    try:
+        res = refit(rcfg, console)
+    except RefitError as e:
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_BAD_INPUT
+    total = time.monotonic() - t_cmd
+    test = f", test AUC {res.test_auc:.4f}" if res.test_auc is not None else ""
+    console.print(
+        f"refit trial {res.trial}: OOF AUC {res.oof_auc:.4f}{test}; submission "
+        f"{res.submission}; {total:.0f} s of the {cfg.budget:.0f} s budget"
+    )
     return 0
 
 
@@ -384,6 +465,7 @@ def _fit_concurrency(cfg: SearchConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    t_cmd = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
@@ -399,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         has_gpu = ray_adapter.cluster_resources().get("GPU", 0) > 0
         cfg = build_config(args, has_gpu)
         _check_config(cfg)
-        return run(cfg, argv, out)
+        return run(cfg, argv, out, t_cmd)
     except DataError as e:
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         if getattr(e, "problems", None):

@@ -25,29 +25,32 @@ class DeviceDefaults:
     space: str  # space file in studies/
     folds: int
     max_epochs: int
-    grace_period: int  # ASHA: epochs every trial gets before it can be stopped
+    grace_period: int  # ASHA: fold-epochs every trial gets before it can be stopped
     reduction_factor: int  # ASHA eta
     cpus_per_trial: float
     gpus_per_trial: float
 
 
-# CPU: 200 trials in ~10 minutes on 2 cores. 3 epochs measured 12.5 (eta 3) to 20+ minutes
-# (eta 4, TPE preferring width 16): trials that improve on the past pass ASHA's rung anyway.
+# CPU: k = 3 and 12 epochs, so ASHA's rungs (grace 1 fold-epoch, eta 3) fall at 1, 3, 9 and 27
+# fold-epochs = fold 0 at epoch 1, all folds at epoch 1, epoch 3, epoch 9; the winners train 12
+# epochs (36 fold-epochs). Measured in README ("Choosing the CPU defaults").
 CPU_DEFAULTS = DeviceDefaults(
     "cpu",
     folds=3,
-    max_epochs=2,
+    max_epochs=12,
     grace_period=1,
     reduction_factor=3,
     cpus_per_trial=1,
     gpus_per_trial=0,
 )
-# 4 trials share a GPU: a 96x96 ResNet trial rarely fills an H100 on its own.
+# GPU: k = 5, 24 epochs (120 fold-epochs): rungs at 1, 3, 9, 27 and 81 fold-epochs = fold 0,
+# folds 0-2 at epoch 1, then epochs 2, 6 and 17. 4 trials share a GPU: a 96x96 ResNet trial
+# rarely fills an H100 on its own.
 GPU_DEFAULTS = DeviceDefaults(
     "default",
     folds=5,
-    max_epochs=12,
-    grace_period=2,
+    max_epochs=24,
+    grace_period=1,
     reduction_factor=3,
     cpus_per_trial=2,
     gpus_per_trial=0.25,
@@ -70,11 +73,14 @@ class SearchConfig:
     folds: int = 3  # k of k-fold CV (3 / 5)
     fold_strategy: str = "slide"  # slide-grouped folds; "random" only to measure the leak
     fold_seed: int = 0
-    max_epochs: int = 2  # epochs of a trial that is never stopped (2 / 12)
-    grace_period: int = 1  # ASHA: epochs before a trial may be stopped (1 / 2)
+    max_epochs: int = 12  # epochs of a trial that is never stopped (12 / 24)
+    grace_period: int = 1  # ASHA: fold-epochs before a trial may be stopped (1 / 1)
     reduction_factor: int = 3  # ASHA eta: 1/eta of trials go on at each rung
     asha: bool = True  # False: every trial runs max_epochs (benchmarks)
-    timeout: float | None = None  # seconds for this run; running trials are then stopped
+    race: bool = True  # fold racing: fold 0 first, other folds only for survivors
+    timeout: float | None = None  # seconds for the search; no trial starts that cannot end
+    budget: float | None = None  # seconds for search + refit (submission); refit reserved
+    tta: int = 8  # dihedral test views of the refit that --budget runs
     cpus_per_trial: float = 1  # CPU threads per trial (1 / 2)
     gpus_per_trial: float = 0  # GPU share per trial; 0.25 = 4 trials per GPU (0 / 0.25)
     concurrency: int | None = None  # trials at once; None = as many as resources allow

@@ -13,6 +13,7 @@ CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: chann
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from search.augment import augment, cutmix, mixup
 from search.losses import LOSSES, binary_loss
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("cosine", "onecycle", "constant")
+ONECYCLE_PCT = 0.25  # onecycle: share of all steps spent rising from lr/25 to lr
 MIXES = ("none", "mixup", "cutmix")
 MIN_DELTA = 1e-4  # an AUC gain smaller than this is not an improvement (early stopping)
 CROPS = (32, 48, 64, 96)
@@ -42,7 +45,8 @@ class TrainParams:
     batch_size: int = 64
     dropout: float = 0.3  # before the 1-logit head
     weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 at the last epoch
+    warmup_epochs: float = 1.0  # linear warm-up (cosine / constant schedules)
+    schedule: str = "cosine"  # cosine: warm-up then cosine to 0 | onecycle | constant
     label_smoothing: float = 0.0  # targets become y*(1-s) + s/2
     crop: int = 64  # centre crop in px (label lives in the centre 32x32): 32, 48, 64 or 96
     aug: float = 0.5  # augmentation strength 0..1 (0 = none; >0 = dihedral + HED jitter)
@@ -74,6 +78,8 @@ class TrainParams:
             raise ValueError(f"crop must be one of {CROPS}, got {p.crop}")
         if p.lr <= 0 or p.batch_size < 2 or not 0 <= p.dropout < 1 or not 0 <= p.aug <= 1:
             raise ValueError(f"invalid params {params}")
+        if p.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {p.schedule!r}")
         if p.mix not in MIXES:
             raise ValueError(f"mix must be one of {MIXES}, got {p.mix!r}")
         if p.loss not in LOSSES:
@@ -126,7 +132,7 @@ class TrialOutOfMemory(TrialError):
 class CVResult:
     """Per-epoch metrics of the lockstep run and, on request, fold weights and OOF probs."""
 
-    history: list[dict]  # one dict per epoch (see ``_epoch_metrics``)
+    history: list[dict]  # one dict per report (per epoch; racing: per fold at epoch 1)
     stopped_early: bool  # on_epoch asked to stop before ``epochs``
     seconds: float
     device: str
@@ -139,7 +145,7 @@ class CVResult:
 
     @property
     def epochs_run(self) -> int:
-        return len(self.history)
+        return self.history[-1]["epoch"] if self.history else 0
 
     @property
     def final(self) -> dict:
@@ -177,10 +183,24 @@ def _make_optimizer(p: TrainParams, params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
+    """The lr multiplier at ``step`` (0-based) of ``total_steps``.
+
+    cosine: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at the end.
+    constant: the same warm-up, then 1. onecycle (Smith's 1cycle, as torch's OneCycleLR with
+    cosine annealing): from 1/25 up to 1 over the first ``ONECYCLE_PCT`` of the steps, then
+    down to ~0; it has its own warm-up and ignores ``warmup_steps``.
+    """
+    if schedule == "onecycle":
+        up = max(1, round(ONECYCLE_PCT * total_steps))
+        if step < up:
+            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * step / up))
+        progress = min(1.0, (step - up) / max(1, total_steps - up))
+        return 0.5 * (1 + math.cos(math.pi * progress))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -221,6 +241,123 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def _amp_dtype(dev: torch.device) -> torch.dtype | None:
+    """Autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU (fp32)."""
+    if dev.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class _Run:
+    """What every fold of one ``train_cv`` call shares: params, device, batches, labels."""
+
+    def __init__(self, p: TrainParams, dev: torch.device, batch: _Batcher, labels: np.ndarray):
+        self.p, self.dev, self.batch, self.labels = p, dev, batch, labels
+        self.cuda = dev.type == "cuda"
+        self.amp = _amp_dtype(dev)
+        self.y = torch.as_tensor(labels, dtype=torch.float32)
+        self.oof = np.full(len(labels), np.nan, dtype=np.float32)  # last scored epoch
+        self.oof_best = np.full(len(labels), np.nan, dtype=np.float32)  # best epoch per fold
+
+
+class _Fold:
+    """One fold: its model, optimizer, schedule, RNG, rows, latest metrics and best-so-far.
+
+    Fold ``f`` trains on the rows of the other folds and is scored on its own.
+    """
+
+    def __init__(
+        self, f: int, p: TrainParams, folds: np.ndarray, epochs: int, seed: int, dev, pretrained
+    ) -> None:
+        torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
+        self.f = f
+        self.model = create_model(p, pretrained).to(dev, memory_format=torch.channels_last)
+        self.train_idx = torch.from_numpy(np.flatnonzero(folds != f))
+        self.val_idx = np.flatnonzero(folds == f)
+        self.steps = max(1, len(self.train_idx) // p.batch_size)  # drop_last: BN on 1-2 samples
+        self.opt = _make_optimizer(p, [q for q in self.model.parameters() if q.requires_grad])
+        warm, total = round(p.warmup_epochs * self.steps), epochs * self.steps
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, warm, total, p.schedule)
+        )
+        # float16 autocast needs loss scaling; bf16 (and CPU, no autocast) does not
+        self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(dev) == torch.float16)
+        self.gen = torch.Generator().manual_seed(seed * 1000 + f)
+        self.epoch = 0  # epochs trained
+        self.active = True  # False once early stopping (patience) ended this fold
+        self.auc = self.loss = self.acc = self.train_loss = math.nan  # latest epoch
+        self.best_auc, self.best_epoch, self.since = -math.inf, 0, 0
+        self.best_state: dict | None = None  # CPU copy of the best epoch's weights
+
+    def train_epoch(self, run: _Run) -> int:
+        """One pass over this fold's training rows; returns the images seen."""
+        p, m, g = run.p, self.model, self.gen
+        m.train()
+        perm = self.train_idx[torch.randperm(len(self.train_idx), generator=g)]
+        loss_sum = torch.zeros((), device=run.dev)
+        for s in range(self.steps):
+            idx = perm[s * p.batch_size : (s + 1) * p.batch_size]
+            xb = run.batch(idx, p.aug, g)  # (B, 3, c, c) float, normalised, augmented
+            yb = run.y[idx].to(run.dev, non_blocking=True)
+            yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
+            if p.mix != "none" and float(torch.rand((), generator=g)) < p.mix_prob:
+                xb, yb = (mixup if p.mix == "mixup" else cutmix)(xb, yb, p.mix_alpha, g)
+            with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.cuda):
+                logits = m(xb).squeeze(1)
+            loss = binary_loss(
+                logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, p.pos_weight
+            )
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.sched.step()
+            loss_sum += loss.detach()
+        self.epoch += 1
+        self.train_loss = float(loss_sum) / self.steps  # one sync per fold-epoch, not per step
+        if not math.isfinite(self.train_loss):
+            raise TrialDiverged(
+                f"training loss is {self.train_loss} (fold {self.f})", self.epoch, asdict(p)
+            )
+        return self.steps * p.batch_size
+
+    def score(self, run: _Run, eval_batch: int) -> None:
+        """Held-out AUC, loss and accuracy; updates the best epoch and early stopping."""
+        p = run.p
+        probs = _predict(self.model, run.batch, self.val_idx, run.dev, run.amp, eval_batch)
+        if not np.isfinite(probs).all():
+            raise TrialDiverged(f"non-finite predictions (fold {self.f})", self.epoch, asdict(p))
+        yv = run.labels[self.val_idx]
+        run.oof[self.val_idx] = probs
+        pc = np.clip(probs, 1e-7, 1 - 1e-7)
+        self.auc = _auc(yv, probs)
+        self.loss = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
+        self.acc = float(np.mean((probs > 0.5) == yv))
+        if self.auc > self.best_auc + MIN_DELTA or self.best_epoch == 0:
+            self.best_auc, self.best_epoch, self.since = self.auc, self.epoch, 0
+            run.oof_best[self.val_idx] = probs
+            if p.restore_best:
+                self.best_state = {
+                    n: v.detach().cpu().clone() for n, v in self.model.state_dict().items()
+                }
+        else:
+            self.since += 1
+            if p.patience and self.since >= p.patience:
+                self.active = False
+
+
+def fold_steps(k: int, epoch: int, race: bool) -> list[list[int]]:
+    """The folds trained together at ``epoch``, one group per report.
+
+    Lockstep: one group of all k folds. Racing: at epoch 1 fold 0 alone, then each other fold
+    catches up one by one (k reports of the mean over the folds trained so far); all k together
+    from epoch 2. ``fold-epochs`` after a group = (epoch - 1) * k + the folds trained so far.
+    """
+    if race and epoch == 1:
+        return [[f] for f in range(k)]
+    return [list(range(k))]
+
+
 def train_cv(
     params: dict | TrainParams,
     data: TrainData,
@@ -235,194 +372,124 @@ def train_cv(
     keep_states: bool = False,
     keep_oof: bool = False,
     eval_batch: int = 1024,
+    race: bool = False,
 ) -> CVResult:
-    """Train one model per fold, in lockstep; evaluate every fold's held-out part each epoch.
+    """Train one model per fold and score every fold's held-out part after each of its epochs.
 
-    ``folds[i]`` is the fold (0..k-1) of ``data`` row i; fold f's model trains on the other
-    folds and is scored on fold f. ``on_epoch(epoch, metrics)`` is called after each epoch
-    (1-based) and stops training when it returns True. Raises ``TrialDiverged`` on a
+    ``folds[i]`` is the fold (0..k-1) of ``data`` row i. Lockstep (default): after each epoch
+    all k folds have trained it, and ``on_epoch(epoch, metrics)`` sees the mean over k folds.
+    ``race=True`` (fold racing, the search's default): fold 0 trains epoch 1 alone and is
+    reported first, then the other folds catch up one report at a time (``metrics["folds"]``
+    says how many folds a mean covers, ``metrics["fold_epochs"]`` the fold-epochs spent), then
+    lockstep. ``on_epoch`` returning True stops all folds. Raises ``TrialDiverged`` on a
     non-finite loss and ``TrialOutOfMemory`` on CUDA OOM, with the epoch and params.
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
-    cuda = dev.type == "cuda"
-    if not cuda and threads:
+    if dev.type != "cuda" and threads:
         torch.set_num_threads(threads)
     folds = np.asarray(folds)
     k = int(folds.max()) + 1
     t_start = time.perf_counter()
-    epoch = 0
+    epoch, history, stopped = 0, [], False
     try:
         # ---- data: crop once, whole array in RAM, on the GPU too when it fits easily
         x = centre_crop(data.images, p.crop)
-        if cuda and x.numel() < 0.25 * torch.cuda.mem_get_info(dev)[0]:
+        if dev.type == "cuda" and x.numel() < 0.25 * torch.cuda.mem_get_info(dev)[0]:
             x = x.to(dev)
-        y = torch.as_tensor(data.labels, dtype=torch.float32)
-        amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp == torch.float16)
-
-        # ---- one model, optimizer, schedule and RNG per fold
-        fold_models, opts, scheds, gens, train_idx, val_idx = [], [], [], [], [], []
-        for f in range(k):
-            torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
-            m = create_model(p, pretrained)
-            m = m.to(dev, memory_format=torch.channels_last)  # faster on CUDA and oneDNN CPU
-            tr = torch.from_numpy(np.flatnonzero(folds != f))
-            steps = max(1, len(tr) // p.batch_size)  # drop_last: no BatchNorm on 1-2 samples
-            opt = _make_optimizer(p, [q for q in m.parameters() if q.requires_grad])
-            warm, total = round(p.warmup_epochs * steps), epochs * steps
-            scheds.append(
-                torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda s, w=warm, t=total: lr_factor(s, w, t)
-                )
-            )
-            fold_models.append(m)
-            opts.append(opt)
-            gens.append(torch.Generator().manual_seed(seed * 1000 + f))
-            train_idx.append(tr)
-            val_idx.append(np.flatnonzero(folds == f))
-        norm = models.data_config(fold_models[0], p.arch)
-        batch = _Batcher(x, dev, norm["mean"], norm["std"])
-
-        history: list[dict] = []
-        oof = np.full(len(folds), np.nan, dtype=np.float32)
-        oof_best = np.full(len(folds), np.nan, dtype=np.float32)
-        stopped = self_stopped = False
-        # early stopping, per fold: a fold stops after `patience` epochs without a better
-        # held-out AUC; a stopped fold keeps reporting its final (or, restored, best) AUC
-        active = [True] * k
-        best_auc, best_epoch, since = [-math.inf] * k, [0] * k, [0] * k
-        best_states: list[dict | None] = [None] * k
-        last = {
-            "auc": [math.nan] * k,
-            "loss": [math.nan] * k,
-            "acc": [math.nan] * k,
-            "train": [math.nan] * k,
-        }
-        train_seconds, images_seen = 0.0, 0
+        runs = [_Fold(f, p, folds, epochs, seed, dev, pretrained) for f in range(k)]
+        norm = models.data_config(runs[0].model, p.arch)
+        run = _Run(p, dev, _Batcher(x, dev, norm["mean"], norm["std"]), data.labels)
+        clock = _Clock()
         for epoch in range(1, epochs + 1):
-            # ---- train every fold one epoch
-            t0 = time.perf_counter()
-            train_loss = []
-            images_epoch = 0
-            for f in range(k):
-                if not active[f]:
-                    train_loss.append(last["train"][f])
-                    continue
-                m, opt, sched, g, tr = fold_models[f], opts[f], scheds[f], gens[f], train_idx[f]
-                m.train()
-                perm = tr[torch.randperm(len(tr), generator=g)]
-                steps = max(1, len(tr) // p.batch_size)
-                loss_sum = torch.zeros((), device=dev)
-                for s in range(steps):
-                    idx = perm[s * p.batch_size : (s + 1) * p.batch_size]
-                    xb = batch(idx, p.aug, g)
-                    yb = y[idx].to(dev, non_blocking=True)
-                    yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
-                    if p.mix != "none" and float(torch.rand((), generator=g)) < p.mix_prob:
-                        xb, yb = (mixup if p.mix == "mixup" else cutmix)(xb, yb, p.mix_alpha, g)
-                    with torch.autocast(dev.type, dtype=amp, enabled=cuda):
-                        logits = m(xb).squeeze(1)
-                    loss = binary_loss(
-                        logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, p.pos_weight
-                    )
-                    opt.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
-                    loss_sum += loss.detach()
-                    images_epoch += len(idx)
-                mean_loss = float(loss_sum) / steps  # one sync per fold-epoch, not per step
-                if not math.isfinite(mean_loss):
-                    raise TrialDiverged(
-                        f"training loss is {mean_loss} (fold {f})", epoch, asdict(p)
-                    )
-                train_loss.append(mean_loss)
-                last["train"][f] = mean_loss
-            images_seen += images_epoch
-            if cuda:
-                torch.cuda.synchronize(dev)
-            epoch_seconds = time.perf_counter() - t0
-            train_seconds += epoch_seconds
-
-            # ---- score every fold on its held-out part
-            for f in range(k):
-                if not active[f]:
-                    continue
-                probs = _predict(fold_models[f], batch, val_idx[f], dev, amp, eval_batch)
-                if not np.isfinite(probs).all():
-                    raise TrialDiverged(f"non-finite predictions (fold {f})", epoch, asdict(p))
-                yv = data.labels[val_idx[f]]
-                oof[val_idx[f]] = probs
-                auc = _auc(yv, probs)
-                pc = np.clip(probs, 1e-7, 1 - 1e-7)
-                last["auc"][f] = auc
-                last["loss"][f] = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
-                last["acc"][f] = float(np.mean((probs > 0.5) == yv))
-                if auc > best_auc[f] + MIN_DELTA or best_epoch[f] == 0:
-                    best_auc[f], best_epoch[f], since[f] = auc, epoch, 0
-                    oof_best[val_idx[f]] = probs
-                    if p.restore_best:  # a CPU copy of this epoch's weights
-                        best_states[f] = {
-                            n: v.detach().cpu().clone()
-                            for n, v in fold_models[f].state_dict().items()
-                        }
-                else:
-                    since[f] += 1
-                    if p.patience and since[f] >= p.patience:
-                        active[f] = False
-            # a stopped fold reports its final AUC, or its best when its best weights are kept
-            aucs = [
-                best_auc[f] if p.restore_best and not active[f] else last["auc"][f]
-                for f in range(k)
-            ]
-            losses, accs = list(last["loss"]), list(last["acc"])
-            metrics = {
-                "epoch": epoch,
-                "auc": float(np.mean(aucs)),
-                "auc_folds": aucs,
-                "val_loss": float(np.mean(losses)),
-                "val_loss_folds": losses,
-                "acc": float(np.mean(accs)),
-                "acc_folds": accs,
-                "train_loss": float(np.mean(train_loss)),
-                "train_loss_folds": train_loss,
-                "lr": scheds[0].get_last_lr()[0],
-                "seconds": time.perf_counter() - t_start,
-                "train_images_per_s": images_seen / max(train_seconds, 1e-9),  # all epochs
-                "epoch_images_per_s": images_epoch / max(epoch_seconds, 1e-9),  # this epoch
-                "folds_active": sum(active),
-                "best_epochs": list(best_epoch),
-                "self_stopped": not any(active) and epoch < epochs,
-            }
-            history.append(metrics)
-            if on_epoch is not None and on_epoch(epoch, metrics) and epoch < epochs:
-                stopped = True
-                break
-            if not any(active):  # every fold early-stopped
-                self_stopped = epoch < epochs
+            for group in fold_steps(k, epoch, race):
+                with clock.training(dev):
+                    images = sum(runs[f].train_epoch(run) for f in group if runs[f].active)
+                clock.count(images)
+                for f in group:
+                    if runs[f].active:
+                        runs[f].score(run, eval_batch)
+                seen = runs[: group[-1] + 1]  # folds done with this epoch (groups go in order)
+                history.append(_metrics(epoch, k, seen, p, clock, t_start))
+                if on_epoch is not None and on_epoch(epoch, history[-1]) and epoch < epochs:
+                    stopped = True
+                    break
+            if stopped or not any(r.active for r in runs):  # stopped, or all early-stopped
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epoch, asdict(p)) from e
+    return _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_start)
 
+
+class _Clock:
+    """Training seconds and images (for img/s), excluding evaluation."""
+
+    def __init__(self) -> None:
+        self.seconds = self.images = self.last_seconds = self.last_images = 0.0
+
+    @contextlib.contextmanager
+    def training(self, dev: torch.device):
+        t0 = time.perf_counter()
+        yield
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # CUDA kernels run asynchronously: wait to time them
+        self.last_seconds = time.perf_counter() - t0
+        self.seconds += self.last_seconds
+
+    def count(self, images: int) -> None:
+        self.last_images = images
+        self.images += images
+
+
+def _metrics(
+    epoch: int, k: int, seen: list[_Fold], p: TrainParams, clock: _Clock, t_start: float
+) -> dict:
+    """One report: means over the folds in ``seen`` (all trained ``epoch`` epochs)."""
+    aucs = [r.best_auc if p.restore_best and not r.active else r.auc for r in seen]
+    losses, accs = [r.loss for r in seen], [r.acc for r in seen]
+    train = [r.train_loss for r in seen]
+    return {
+        "epoch": epoch,
+        "folds": len(seen),  # how many folds the means below average
+        "fold_epochs": (epoch - 1) * k + len(seen),  # compute spent, in fold-epochs
+        "auc": float(np.mean(aucs)),
+        "auc_folds": aucs,
+        "val_loss": float(np.mean(losses)),
+        "val_loss_folds": losses,
+        "acc": float(np.mean(accs)),
+        "acc_folds": accs,
+        "train_loss": float(np.mean(train)),
+        "train_loss_folds": train,
+        "lr": seen[0].sched.get_last_lr()[0],
+        "seconds": time.perf_counter() - t_start,
+        "train_images_per_s": clock.images / max(clock.seconds, 1e-9),  # all so far
+        "epoch_images_per_s": clock.last_images / max(clock.last_seconds, 1e-9),  # last step
+        "folds_active": sum(r.active for r in seen),
+        "best_epochs": [r.best_epoch for r in seen],
+        "self_stopped": len(seen) == k and not any(r.active for r in seen),
+    }
+
+
+def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_start):
+    p = run.p
     if p.restore_best:
-        for m, sd in zip(fold_models, best_states, strict=True):
-            if sd is not None:
-                m.load_state_dict(sd)
+        for r in runs:
+            if r.best_state is not None:
+                r.model.load_state_dict(r.best_state)
     states = None
     if keep_states:
-        states = [{n: v.detach().cpu() for n, v in m.state_dict().items()} for m in fold_models]
+        states = [{n: v.detach().cpu() for n, v in r.model.state_dict().items()} for r in runs]
+    last_epoch = history[-1]["epoch"] if history else 0
     return CVResult(
         history=history,
         stopped_early=stopped,
-        self_stopped=self_stopped,
-        best_epochs=list(best_epoch),
-        oof_best=oof_best if keep_oof else None,
+        self_stopped=not stopped and last_epoch < epochs and not any(r.active for r in runs),
+        best_epochs=[r.best_epoch for r in runs],
+        oof_best=run.oof_best if keep_oof else None,
         seconds=time.perf_counter() - t_start,
-        device=str(dev) if not cuda else torch.cuda.get_device_name(dev),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         states=states,
-        oof=oof if keep_oof else None,
+        oof=run.oof if keep_oof else None,
     )
 
 

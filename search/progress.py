@@ -27,7 +27,7 @@ class Tally:
     pruned: int = 0
     failed: int = 0
     interrupted: int = 0  # stopped by Ctrl-C / timeout: not counted, re-run on resume
-    epochs: int = 0  # epochs trained (all folds of one epoch count once)
+    fold_epochs: int = 0  # fold-epochs trained (one fold model, one pass over its rows)
     running: dict[int, int] = field(default_factory=dict)  # trial number -> epochs reported
     best_value: float | None = None
     best_number: int | None = None
@@ -101,7 +101,7 @@ class Tally:
             f"{self.failed}  ",
             ("running ", "cyan"),
             f"{len(self.running)}   ",
-            f"epochs {self.epochs}   elapsed {_hms(elapsed)}   ",
+            f"fold-epochs {self.fold_epochs}   elapsed {_hms(elapsed)}   ",
             f"ETA {_hms(eta) if eta is not None else '?'}",
         )
         best = Table.grid(padding=(0, 1))

@@ -1,16 +1,28 @@
 """All Ray imports of the project live here: Ray's API churns; its next change touches one file.
 
 ``run_trials`` schedules a search with Ray Tune: ``OptunaSearch`` bound to the RDB study,
-``ASHAScheduler`` on the per-epoch mean k-fold AUC, reused actors, data in the object store once
-(``tune.with_parameters``). Stock Ray (2.60) records the study wrongly; ``_TruthfulSearch``
-fixes it:
+``ASHAScheduler`` on the mean held-out AUC, reused actors, data in the object store once
+(``tune.with_parameters``).
+
+Fidelity is two-dimensional, epochs x folds (fold racing): a trial trains fold 0 alone first,
+the other folds catch up on epoch 1 one report at a time, then all go on in lockstep. Every
+report carries ``fold_epochs`` (fold-epochs trained so far), ASHA's time attribute, so rungs at
+1, 3, 9, 27 fold-epochs mean, for k = 3, "fold 0 at epoch 1" (every trial compared on the same
+fold: a paired comparison), "all folds at epoch 1", "epoch 3", "epoch 9". Optuna's step of an
+intermediate value is its fold-epochs; the trial's ``intermediate_folds`` user attr maps each
+step to the number of folds its mean covers.
+
+Stock Ray (2.60) records the study wrongly; ``_TruthfulSearch`` fixes it:
 
 - ASHA's STOP skips the searcher's ``on_trial_result`` for the last result, so trials lose
   their last (sometimes only) intermediate value: we report it in ``on_trial_complete``;
 - an ASHA-stopped trial is recorded COMPLETE with its early value: we record it PRUNED;
 - a trial that raised gets FAIL without a reason: we store the error type and message;
 - a trial stopped by the run's end (timeout, Ctrl-C) is FAIL with ``interrupted`` (re-run on
-  resume), not COMPLETE with a half-trained value.
+  resume), not COMPLETE with a half-trained value; COMPLETE means every fold-epoch was trained.
+
+With a deadline (``search.deadline``) the searcher stops suggesting once a full-length trial
+would not end in time, and a ``Stopper`` ends the run at the deadline.
 """
 
 from __future__ import annotations
@@ -31,10 +43,12 @@ from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from search.deadline import Deadline
 from search.engine import TrainData, train_cv
 from search.progress import Tally
 
-METRIC = "auc"  # mean held-out AUC over the k folds, reported once per epoch
+METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
+TIME_ATTR = "fold_epochs"  # ASHA's clock: fold-epochs trained (racing makes it != epochs)
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class TrialSettings:
     seed: int
     threads: int  # torch CPU threads
     pretrained: bool | str
+    race: bool = True  # fold racing: fold 0 first, then the others (False: lockstep)
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             {
                 METRIC: m["auc"],
                 "epoch": epoch,
+                TIME_ATTR: m["fold_epochs"],
+                "folds": m["folds"],
                 "auc_folds": m["auc_folds"],
                 "val_loss": m["val_loss"],
                 "train_loss": m["train_loss"],
@@ -87,6 +104,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         threads=settings.threads,
         pretrained=settings.pretrained,
         on_epoch=report,
+        race=settings.race,
     )
 
 
@@ -96,8 +114,17 @@ def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
     For measuring orchestration overhead per trial (``benchmarks/search_overhead.py``).
     """
     base = 0.9 - 0.05 * abs(math.log10(float(config.get("lr", 1e-3))) + 3)
+    k = int(np.max(folds)) + 1
     for epoch in range(1, settings.max_epochs + 1):
-        tune.report({METRIC: base + 0.01 * epoch, "epoch": epoch, "auc_folds": [base]})
+        tune.report(
+            {
+                METRIC: base + 0.01 * epoch,
+                "epoch": epoch,
+                TIME_ATTR: epoch * k,
+                "folds": k,
+                "auc_folds": [base] * k,
+            }
+        )
 
 
 class _RecordingASHA(ASHAScheduler):
@@ -109,9 +136,22 @@ class _RecordingASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP and result.get("training_iteration", 0) < self._max_t:
+        if decision == TrialScheduler.STOP and result.get(TIME_ATTR, 0) < self._max_t:
             self.stopped_early.add(trial.trial_id)
         return decision
+
+
+class _DeadlineStopper(tune.Stopper):
+    """Ends the whole run when the deadline passes (running trials become interrupted)."""
+
+    def __init__(self, deadline: Deadline, t0: float) -> None:
+        self.deadline, self.t0 = deadline, t0
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.deadline.expired(time.monotonic() - self.t0)
 
 
 class _TrialRegistry(tune.Callback):
@@ -158,6 +198,9 @@ class _TruthfulSearch(OptunaSearch):
         self,
         *,
         max_epochs: int,
+        full_fold_epochs: int,
+        deadline: Deadline,
+        t0: float,
         stopped_early: set[str],
         registry: _TrialRegistry,
         tally: Tally,
@@ -166,6 +209,10 @@ class _TruthfulSearch(OptunaSearch):
     ) -> None:
         super().__init__(**kwargs)
         self._max_epochs = max_epochs
+        self._full = full_fold_epochs
+        self._deadline, self._t0 = deadline, t0
+        self._best_value = -math.inf
+        self._folds_at: dict[str, dict[str, int]] = {}  # trial -> {step: folds averaged}
         self._stopped_early = stopped_early
         self._registry = registry
         self._tally = tally
@@ -188,7 +235,10 @@ class _TruthfulSearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if not self._deadline.may_start(time.monotonic() - self._t0):
+            self._deadline.not_started += 1
+            return self.FINISHED  # Ray starts no further trial and lets running ones end
         config = super().suggest(trial_id)
         ot = self._ot_trials[trial_id]
         ot.set_user_attr("driver", self._driver)
@@ -201,15 +251,25 @@ class _TruthfulSearch(OptunaSearch):
         ot = self._ot_trials.get(trial_id)
         if ot is None or trial_id in self._completed_trials or METRIC not in result:
             return
-        epoch = int(result["epoch"])
-        if epoch in self._reported[trial_id]:
+        step = int(result.get(TIME_ATTR, result["epoch"]))
+        if step in self._reported[trial_id]:
             return
-        self._reported[trial_id].add(epoch)
+        self._tally.fold_epochs += step - max(self._reported[trial_id], default=0)
+        self._reported[trial_id].add(step)
         value = float(result[METRIC])
         if math.isfinite(value):  # Optuna rejects NaN intermediate values
-            ot.report(value, epoch)
-        self._tally.epochs += 1
-        self._tally.running[ot.number] = epoch
+            ot.report(value, step)
+            # a step's value averages this many folds: 1, 2, .., k while racing, then k
+            folds_at = self._folds_at.setdefault(trial_id, {})
+            folds_at[str(step)] = int(result.get("folds", 0))
+            ot.set_user_attr("intermediate_folds", folds_at)
+        self._deadline.observe(
+            trial_id,
+            float(result.get("trial_seconds", 0.0)),
+            step,
+            float(result.get("images_per_s", 0.0)),
+        )
+        self._tally.running[ot.number] = int(result["epoch"])
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot = self._ot_trials.get(trial_id)
@@ -219,8 +279,8 @@ class _TruthfulSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)  # ASHA's STOP skipped it: the last epoch
         self._completed_trials.add(trial_id)
         epochs = int(result["epoch"]) if result and "epoch" in result else 0
-        epochs = max(epochs, *self._reported.get(trial_id, ()), 0)
-        attrs: dict = {"epochs_run": epochs}
+        fold_epochs = max(self._reported.get(trial_id, ()), default=0)
+        attrs: dict = {"epochs_run": epochs, "fold_epochs": fold_epochs}
         if result and METRIC in result:
             attrs.update(
                 auc_folds=[float(a) for a in result.get("auc_folds", [])],
@@ -237,13 +297,13 @@ class _TruthfulSearch(OptunaSearch):
             etype, msg = _error_of(self._registry.trials.get(trial_id))
             attrs.update(error_type=etype, error_message=msg)
             state, error_text = TrialState.FAIL, f"{etype}: {msg}"
-        elif epochs >= self._max_epochs and math.isfinite(value):
-            state = TrialState.COMPLETE
+        elif fold_epochs >= self._full and math.isfinite(value):
+            state = TrialState.COMPLETE  # every fold trained every epoch: the mean over k
         elif result and result.get("self_stopped") and math.isfinite(value):
             # early stopping (patience) ended every fold: finished on its own terms
             attrs.update(early_stopped=True)
             state = TrialState.COMPLETE
-        elif epochs >= self._max_epochs:
+        elif fold_epochs >= self._full:
             attrs.update(error_type="NonFiniteAUC", error_message=f"final mean AUC is {value}")
             state, error_text = TrialState.FAIL, f"NonFiniteAUC: final mean AUC is {value}"
         elif trial_id in self._stopped_early:
@@ -251,6 +311,8 @@ class _TruthfulSearch(OptunaSearch):
         else:  # timeout, Ctrl-C, or never started: not this trial's fault
             attrs.update(interrupted=True, fail_reason=self.interrupted_reason)
             state = TrialState.FAIL
+        if state == TrialState.COMPLETE and value > self._best_value:
+            self._best_value, self._deadline.best = value, trial_id
         self._tally.record(
             ot.number,
             "INTERRUPTED" if attrs.get("interrupted") else state.name,
@@ -329,7 +391,7 @@ def run_trials(
     grace_period: int,
     reduction_factor: int,
     asha: bool,
-    timeout: float | None,
+    deadline: Deadline,
     tally: Tally,
     driver: dict,
     storage_path: str,
@@ -338,11 +400,14 @@ def run_trials(
 ) -> _TruthfulSearch:
     """Run ``n_trials`` more trials of ``study`` on the Ray instance ``init_ray`` joined.
 
-    Returns the searcher (its ``study`` is the live study). Trials left open by an
-    interrupted run are closed as FAIL (interrupted) before returning or raising.
+    ASHA's grace period and rungs count fold-epochs. ``deadline`` (its ``full_fold_epochs`` =
+    k x max_epochs) decides when to stop starting trials and when the run ends. Returns the
+    searcher (its ``study`` is the live study). Trials left open by an interrupted run are
+    closed as FAIL (interrupted) before returning or raising.
     """
     stopped: set[str] = set()
     registry = _TrialRegistry()
+    t0 = time.monotonic()
     searcher = _TruthfulSearch(
         space=space_fn,
         metric=METRIC,
@@ -351,6 +416,9 @@ def run_trials(
         study_name=study.study_name,
         storage=storage,
         max_epochs=settings.max_epochs,
+        full_fold_epochs=deadline.full_fold_epochs,
+        deadline=deadline,
+        t0=t0,
         stopped_early=stopped,
         registry=registry,
         tally=tally,
@@ -359,9 +427,9 @@ def run_trials(
     if asha:
         scheduler = _RecordingASHA(
             stopped,
-            time_attr="training_iteration",  # one report per epoch
-            max_t=settings.max_epochs,
-            grace_period=min(grace_period, settings.max_epochs),
+            time_attr=TIME_ATTR,
+            max_t=deadline.full_fold_epochs,
+            grace_period=min(grace_period, deadline.full_fold_epochs),
             reduction_factor=reduction_factor,
         )
     else:
@@ -380,13 +448,13 @@ def run_trials(
             num_samples=n_trials,
             max_concurrent_trials=resources.concurrency,
             reuse_actors=True,  # measured 8x less overhead per trial (NOTES.md)
-            time_budget_s=timeout,
         ),
         run_config=tune.RunConfig(
             name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_path,
             verbose=1 if verbose else 0,
             callbacks=[registry],
+            stop=_DeadlineStopper(deadline, t0) if deadline.active else None,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
@@ -394,8 +462,8 @@ def run_trials(
         tuner.fit()
     finally:
         searcher.close_open_trials(
-            "the run ended (timeout) before the trial finished"
-            if timeout
+            "the run reached its deadline before the trial finished"
+            if deadline.active and deadline.expired(time.monotonic() - t0)
             else "the search was interrupted before the trial finished"
         )
     return searcher

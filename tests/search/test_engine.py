@@ -113,3 +113,42 @@ def test_train_cv_cuda_oom_raises_trial_out_of_memory(embedded, monkeypatch):
     with pytest.raises(TrialOutOfMemory, match="out of memory") as e:
         train_cv({**TINY, "batch_size": 16}, data, folds, epochs=1)
     assert e.value.params["batch_size"] == 16
+
+
+def test_train_cv_race_reports_fold_0_first_then_catches_up(embedded):
+    # racing: fold 0 alone at epoch 1, then fold 1 joins, then both per epoch
+    data, folds = _small(embedded)
+    r = train_cv(TINY, data, folds, epochs=2, race=True)
+    got = [(h["epoch"], h["folds"], h["fold_epochs"], len(h["auc_folds"])) for h in r.history]
+    assert got == [(1, 1, 1, 1), (1, 2, 2, 2), (2, 2, 4, 2)]
+    assert r.epochs_run == 2 and r.final["auc"] == pytest.approx(np.mean(r.final["auc_folds"]))
+
+
+def test_train_cv_race_stopped_at_fold_0_trains_nothing_else(embedded):
+    data, folds = _small(embedded)
+    r = train_cv(TINY, data, folds, epochs=3, race=True, on_epoch=lambda e, m: True)
+    assert r.stopped_early and len(r.history) == 1 and r.history[0]["fold_epochs"] == 1
+
+
+def test_train_cv_race_changes_the_order_not_the_models(embedded):
+    # each fold has its own seed, generator and schedule: racing reorders the work only
+    # (dropout 0: dropout draws from torch's global RNG, which the order would change)
+    data, folds = _small(embedded)
+    p = {**TINY, "dropout": 0.0}
+    lock = train_cv(p, data, folds, epochs=2, seed=1, threads=1)
+    race = train_cv(p, data, folds, epochs=2, seed=1, threads=1, race=True)
+    assert race.final["auc_folds"] == lock.final["auc_folds"]
+
+
+def test_lr_factor_onecycle_rises_then_decays():
+    total = 100
+    f = [lr_factor(s, 0, total, "onecycle") for s in range(total)]
+    peak = int(np.argmax(f))
+    assert f[0] == pytest.approx(1 / 25) and f[peak] == pytest.approx(1.0, abs=1e-3)
+    assert 20 <= peak <= 30 and f[-1] < 0.01
+    assert lr_factor(50, 10, total, "constant") == 1.0
+
+
+def test_train_params_rejects_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainParams.from_dict({"schedule": "step"})

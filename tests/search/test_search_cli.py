@@ -43,6 +43,9 @@ low = 0.0
 high = 0.5
 """
 MAX_EPOCHS = 3
+K = 2
+# fold racing: fold 0 at epoch 1, then fold 1 catches up, then both per epoch (fold-epochs)
+STEPS = [1, 2, 4, 6]
 
 
 def _args(root: Path, data: Path, trials: int, *extra: str) -> list[str]:
@@ -98,17 +101,25 @@ def test_search_states_are_truthful(searched):
             assert t.user_attrs["error_type"] == "TrialDiverged"
             assert "nan" in t.user_attrs["error_message"]
         elif t.state == TrialState.COMPLETE:
-            # every epoch's mean fold AUC, the last one included, and the final value
-            assert steps == list(range(1, MAX_EPOCHS + 1))
-            assert t.value == pytest.approx(t.intermediate_values[MAX_EPOCHS])
+            # every report's mean fold AUC (step = fold-epochs), the last one included; the
+            # value is the mean over all k folds at the last epoch
+            assert steps == STEPS
+            assert t.value == pytest.approx(t.intermediate_values[STEPS[-1]])
             assert t.user_attrs["epochs_run"] == MAX_EPOCHS
-            assert len(t.user_attrs["auc_folds"]) == 2
+            assert t.user_attrs["fold_epochs"] == K * MAX_EPOCHS
+            assert len(t.user_attrs["auc_folds"]) == K
+            assert t.value == pytest.approx(sum(t.user_attrs["auc_folds"]) / K)
+            # the first value is fold 0 alone, then every value averages both folds
+            assert t.user_attrs["intermediate_folds"] == {"1": 1, "2": 2, "4": 2, "6": 2}
             assert t.user_attrs["device"] == "cpu" and t.user_attrs["seconds"] > 0
-        else:  # ASHA stopped it early: PRUNED, with the epochs it did run
+        else:  # ASHA stopped it early: PRUNED, with the fold-epochs it did run
             assert t.state == TrialState.PRUNED
-            assert 1 <= t.user_attrs["epochs_run"] < MAX_EPOCHS
-            assert steps == list(range(1, t.user_attrs["epochs_run"] + 1))
+            assert 1 <= t.user_attrs["fold_epochs"] < K * MAX_EPOCHS
+            assert steps == STEPS[: len(steps)] and steps[-1] == t.user_attrs["fold_epochs"]
+            assert t.user_attrs["intermediate_folds"]["1"] == 1
     assert TrialState.COMPLETE in states and TrialState.PRUNED in states
+    # racing: some trials were stopped on fold 0 alone, having trained 1 fold-epoch
+    assert any(t.user_attrs.get("fold_epochs") == 1 for t in trials)
 
 
 def test_search_study_attrs_describe_the_run(searched):
@@ -227,15 +238,28 @@ def test_search_ctrl_c_closes_running_trials(_kaggle_master, tmp_path):
 
 
 def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
-    # --timeout ends the run with exit 0; trials cut off are FAIL (interrupted), none RUNNING,
-    # and they do not count toward --trials (re-run on resume)
+    # --timeout ends the run with exit 0: trials that could not finish are not started (the run
+    # says so), none is left RUNNING, and cut-off ones do not count toward --trials
     assert main(_args(tmp_path, _kaggle_master, 200, "--timeout", "8")) == 0
-    assert "time budget reached" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "deadline reached" in out
     study = _load(tmp_path)
     counts = studies.tally(study)
-    assert counts.get("RUNNING", 0) == 0
+    assert counts.get("RUNNING", 0) == 0 and counts.get("COMPLETE", 0) >= 1
     cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert studies.count_finished(study) == len(study.trials) - len(cut) < 200
+
+
+def test_search_budget_reserves_the_refit_and_writes_a_submission(_kaggle_master, tmp_path):
+    # --budget: search, then refit the best trial in the same command; the submission exists
+    # and the study records the refit
+    args = _args(tmp_path, _kaggle_master, 200, "--budget", "25")
+    assert main(args) == 0
+    study = _load(tmp_path)
+    refit = study.user_attrs["refit"]
+    assert Path(refit["submission"]).is_file()
+    assert refit["trial"] == studies.best_trial(study).number
+    assert studies.tally(study).get("RUNNING", 0) == 0
 
 
 def _free_port() -> int:
@@ -468,8 +492,9 @@ def test_search_self_stopped_trial_is_complete(_kaggle_master, tmp_path):
         assert t.state == TrialState.COMPLETE, (t.number, t.state, t.user_attrs)
         assert t.user_attrs["early_stopped"] is True
         epochs = t.user_attrs["epochs_run"]
-        assert epochs < 6 and sorted(t.intermediate_values) == list(range(1, epochs + 1))
-        assert t.value == pytest.approx(t.intermediate_values[epochs])
+        steps = [1, *range(K, K * epochs + 1, K)]  # fold 0, then both folds per epoch
+        assert epochs < 6 and sorted(t.intermediate_values) == steps
+        assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
 
 
 def test_search_extended_space_end_to_end(_kaggle_master, tmp_path):

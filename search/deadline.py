@@ -1,0 +1,98 @@
+"""When a search must stop, and whether a new trial may still start. Pure; no Ray here.
+
+A run may have a search timeout (``--timeout S``: the search alone) and an end-to-end budget
+(``--budget S``: search + the refit that builds the submission). Both are turned into one end
+time for the search, measured from its start:
+
+- ``--timeout``: the end is S;
+- ``--budget``: the end is S minus the refit's estimated time (the best trial's own pace,
+  seconds per fold-epoch, times the fold-epochs of a full refit, times ``refit_factor``, plus
+  the test predictions), so the submission still fits.
+
+A trial starts only if a full-length trial, at the pace the trials so far ran (their 75th
+percentile: the long-running winners are the slower configurations), ends before the end.
+Trials still running at the end are stopped (and recorded as interrupted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Refit seconds per fold-epoch over a search trial's, measured on 2 cores (benchmarks/anytime.py):
+# a refit trains alone with every core, a trial with cpus_per_trial beside other trials.
+REFIT_FACTOR = 0.75
+MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
+PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
+REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
+
+
+@dataclass
+class Pace:
+    """How fast one trial ran."""
+
+    seconds_per_fold_epoch: float
+    images_per_s: float
+
+
+@dataclass
+class Deadline:
+    """The search's end time and the start rule (see the module docstring). Times in seconds
+    since the search started."""
+
+    full_fold_epochs: int  # k * max_epochs: one trial that is never stopped (and the refit)
+    timeout: float | None = None  # the search alone
+    budget: float | None = None  # search + refit
+    predict_images: int = 0  # test patches x TTA views the refit predicts
+    refit_factor: float = REFIT_FACTOR
+    paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace
+    best: str | None = None  # trial id of the best COMPLETE trial so far
+    not_started: int = 0  # suggestions refused because a full trial would not fit
+
+    @property
+    def active(self) -> bool:
+        return self.timeout is not None or self.budget is not None
+
+    def observe(self, trial: str, seconds: float, fold_epochs: int, images_per_s: float) -> None:
+        """Record a trial's pace from its latest report."""
+        if fold_epochs > 0 and seconds > 0:
+            self.paces[trial] = Pace(seconds / fold_epochs, images_per_s)
+
+    def full_trial_s(self) -> float | None:
+        """Estimated seconds of a trial that runs every fold-epoch; None before any report."""
+        if not self.paces:
+            return None
+        pace = float(np.percentile([p.seconds_per_fold_epoch for p in self.paces.values()], 75))
+        return pace * self.full_fold_epochs * MARGIN
+
+    def refit_s(self) -> float:
+        """Estimated seconds of the refit of the best trial (0 without a budget)."""
+        if self.budget is None:
+            return 0.0
+        pace = self.paces.get(self.best) if self.best else None
+        if pace is None:  # no COMPLETE trial yet: the slower trials' pace
+            if not self.paces:
+                return REFIT_FIXED_S
+            pace = max(self.paces.values(), key=lambda p: p.seconds_per_fold_epoch)
+        train = pace.seconds_per_fold_epoch * self.full_fold_epochs * self.refit_factor
+        predict = self.predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
+        return (train + predict) * MARGIN + REFIT_FIXED_S
+
+    def end(self) -> float | None:
+        """Seconds after the start when the search must have stopped; None = no deadline."""
+        ends = [t for t in (self.timeout,) if t is not None]
+        if self.budget is not None:
+            ends.append(self.budget - self.refit_s())
+        return min(ends) if ends else None
+
+    def may_start(self, elapsed: float) -> bool:
+        """Whether a new trial started now could run every fold-epoch before the end."""
+        end = self.end()
+        if end is None:
+            return True
+        return elapsed + (self.full_trial_s() or 0.0) < end
+
+    def expired(self, elapsed: float) -> bool:
+        end = self.end()
+        return end is not None and elapsed >= end

@@ -1,0 +1,59 @@
+import pytest
+
+from search.deadline import MARGIN, REFIT_FACTOR, REFIT_FIXED_S, Deadline
+
+
+def test_deadline_without_limits_always_starts_and_never_expires():
+    d = Deadline(full_fold_epochs=36)
+    assert not d.active and d.end() is None
+    assert d.may_start(1e9) and not d.expired(1e9)
+
+
+def test_deadline_first_trial_starts_before_any_pace_is_known():
+    d = Deadline(full_fold_epochs=36, timeout=100)
+    assert d.may_start(99) and not d.may_start(100) and d.expired(100)
+
+
+def test_deadline_refuses_a_trial_that_cannot_finish():
+    # 2 s per fold-epoch x 36 fold-epochs x margin: a full trial needs ~83 s
+    d = Deadline(full_fold_epochs=36, timeout=600)
+    d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
+    full = 2 * 36 * MARGIN
+    assert d.full_trial_s() == pytest.approx(full)
+    assert d.may_start(600 - full - 1) and not d.may_start(600 - full)
+
+
+def test_deadline_full_trial_uses_the_slower_trials_pace():
+    d = Deadline(full_fold_epochs=10, timeout=600)
+    for i, pace in enumerate([1, 1, 1, 5]):
+        d.observe(str(i), seconds=pace * 3, fold_epochs=3, images_per_s=100)
+    # 75th percentile of (1, 1, 1, 5) s per fold-epoch = 2
+    assert d.full_trial_s() == pytest.approx(2 * 10 * MARGIN)
+
+
+def test_deadline_budget_reserves_the_best_trials_refit():
+    d = Deadline(full_fold_epochs=30, budget=600, predict_images=0)
+    d.observe("slow", seconds=40, fold_epochs=10, images_per_s=50)  # 4 s / fold-epoch
+    d.observe("fast", seconds=10, fold_epochs=10, images_per_s=200)  # 1 s / fold-epoch
+    d.best = "fast"
+    refit = 1 * 30 * REFIT_FACTOR * MARGIN + REFIT_FIXED_S
+    assert d.refit_s() == pytest.approx(refit)
+    assert d.end() == pytest.approx(600 - refit)
+    # the best trial changes to the slow one: more time is reserved, the search ends sooner
+    d.best = "slow"
+    assert d.end() < 600 - refit
+
+
+def test_deadline_refit_counts_test_predictions():
+    d = Deadline(full_fold_epochs=30, budget=600, predict_images=10_000)
+    d.observe("t", seconds=10, fold_epochs=10, images_per_s=100)
+    d.best = "t"
+    no_test = Deadline(full_fold_epochs=30, budget=600)
+    no_test.observe("t", seconds=10, fold_epochs=10, images_per_s=100)
+    no_test.best = "t"
+    assert d.refit_s() > no_test.refit_s()
+
+
+def test_deadline_timeout_and_budget_take_the_earlier_end():
+    d = Deadline(full_fold_epochs=30, timeout=100, budget=1000)
+    assert d.end() == 100
