@@ -121,6 +121,13 @@ def parser() -> argparse.ArgumentParser:
         help="seconds end to end: the search, then the refit of the best trial and its "
         "submission, whose estimated time is reserved",
     )
+    a(
+        "--keep-top",
+        type=int,
+        default=SearchConfig.keep_top,
+        help="keep the fold models of this many best COMPLETE trials in studies/<study>/models "
+        "(pcam-refit builds the submission from them without training; default: %(default)s)",
+    )
     a("--cpus-per-trial", type=float, default=None, help="CPU threads per trial (CPU 1, GPU 2)")
     a(
         "--gpus-per-trial",
@@ -181,6 +188,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         race=not args.no_race,
         timeout=args.timeout,
         budget=args.budget,
+        keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
         gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
         concurrency=args.concurrency,
@@ -349,10 +357,12 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         # the budget counts from the command's start (Ray and the data took some already)
         budget=None if cfg.budget is None else cfg.budget - (time.monotonic() - t_cmd),
         predict_images=len(cache.rows("test")) * cfg.tta,
+        retrain=cfg.keep_top < 1,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
+    meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
     interrupted = _search(
-        cfg, study, storage, space, (data, folds), deadline, tally, concurrency, console
+        cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
     )
     _summary(console, study, cfg, tally)
     if deadline.active and tally.finished < tally.target and not interrupted:
@@ -377,7 +387,7 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     """Run the Ray Tune trials; True if interrupted by Ctrl-C."""
     from search import ray_adapter  # Ray is heavy: import it only when searching
 
-    data, folds = data_folds
+    data, folds, meta = data_folds
     prior = studies.best_trial(study)
     if prior is not None:
         tally.offer_best(prior.number, prior.value, prior.params)
@@ -391,6 +401,8 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
         threads=max(1, int(cfg.cpus_per_trial)),
         pretrained=cfg.pretrained_arg,
         race=cfg.race,
+        models_dir=str(cfg.out_dir / "models") if cfg.keep_top > 0 else None,
+        model_meta=meta,
     )
     resources = ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency)
     pretrained = bool(cfg.pretrained)
@@ -414,6 +426,7 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
                 driver=studies.driver_id(),
                 storage_path=str(cfg.out_dir / "ray"),
                 verbose=cfg.verbose,
+                keep_top=cfg.keep_top,
             )
     except KeyboardInterrupt:
         return True

@@ -81,6 +81,7 @@ class SearchConfig:
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
     tta: int = 8  # dihedral test views of the refit that --budget runs
+    keep_top: int = 10  # COMPLETE trials whose fold models stay on disk (0 = keep none)
     cpus_per_trial: float = 1  # CPU threads per trial (1 / 2)
     gpus_per_trial: float = 0  # GPU share per trial; 0.25 = 4 trials per GPU (0 / 0.25)
     concurrency: int | None = None  # trials at once; None = as many as resources allow

@@ -5,13 +5,15 @@ A run may have a search timeout (``--timeout S``: the search alone) and an end-t
 time for the search, measured from its start:
 
 - ``--timeout``: the end is S;
-- ``--budget``: the end is S minus the refit's estimated time (the best trial's own pace,
-  seconds per fold-epoch, times the fold-epochs of a full refit, times ``refit_factor``, plus
-  the test predictions), so the submission still fits.
+- ``--budget``: the end is S minus the refit's estimated time, so the submission still fits.
+  The refit reuses the best trial's saved fold models: it only predicts the test set (at the
+  best trial's pace). With ``retrain`` it trains them again: the best trial's own seconds per
+  fold-epoch x the fold-epochs of a full refit x ``refit_factor``, plus the predictions.
 
 A trial starts only if a full-length trial, at the pace the trials so far ran (their 75th
-percentile: the long-running winners are the slower configurations), ends before the end.
-Trials still running at the end are stopped (and recorded as interrupted).
+percentile: the long-running winners are the slower configurations), ends before the end. A
+running trial whose own pace says it cannot finish in time is stopped at once, and trials
+still running at the end are stopped; both are recorded as interrupted.
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ class Deadline:
     budget: float | None = None  # search + refit
     predict_images: int = 0  # test patches x TTA views the refit predicts
     refit_factor: float = REFIT_FACTOR
+    retrain: bool = False  # the refit trains the best params again (else reuses its models)
     paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace
     best: str | None = None  # trial id of the best COMPLETE trial so far
     not_started: int = 0  # suggestions refused because a full trial would not fit
+    cut: set[str] = field(default_factory=set)  # trials stopped: they could not finish in time
 
     @property
     def active(self) -> bool:
@@ -71,11 +75,14 @@ class Deadline:
         if self.budget is None:
             return 0.0
         pace = self.paces.get(self.best) if self.best else None
-        if pace is None:  # no COMPLETE trial yet: the slower trials' pace
+        if pace is None:  # no COMPLETE trial yet: a typical trial's pace
             if not self.paces:
                 return REFIT_FIXED_S
-            pace = max(self.paces.values(), key=lambda p: p.seconds_per_fold_epoch)
-        train = pace.seconds_per_fold_epoch * self.full_fold_epochs * self.refit_factor
+            ranked = sorted(self.paces.values(), key=lambda p: p.seconds_per_fold_epoch)
+            pace = ranked[len(ranked) // 2]
+        train = 0.0
+        if self.retrain:
+            train = pace.seconds_per_fold_epoch * self.full_fold_epochs * self.refit_factor
         predict = self.predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
         return (train + predict) * MARGIN + REFIT_FIXED_S
 
@@ -92,6 +99,11 @@ class Deadline:
         if end is None:
             return True
         return elapsed + (self.full_trial_s() or 0.0) < end
+
+    def can_finish(self, elapsed: float, seconds_left: float) -> bool:
+        """Whether a running trial that needs ``seconds_left`` more ends before the end."""
+        end = self.end()
+        return end is None or elapsed + seconds_left <= end
 
     def expired(self, elapsed: float) -> bool:
         end = self.end()

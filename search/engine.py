@@ -1,9 +1,13 @@
 """The cross-validation training engine: the only code in the project that trains a model.
 
-``train_cv(params, data, folds, epochs=...)`` trains the k fold models in lockstep, epoch by
-epoch: after epoch e every fold has trained e epochs and been scored on its held-out part, so
-the caller (a Ray trial, refit, a test) sees the mean and per-fold AUC and may stop all folds at
-once. Read it top to bottom: set up data and models, then loop epochs -> folds -> batches.
+``train_cv(params, data, folds, epochs=...)`` trains one model per fold. Each fold is a
+``_Fold`` (model, optimizer, schedule, RNG, rows, latest metrics, best-so-far) with
+``train_epoch()`` and ``score()``; ``train_cv`` only decides the order and reports. Lockstep
+(refit, default): after epoch e every fold has trained e epochs and been scored on its held-out
+part. Fold racing (the search): fold 0 trains epoch 1 alone, the other folds catch up one at a
+time, then lockstep; each report says how many folds it averages and the fold-epochs spent, so
+a scheduler can drop a poor trial after one fold-epoch. Read ``train_cv`` top to bottom: set
+up data and folds, then loop epochs -> fold groups -> report.
 
 Data: the cached uint8 patches are centre-cropped once and kept whole in RAM (or on the GPU
 when they fit); batches are random index sets, augmented as whole tensors (``search.augment``).

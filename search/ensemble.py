@@ -95,11 +95,18 @@ class Ensemble:
         return out if per_model else out.mean(0)
 
 
-def save_ensemble(folder: Path, states: list[dict], meta: dict) -> Path:
+OOF_FILE = "oof.safetensors"  # out-of-fold probabilities saved beside the fold weights
+
+
+def save_ensemble(
+    folder: Path, states: list[dict], meta: dict, oof: np.ndarray | None = None
+) -> Path:
     """Write fold weights + ``ensemble.json`` into ``folder`` atomically (temp folder, rename).
 
     ``meta`` needs ``params`` (TrainParams dict) and ``norm``; file names, hashes and the
-    package version are added. An existing folder is replaced only after the new one is whole.
+    package version are added. ``oof``: (N,) held-out probabilities of the labelled pool in
+    fold-file order, saved as ``oof.safetensors``. An existing folder is replaced only after
+    the new one is whole.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +118,9 @@ def save_ensemble(folder: Path, states: list[dict], meta: dict) -> Path:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name))
         files.append({"file": name, "sha256": _sha256(tmp / name)})
     meta = {**meta, "folds": files, "version": importlib.metadata.version("pcam-search")}
+    if oof is not None:
+        save_file({"prob": torch.from_numpy(np.asarray(oof, np.float32))}, str(tmp / OOF_FILE))
+        meta["oof"] = {"file": OOF_FILE, "sha256": _sha256(tmp / OOF_FILE)}
     (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
     if folder.exists():
         old = folder.with_name(f".{folder.name}.old{os.getpid()}")
@@ -126,6 +136,20 @@ def _rmtree(p: Path) -> None:
     import shutil
 
     shutil.rmtree(p, ignore_errors=True)
+
+
+def load_oof(folder: Path) -> np.ndarray | None:
+    """The out-of-fold probabilities saved with an ensemble (None if it has none); a modified
+    file is an ``EnsembleError``."""
+    folder = Path(folder)
+    meta = json.loads((folder / "ensemble.json").read_text())
+    entry = meta.get("oof")
+    if not entry:
+        return None
+    path = folder / entry["file"]
+    if not path.is_file() or _sha256(path) != entry["sha256"]:
+        raise EnsembleError(f"{path}: missing or differs from the hash saved with the ensemble")
+    return load_file(str(path))["prob"].numpy()
 
 
 def load_ensemble(folder: Path, device: str | torch.device | None = None) -> Ensemble:

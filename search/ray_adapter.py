@@ -30,9 +30,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -43,8 +45,10 @@ from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+import models
 from search.deadline import Deadline
-from search.engine import TrainData, train_cv
+from search.engine import TrainData, TrainParams, create_model, train_cv
+from search.ensemble import save_ensemble
 from search.progress import Tally
 
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
@@ -60,6 +64,8 @@ class TrialSettings:
     threads: int  # torch CPU threads
     pretrained: bool | str
     race: bool = True  # fold racing: fold 0 first, then the others (False: lockstep)
+    models_dir: str | None = None  # COMPLETE trials save their fold models + OOF here
+    model_meta: dict | None = None  # saved with them: dataset fingerprint, folds file, ...
 
 
 @dataclass(frozen=True)
@@ -70,31 +76,40 @@ class Resources:
 
 
 def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: TrialSettings) -> None:
-    """One trial: train the k fold models in lockstep, report mean fold AUC every epoch."""
+    """One trial: train the k fold models (racing), report the mean fold AUC every step.
+
+    A trial that trains to the end (or stops itself by patience) saves its fold models and
+    out-of-fold probabilities before its last report, so the searcher can record where.
+    """
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    full = settings.max_epochs * (int(np.max(folds)) + 1)
+    keep = settings.models_dir is not None
+    last: dict = {}
 
     def report(epoch: int, m: dict) -> bool:
-        tune.report(
-            {
-                METRIC: m["auc"],
-                "epoch": epoch,
-                TIME_ATTR: m["fold_epochs"],
-                "folds": m["folds"],
-                "auc_folds": m["auc_folds"],
-                "val_loss": m["val_loss"],
-                "train_loss": m["train_loss"],
-                "acc": m["acc"],
-                "trial_seconds": m["seconds"],
-                "images_per_s": m["train_images_per_s"],
-                "device": device_name,
-                "self_stopped": bool(m.get("self_stopped", False)),
-                "node": ray.get_runtime_context().get_node_id()[:12],
-            }
-        )
+        result = {
+            METRIC: m["auc"],
+            "epoch": epoch,
+            TIME_ATTR: m["fold_epochs"],
+            "folds": m["folds"],
+            "auc_folds": m["auc_folds"],
+            "val_loss": m["val_loss"],
+            "train_loss": m["train_loss"],
+            "acc": m["acc"],
+            "trial_seconds": m["seconds"],
+            "images_per_s": m["train_images_per_s"],
+            "device": device_name,
+            "self_stopped": bool(m.get("self_stopped", False)),
+            "node": ray.get_runtime_context().get_node_id()[:12],
+        }
+        if keep and (m["fold_epochs"] >= full or result["self_stopped"]):
+            last.update(result)  # the last report: after the models are saved
+        else:
+            tune.report(result)
         return False  # stopping is ASHA's call: Ray ends this thread at the next report
 
-    train_cv(
+    res = train_cv(
         config,
         data,
         folds,
@@ -105,7 +120,32 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         pretrained=settings.pretrained,
         on_epoch=report,
         race=settings.race,
+        keep_states=keep,
+        keep_oof=keep,
     )
+    if last:
+        last["models"] = _save_models(config, res, settings, tune.get_context().get_trial_id())
+        tune.report(last)
+
+
+def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> str:
+    """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>``."""
+    p = TrainParams.from_dict(config)
+    norm = models.data_config(create_model(p), p.arch)
+    meta = {
+        **(settings.model_meta or {}),
+        "arch": p.arch,
+        "params": asdict(p),
+        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
+        "crop": p.crop,
+        "epochs": settings.max_epochs,
+        "k": len(res.states),
+        "device": res.device,
+        "ray_trial_id": trial_id,
+    }
+    folder = Path(settings.models_dir) / trial_id
+    save_ensemble(folder, res.states, meta, oof=res.oof_best if p.restore_best else res.oof)
+    return str(folder)
 
 
 def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
@@ -142,13 +182,22 @@ class _RecordingASHA(ASHAScheduler):
 
 
 class _DeadlineStopper(tune.Stopper):
-    """Ends the whole run when the deadline passes (running trials become interrupted)."""
+    """Stops a trial as soon as its own pace says it cannot finish before the deadline (its
+    worker is better spent on one that can), and the whole run when the deadline passes.
+    Either way the trial is recorded as interrupted (re-run on resume)."""
 
     def __init__(self, deadline: Deadline, t0: float) -> None:
         self.deadline, self.t0 = deadline, t0
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
+        done, seconds = int(result.get(TIME_ATTR, 0)), float(result.get("trial_seconds", 0.0))
+        if done <= 0 or seconds <= 0:
+            return False
+        left = (self.deadline.full_fold_epochs - done) * seconds / done
+        if self.deadline.can_finish(time.monotonic() - self.t0, left):
+            return False
+        self.deadline.cut.add(trial_id)
+        return True
 
     def stop_all(self) -> bool:
         return self.deadline.expired(time.monotonic() - self.t0)
@@ -205,9 +254,17 @@ class _TruthfulSearch(OptunaSearch):
         registry: _TrialRegistry,
         tally: Tally,
         driver: dict,
+        keep_top: int = 10,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        self._keep_top = keep_top
+        # COMPLETE trials whose fold models are on disk: path -> value (earlier runs included)
+        self._kept: dict[str, float] = {
+            t.user_attrs["models_dir"]: t.value
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("models_dir")
+        }
         self._max_epochs = max_epochs
         self._full = full_fold_epochs
         self._deadline, self._t0 = deadline, t0
@@ -308,11 +365,18 @@ class _TruthfulSearch(OptunaSearch):
             state, error_text = TrialState.FAIL, f"NonFiniteAUC: final mean AUC is {value}"
         elif trial_id in self._stopped_early:
             state = TrialState.PRUNED
-        else:  # timeout, Ctrl-C, or never started: not this trial's fault
-            attrs.update(interrupted=True, fail_reason=self.interrupted_reason)
+        else:  # deadline, Ctrl-C, or never started: not this trial's fault
+            reason = self.interrupted_reason
+            if trial_id in self._deadline.cut:
+                reason = "at its pace it could not finish before the deadline"
+            attrs.update(interrupted=True, fail_reason=reason)
             state = TrialState.FAIL
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
+        if result and result.get("models"):
+            if state == TrialState.COMPLETE:
+                attrs["models_dir"] = result["models"]
+            self._keep(result["models"], value if state == TrialState.COMPLETE else None)
         self._tally.record(
             ot.number,
             "INTERRUPTED" if attrs.get("interrupted") else state.name,
@@ -327,6 +391,22 @@ class _TruthfulSearch(OptunaSearch):
             self._ot_study.tell(ot, value if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # never lose the search over one bookkeeping write
             logging.getLogger(__name__).warning("could not record trial %s: %s", ot.number, e)
+
+    def _keep(self, path: str, value: float | None) -> None:
+        """Keep the fold models of the ``keep_top`` best COMPLETE trials; delete the rest."""
+        if value is not None and math.isfinite(value):
+            self._kept[path] = value
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        ranked = sorted(self._kept, key=self._kept.get, reverse=True)
+        for old in ranked[self._keep_top :]:
+            shutil.rmtree(old, ignore_errors=True)
+            del self._kept[old]
+
+    @property
+    def kept(self) -> dict[str, float]:
+        """Saved fold models of the best COMPLETE trials: folder -> value."""
+        return dict(self._kept)
 
     def close_open_trials(self, reason: str) -> int:
         """FAIL (interrupted) every trial asked but not finished, e.g. after Ctrl-C."""
@@ -397,6 +477,7 @@ def run_trials(
     storage_path: str,
     verbose: bool,
     trainable: Callable = _trainable,
+    keep_top: int = 10,
 ) -> _TruthfulSearch:
     """Run ``n_trials`` more trials of ``study`` on the Ray instance ``init_ray`` joined.
 
@@ -423,6 +504,7 @@ def run_trials(
         registry=registry,
         tally=tally,
         driver=driver,
+        keep_top=keep_top,
     )
     if asha:
         scheduler = _RecordingASHA(

@@ -1,16 +1,18 @@
-"""Refit: the best COMPLETE trial's params, retrained on every fold, as a TTA ensemble.
+"""Refit: the best COMPLETE trial's fold models as a TTA ensemble, and its submission.
 
 ``refit(cfg)``: study -> trial -> same data and folds as the search (the dataset fingerprint
-must match) -> ``train_cv`` for the full epoch budget, keeping fold weights and out-of-fold
-probabilities -> ``studies/<study>/refit/trial-<N>/`` (ensemble + oof.csv) -> test
-predictions (mean over fold models x dihedral views) -> ``submission.csv`` -> a ``refit``
-record in the study's user attrs. No Ray: one process, the engine's own loop.
+must match) -> the fold models: by default the ones the search saved for this trial (no
+training; their out-of-fold probabilities come with them), or with ``retrain`` (or when none
+were kept) ``train_cv`` for the full epoch budget -> ``studies/<study>/refit/trial-<N>/``
+(ensemble + oof.csv) -> test predictions (mean over fold models x dihedral views) ->
+``submission.csv`` -> a ``refit`` record in the study's user attrs. No Ray: one process.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ from data_pipeline.kaggle import SUBMISSION_CSV
 from data_pipeline.synth import SynthConfig
 from search import study as studies
 from search.engine import TrainData, TrainParams, create_model, train_cv
-from search.ensemble import Ensemble, load_ensemble, save_ensemble
+from search.ensemble import Ensemble, load_ensemble, load_oof, save_ensemble
 
 
 class RefitError(ValueError):
@@ -52,6 +54,7 @@ class RefitConfig:
     cache_dir: Path | None = None
     out: Path | None = None  # submission path; None = <refit folder>/submission.csv
     force: bool = False  # overwrite an existing submission
+    retrain: bool = False  # train the fold models again instead of reusing the search's
     device: str | None = None  # None = CUDA when present
     seed: int = 0
     progress: bool = True
@@ -178,40 +181,47 @@ def predict_test(
     return rows, probs
 
 
-def refit(cfg: RefitConfig, console: Console) -> RefitResult:
-    """Retrain, save, predict, write and record (see the module docstring)."""
-    storage = studies.make_storage(cfg.storage_url)
-    try:
-        study = optuna.load_study(study_name=cfg.study, storage=storage)
-    except KeyError:
-        raise RefitError(
-            f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
-        ) from None
-    trial = pick_trial(study, cfg.trial)
-    params = trial_params(study, trial)
-    search_cfg = study.user_attrs.get("config", {})
-    epochs = cfg.epochs or int(search_cfg.get("max_epochs", 1))
-    k = int(search_cfg.get("folds", 3))
-    console.print(
-        f"refit trial {trial.number} of study {cfg.study!r} (search mean AUC "
-        f"{trial.value:.4f}): {k} folds x {epochs} epochs, TTA x{cfg.tta}"
-    )
+@dataclass
+class _FoldModels:
+    """The fold ensemble a refit submits: saved by the search, or trained now."""
 
-    t0 = time.perf_counter()
-    cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
-    want_fp = study.user_attrs.get("dataset_fingerprint")
-    if cfg.data is None and want_fp and cache.fingerprint != want_fp:
-        raise RefitError(
-            f"the study was searched on dataset {want_fp}, the data now reads "
-            f"{cache.fingerprint}: pass --data to refit on other data"
-        )
-    fold_seed = int(search_cfg.get("fold_seed", 0))
-    strategy = search_cfg.get("fold_strategy", "slide")
-    folds_df = folds_for_cache(cache, k, fold_seed, strategy)
-    data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
-    folds = folds_df["fold"].to_numpy(np.int64)
+    ens_dir: Path
+    oof: np.ndarray  # held-out probabilities of the saved weights, fold-file order
+    oof_final: np.ndarray  # same at each fold's last epoch (differs with restore_best)
+    oof_best: np.ndarray | None  # at each fold's best epoch (restore_best / patience)
+    best_epochs: list[int] | None
+    trained: bool  # False: the search's own fold models, no training
 
-    # ---- train every fold for the full budget (lockstep), one bar per fold
+
+def saved_models(trial: FrozenTrial, cache: Cache, epochs: int, search_epochs: int) -> Path | None:
+    """The trial's fold models saved by the search, if they are there and fit this refit."""
+    path = trial.user_attrs.get("models_dir")
+    if not path or not (Path(path) / "ensemble.json").is_file() or epochs != search_epochs:
+        return None
+    meta = json.loads((Path(path) / "ensemble.json").read_text())
+    return Path(path) if meta.get("dataset_fingerprint") == cache.fingerprint else None
+
+
+def _reuse(saved: Path, out_dir: Path, trial: int) -> _FoldModels:
+    """Copy the search's fold models into the refit folder (atomically) with their OOF."""
+    oof = load_oof(saved)
+    if oof is None:
+        raise RefitError(f"{saved}: saved without out-of-fold probabilities; use --retrain")
+    load_ensemble(saved, "cpu")  # checks every file against its hash before we copy it
+    dest = out_dir / "ensemble"
+    tmp = dest.with_name(f".ensemble.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(saved, tmp)
+    meta = json.loads((tmp / "ensemble.json").read_text())
+    (tmp / "ensemble.json").write_text(json.dumps({**meta, "trial": trial}, indent=2))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return _FoldModels(dest, oof, oof, None, None, trained=False)
+
+
+def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> _FoldModels:
+    """Train every fold for the full budget (lockstep), one bar per fold, and save them."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -240,10 +250,57 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
             keep_states=True,
             keep_oof=True,
         )
-    t_train = time.perf_counter() - t0
+    p = TrainParams.from_dict(params)
+    saved = res.oof_best if p.restore_best else res.oof  # predictions of the saved weights
+    ens_dir = save_ensemble(out_dir / "ensemble", res.states, {**meta, "device": res.device})
+    oof_best = res.oof_best if p.restore_best or p.patience else None
+    return _FoldModels(ens_dir, saved, res.oof, oof_best, res.best_epochs, trained=True)
 
-    # ---- save the ensemble and the out-of-fold predictions
+
+def refit(cfg: RefitConfig, console: Console) -> RefitResult:
+    """Reuse (or retrain), save, predict, write and record (see the module docstring)."""
+    storage = studies.make_storage(cfg.storage_url)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=storage)
+    except KeyError:
+        raise RefitError(
+            f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
+        ) from None
+    trial = pick_trial(study, cfg.trial)
+    params = trial_params(study, trial)
+    search_cfg = study.user_attrs.get("config", {})
+    search_epochs = int(search_cfg.get("max_epochs", 1))
+    epochs = cfg.epochs or search_epochs
+    k = int(search_cfg.get("folds", 3))
+
+    t0 = time.perf_counter()
+    cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
+    want_fp = study.user_attrs.get("dataset_fingerprint")
+    if cfg.data is None and want_fp and cache.fingerprint != want_fp:
+        raise RefitError(
+            f"the study was searched on dataset {want_fp}, the data now reads "
+            f"{cache.fingerprint}: pass --data to refit on other data"
+        )
+    fold_seed = int(search_cfg.get("fold_seed", 0))
+    strategy = search_cfg.get("fold_strategy", "slide")
+    folds_df = folds_for_cache(cache, k, fold_seed, strategy)
+    data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
+    folds = folds_df["fold"].to_numpy(np.int64)
     out_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
+    sub_path = cfg.out or out_dir / "submission.csv"
+    if sub_path.exists() and not cfg.force:  # before any work: never a half-replaced folder
+        raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
+    saved = None if cfg.retrain else saved_models(trial, cache, epochs, search_epochs)
+    how = (
+        "its own fold models from the search, no training"
+        if saved
+        else f"retrained: {k} folds x {epochs} epochs"
+        + ("" if cfg.retrain else " (the search kept no fold models for it)")
+    )
+    console.print(
+        f"refit trial {trial.number} of study {cfg.study!r} (search mean AUC "
+        f"{trial.value:.4f}): {how}, TTA x{cfg.tta}"
+    )
     p = TrainParams.from_dict(params)
     norm = models.data_config(create_model(p), p.arch)
     meta = {
@@ -257,16 +314,21 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "k": k,
         "folds_file": str(folds_file(cache, k, fold_seed, strategy)),
         "dataset_fingerprint": cache.fingerprint,
-        "device": res.device,
     }
-    ens_dir = save_ensemble(out_dir / "ensemble", res.states, meta)
-    oof = res.oof
+    if saved:
+        fm = _reuse(saved, out_dir, trial.number)
+    else:
+        fm = _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta)
+    t_train = time.perf_counter() - t0
+    ens_dir = fm.ens_dir
+
+    oof = fm.oof_final
     oof_auc = _auc(data.labels, oof)
     oof_folds = [_auc(data.labels[folds == f], oof[folds == f]) for f in range(k)]
     # With early stopping / restore_best the kept weights are each fold's best epoch, chosen on
     # that same held-out fold: an optimistic OOF. Report it beside the final-epoch OOF.
-    oof_best_auc = _auc(data.labels, res.oof_best) if p.restore_best or p.patience else None
-    saved = res.oof_best if p.restore_best else oof  # predictions of the weights that were saved
+    oof_best_auc = _auc(data.labels, fm.oof_best) if fm.oof_best is not None else None
+    saved = fm.oof  # predictions of the weights that were saved
     oof_df = pd.DataFrame({"id": data.ids, "label": data.labels, "fold": folds, "prob": saved})
     oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
 
@@ -278,7 +340,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     submission, test_auc, test_auc_folds, gap = None, None, None, None
     if len(rows):
         sub = submission_frame(cache, probs, rows)
-        submission = write_csv_atomic(sub, cfg.out or out_dir / "submission.csv", cfg.force)
+        submission = write_csv_atomic(sub, sub_path, cfg.force)
         y_test = cache.index["label"].to_numpy()[rows]
         if (y_test >= 0).all():
             test_auc = _auc(y_test, probs)
@@ -296,7 +358,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         oof_auc=oof_auc,
         oof_auc_folds=oof_folds,
         oof_auc_best=oof_best_auc,
-        best_epochs=res.best_epochs,
+        best_epochs=fm.best_epochs,
         test_auc=test_auc,
         test_auc_folds=test_auc_folds,
         validation_gap=gap,
@@ -312,7 +374,8 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "oof_auc": oof_auc,
         "oof_auc_folds": oof_folds,
         "oof_auc_best_epochs": oof_best_auc,
-        "best_epochs": res.best_epochs,
+        "best_epochs": fm.best_epochs,
+        "trained": fm.trained,
         "test_auc": test_auc,
         "test_auc_folds": test_auc_folds,
         "validation_minus_test": result.validation_gap,

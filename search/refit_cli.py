@@ -1,7 +1,8 @@
 """``pcam-refit`` and ``pcam-predict``.
 
-pcam-refit --best                    # best COMPLETE trial of study "pcam" in studies/pcam.db
-pcam-refit --trial 17 --epochs 10    # a chosen COMPLETE trial, longer
+pcam-refit --best                    # best COMPLETE trial of study "pcam": its own fold models
+pcam-refit --best --retrain          # the same params, fold models trained again
+pcam-refit --trial 17 --epochs 20    # a chosen COMPLETE trial, retrained longer
 pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 """
 
@@ -53,10 +54,17 @@ def refit_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train the trial's fold models again (default: reuse the ones the search kept, "
+        "no training; retrains when it kept none)",
+    )
+    ap.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="epochs per fold (default: the search's --max-epochs)",
+        help="epochs per fold when retraining (default: the search's --max-epochs; another "
+        "value retrains)",
     )
     ap.add_argument(
         "--tta",
@@ -93,6 +101,7 @@ def refit_main(argv: list[str] | None = None) -> int:
         cache_dir=args.cache_dir,
         out=args.out,
         force=args.force,
+        retrain=args.retrain,
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -1,6 +1,8 @@
+from dataclasses import replace
+
 import pytest
 
-from search.deadline import MARGIN, REFIT_FACTOR, REFIT_FIXED_S, Deadline
+from search.deadline import MARGIN, PREDICT_COST, REFIT_FACTOR, REFIT_FIXED_S, Deadline
 
 
 def test_deadline_without_limits_always_starts_and_never_expires():
@@ -32,7 +34,7 @@ def test_deadline_full_trial_uses_the_slower_trials_pace():
 
 
 def test_deadline_budget_reserves_the_best_trials_refit():
-    d = Deadline(full_fold_epochs=30, budget=600, predict_images=0)
+    d = Deadline(full_fold_epochs=30, budget=600, predict_images=0, retrain=True)
     d.observe("slow", seconds=40, fold_epochs=10, images_per_s=50)  # 4 s / fold-epoch
     d.observe("fast", seconds=10, fold_epochs=10, images_per_s=200)  # 1 s / fold-epoch
     d.best = "fast"
@@ -57,3 +59,18 @@ def test_deadline_refit_counts_test_predictions():
 def test_deadline_timeout_and_budget_take_the_earlier_end():
     d = Deadline(full_fold_epochs=30, timeout=100, budget=1000)
     assert d.end() == 100
+
+
+def test_deadline_running_trial_can_finish_only_before_the_end():
+    d = Deadline(full_fold_epochs=36, timeout=100)
+    assert d.can_finish(elapsed=50, seconds_left=50)
+    assert not d.can_finish(elapsed=50, seconds_left=51)
+    assert Deadline(full_fold_epochs=36).can_finish(1e9, 1e9)
+
+
+def test_deadline_budget_reusing_models_reserves_only_the_predictions():
+    d = Deadline(full_fold_epochs=30, budget=600, predict_images=8000)
+    d.observe("t", seconds=10, fold_epochs=10, images_per_s=1000)
+    d.best = "t"
+    assert d.refit_s() == pytest.approx(8000 / 1000 * PREDICT_COST * MARGIN + REFIT_FIXED_S)
+    assert d.refit_s() < replace(d, retrain=True).refit_s()

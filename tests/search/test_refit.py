@@ -149,9 +149,11 @@ def test_ensemble_predict_per_model_averages_to_the_ensemble(refitted):
 def test_refit_refuses_to_overwrite_submission(refitted):
     root, _ = refitted
     common = ["--studies-dir", str(root / "studies"), "--cache-dir", str(root / "cache")]
-    before = (_refit_dir(root) / "submission.csv").read_bytes()
+    d = _refit_dir(root)
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
     assert refit_main(["--best", "--no-progress", "--epochs", "1", *common]) == 2
-    assert (_refit_dir(root) / "submission.csv").read_bytes() == before
+    # refused before any work: the whole folder (ensemble, oof.csv, refit.json) is unchanged
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
 
 
 def test_load_ensemble_refuses_modified_weights(refitted, tmp_path):
@@ -252,12 +254,42 @@ def test_refit_gap_scores_the_saved_best_epoch_weights(_kaggle_master, tmp_path)
     search = ["--data", str(_kaggle_master), "--space", str(tmp_path / "space.toml")]
     search += ["--trials", "2", "--max-epochs", "4", "--folds", "2", "--no-asha", "--no-progress"]
     assert search_main([*search, *common]) == 0
-    assert refit_main(["--best", "--tta", "1", "--no-progress", *common]) == 0
+    assert refit_main(["--best", "--retrain", "--tta", "1", "--no-progress", *common]) == 0
     rec = json.loads(next((tmp_path / "studies").rglob("refit.json")).read_text())
-    assert min(rec["best_epochs"]) < 4
+    assert rec["trained"] is True and min(rec["best_epochs"]) < 4
     oof = pd.read_csv(rec["oof_csv"])
     saved = [roc_auc_score(g["label"], g["prob"]) for _, g in oof.groupby("fold")]
     assert saved != pytest.approx(rec["oof_auc_folds"])  # best epoch != last epoch here
     assert rec["validation_minus_test"] == pytest.approx(
         np.mean(saved) - np.mean(rec["test_auc_folds"])
     )
+
+
+def test_refit_best_reuses_the_searchs_fold_models_without_training(refitted):
+    # the best trial's own fold models (saved by the search) are the submission: no training,
+    # the same weights bit for bit, and its OOF AUC per fold is the trial's own value
+    root, _ = refitted
+    study = optuna.load_study(study_name="pcam", storage=f"sqlite:///{root / 'studies/pcam.db'}")
+    best = study.best_trial
+    rec = study.user_attrs["refit"]
+    assert rec["trained"] is False and rec["trial"] == best.number
+    saved = Path(best.user_attrs["models_dir"])
+    copied = _refit_dir(root) / "ensemble"
+    for f in sorted(saved.glob("fold*.safetensors")):
+        assert (copied / f.name).read_bytes() == f.read_bytes()
+    assert np.mean(rec["oof_auc_folds"]) == pytest.approx(best.value, abs=1e-6)
+
+
+def test_search_keeps_only_the_top_trials_models(_kaggle_master, tmp_path):
+    (tmp_path / "space.toml").write_text(SPACE)
+    common = ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache")]
+    args = ["--data", str(_kaggle_master), "--space", str(tmp_path / "space.toml")]
+    args += ["--trials", "4", "--max-epochs", "1", "--folds", "2", "--no-asha", "--no-progress"]
+    assert search_main([*args, "--keep-top", "1", *common]) == 0
+    study = optuna.load_study(
+        study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
+    )
+    kept = [p for p in (tmp_path / "studies/pcam/models").iterdir() if not p.name.startswith(".")]
+    # one folder left, the best trial's; no half-written temp folder
+    assert kept == [Path(study.best_trial.user_attrs["models_dir"])]
+    assert not list((tmp_path / "studies/pcam/models").glob(".*"))

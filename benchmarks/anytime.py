@@ -1,0 +1,327 @@
+"""Model quality per unit of compute: pcam-search against what a user would do instead.
+
+    python benchmarks/anytime.py [--budget 600] [--settings embedded hard stain]
+                                 [--methods a b c d] [--curve 200]
+
+On each dataset setting (the embedded set and harder generator settings, all with known test
+labels) and the same end-to-end wall budget (search + building the submission), side by side:
+
+  (a) ``pcam-search --budget B``: the new CPU defaults (fold racing, 12 epochs, cpu.toml);
+  (b) the v0.1 CPU defaults under the same budget: ``--space cpu-v1 --max-epochs 2 --no-race
+      --grace-period 3`` (rung at epoch 1, as before);
+  (c) a plain Optuna script (below): TPE + SuccessiveHalvingPruner over the same space, folds
+      and epochs, no Ray, its search ``timeout`` set to (a)'s search time; then the best
+      params trained on every fold and submitted, as ``pcam-refit`` does;
+  (d) one fixed, sensible configuration (the hand-chosen notebook recipe: width 16, 48 px,
+      one-cycle, full augmentation) trained on every fold for as many epochs as fit the budget.
+
+For each: the submission's test AUC (k fold models x 8 dihedral views), the CV AUC it was
+chosen by, CV - test, fold-epochs trained (search + submission) and wall seconds. Writes
+``benchmarks/out/anytime.json`` and a plot ``benchmarks/out/anytime.html``.
+
+``--curve N``: a default ``pcam-search --trials N`` on the embedded set, printing the
+best-so-far mean AUC by trial number (does more search still buy a better model?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+import models
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.folds import folds_for_cache
+from data_pipeline.synth import SynthConfig, write
+from search.engine import TrainData, TrainParams, TrialError, create_model, train_cv
+from search.ensemble import Ensemble
+from search.space import load_space, suggest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OUT = ROOT / "benchmarks" / "out"
+K, MAX_EPOCHS, TTA = 3, 12, 8  # the CPU defaults (search/config.py)
+# Generator settings: the embedded set, then harder ones (weaker tumour signal + more label
+# noise; wider stain spread + fewer patches per slide), each from its own seed.
+SETTINGS = {
+    "embedded": SynthConfig(),
+    "hard": SynthConfig(
+        n=3000, n_test=1000, seed=1, tumour_signal=0.5, flip_rate=0.05, patches_per_slide=30
+    ),
+    "stain": SynthConfig(
+        n=3000, n_test=1000, seed=2, stain_range=2.0, tumour_signal=0.75, patches_per_slide=16
+    ),
+}
+# (d): the hand-chosen notebook recipe (issue 11's anchor)
+FIXED = {
+    "arch": "simple_cnn",
+    "width": 16,
+    "crop": 48,
+    "lr": 3e-3,
+    "optimizer": "adamw",
+    "batch_size": 128,
+    "dropout": 0.2,
+    "weight_decay": 1e-4,
+    "schedule": "onecycle",
+    "aug": 1.0,
+}
+OLD = ["--space", "cpu-v1", "--max-epochs", "2", "--no-race", "--grace-period", "3"]
+
+
+def dataset(name: str) -> Path:
+    """The setting's Kaggle-layout folder under benchmarks/out/data (generated once)."""
+    d = OUT / "data" / name
+    if not d.is_dir():
+        write(d, SETTINGS[name], "kaggle")
+    return d
+
+
+def _load(data_dir: Path):
+    cache = open_dataset(DataConfig(data=data_dir, cache_dir=OUT / "cache"), progress=False)
+    fd = folds_for_cache(cache, K, 0, "slide")
+    data = TrainData.from_cache(cache, fd["row"].to_numpy())
+    return cache, data, fd["fold"].to_numpy(np.int64)
+
+
+def submit(params: dict, epochs: int, cache, data, folds) -> dict:
+    """Train ``params`` on every fold, then the TTA fold ensemble on the test set (as refit)."""
+    p = TrainParams.from_dict(params)
+    r = train_cv(p, data, folds, epochs=epochs, keep_states=True, threads=2)
+    ms = []
+    for sd in r.states:
+        m = create_model(p)
+        m.load_state_dict(sd)
+        ms.append(m.eval())
+    norm = models.data_config(ms[0], p.arch)
+    meta = {"params": asdict(p), "norm": {"mean": norm["mean"], "std": norm["std"]}}
+    ens = Ensemble(ms, meta, torch.device("cpu"))
+    rows = cache.rows("test")
+    probs = ens.predict(np.asarray(cache.images[rows]), tta=TTA)
+    from sklearn.metrics import roc_auc_score
+
+    y = cache.index["label"].to_numpy()[rows]
+    return {"test_auc": float(roc_auc_score(y, probs)), "cv_auc": r.final["auc"]}
+
+
+def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
+    """(a) / (b): pcam-search --budget in its own studies folder; read the study after."""
+    studies = OUT / "studies" / name
+    if studies.exists():
+        import shutil
+
+        shutil.rmtree(studies)
+    cmd = [
+        str(Path(sys.executable).parent / "pcam-search"),
+        "--data",
+        str(data_dir),
+        "--cache-dir",
+        str(OUT / "cache"),
+        "--studies-dir",
+        str(studies),
+        "--trials",
+        "100000",
+        "--budget",
+        str(budget),
+        "--no-progress",
+        *extra,
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
+    refit = s.user_attrs["refit"]
+    cfg = s.user_attrs["config"]
+    done = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    return {
+        "test_auc": refit["test_auc"],
+        "cv_auc": s.best_value,
+        "fold_epochs": sum(t.user_attrs.get("fold_epochs", 0) for t in s.trials)
+        + cfg["folds"] * cfg["max_epochs"],
+        "wall": wall,
+        "search_s": wall - refit["seconds"]["train"] - refit["seconds"]["predict"],
+        "trials": len(done),
+        "complete": sum(t.state.name == "COMPLETE" for t in s.trials),
+        "best_params": s.best_params,
+    }
+
+
+def plain_optuna(data_dir: Path, search_s: float, seed: int = 0) -> dict:
+    """(c) What a user writes instead: TPE + SuccessiveHalvingPruner, same space and folds."""
+    t0 = time.perf_counter()
+    cache, data, folds = _load(data_dir)
+    space = load_space("cpu")
+    fold_epochs = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal fold_epochs
+        params = suggest(trial, space)
+
+        def on_epoch(epoch: int, m: dict) -> bool:
+            trial.report(m["auc"], epoch)
+            return trial.should_prune()
+
+        r = train_cv(params, data, folds, epochs=MAX_EPOCHS, threads=2, on_epoch=on_epoch)
+        fold_epochs += r.epochs_run * K
+        if r.stopped_early:
+            raise optuna.TrialPruned()
+        return r.final["auc"]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.SuccessiveHalvingPruner(),
+    )
+    study.optimize(objective, timeout=search_s - (time.perf_counter() - t0), catch=(TrialError,))
+    best = {**space.fixed, **study.best_params}
+    res = submit(best, MAX_EPOCHS, cache, data, folds)
+    done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    return {
+        **res,
+        "cv_auc": study.best_value,
+        "fold_epochs": fold_epochs + K * MAX_EPOCHS,
+        "wall": time.perf_counter() - t0,
+        "trials": len(done),
+        "complete": sum(t.state.name == "COMPLETE" for t in study.trials),
+        "best_params": study.best_params,
+    }
+
+
+def fixed_config(data_dir: Path, budget: float) -> dict:
+    """(d) One sensible configuration, trained on every fold for as long as the budget allows:
+    a 1-epoch probe of fold 0 gives the seconds per fold-epoch."""
+    t0 = time.perf_counter()
+    cache, data, folds = _load(data_dir)
+    probe = train_cv(FIXED, data, np.where(folds == 0, 0, 1), epochs=1, threads=2)
+    per_fold_epoch = probe.seconds
+    left = budget - (time.perf_counter() - t0) - 15  # predicting and loading: ~15 s
+    epochs = max(1, int(left / (per_fold_epoch * K)))
+    res = submit(FIXED, epochs, cache, data, folds)
+    return {
+        **res,
+        "fold_epochs": 1 + epochs * K,
+        "wall": time.perf_counter() - t0,
+        "trials": 1,
+        "complete": 1,
+        "best_params": {**FIXED, "epochs": epochs},
+    }
+
+
+def curve(trials: int) -> None:
+    """Best-so-far mean AUC by trial number for a default pcam-search on the embedded set."""
+    studies = OUT / "studies" / f"curve-{trials}"
+    cmd = [
+        str(Path(sys.executable).parent / "pcam-search"),
+        "--trials",
+        str(trials),
+        "--studies-dir",
+        str(studies),
+        "--no-progress",
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
+    best, at = -1.0, []
+    for t in sorted(s.trials, key=lambda t: t.datetime_complete or t.datetime_start):
+        if t.state.name == "COMPLETE" and t.value > best:
+            best = t.value
+        at.append(best)
+    print(f"\ndefault pcam-search --trials {trials} on the embedded set: {wall:.0f} s")
+    print(f"{'trials finished':>16}{'best mean AUC':>15}")
+    for n in (10, 25, 50, 75, 100, 150, 200, 300, 400):
+        if n <= len(at):
+            print(f"{n:>16}{at[n - 1]:>15.4f}")
+
+
+METHODS = {
+    "a": "pcam-search (new defaults)",
+    "b": "pcam-search (v0.1 defaults)",
+    "c": "plain Optuna + SHA",
+    "d": "fixed config",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget", type=float, default=600, help="seconds end to end, each run")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--curve", type=int, default=0, help="also the best-so-far of N trials")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    results = (
+        json.loads((OUT / "anytime.json").read_text()) if (OUT / "anytime.json").is_file() else {}
+    )
+    for name in args.settings:
+        data_dir = dataset(name)
+        search_s = args.budget * 0.75
+        for m in args.methods:
+            print(f"[{name}] ({m}) {METHODS[m]} ...", flush=True)
+            if m == "a":
+                r = run_cli(f"{name}-a", data_dir, args.budget, [])
+                search_s = r["search_s"]
+            elif m == "b":
+                r = run_cli(f"{name}-b", data_dir, args.budget, OLD)
+            elif m == "c":
+                r = plain_optuna(data_dir, search_s)
+            else:
+                r = fixed_config(data_dir, args.budget)
+            r["gap"] = r["cv_auc"] - r["test_auc"]
+            results.setdefault(name, {})[m] = {**r, "budget": args.budget}
+            print(f"    {json.dumps({k: v for k, v in r.items() if k != 'best_params'})}")
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / "anytime.json").write_text(json.dumps(results, indent=1, default=str))
+    table(results)
+    plot(results)
+    if args.curve:
+        curve(args.curve)
+
+
+def table(results: dict) -> None:
+    print(
+        f"\n{'setting':<10}{'method':<30}{'test AUC':>9}{'vs (d)':>8}{'CV AUC':>8}{'CV-test':>8}"
+        f"{'fold-ep':>8}{'trials':>7}{'wall s':>7}"
+    )
+    for name, by in results.items():
+        ref = by.get("d", {}).get("test_auc")
+        for m, r in sorted(by.items()):
+            vs = f"{r['test_auc'] - ref:+.4f}" if ref else "-"
+            print(
+                f"{name:<10}{f'({m}) ' + METHODS[m]:<30}{r['test_auc']:>9.4f}{vs:>8}"
+                f"{r['cv_auc']:>8.4f}{r['gap']:>+8.4f}{r['fold_epochs']:>8d}{r['trials']:>7d}"
+                f"{r['wall']:>7.0f}"
+            )
+
+
+def plot(results: dict) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for m in METHODS:
+        xs = [n for n in results if m in results[n]]
+        fig.add_bar(name=f"({m}) {METHODS[m]}", x=xs, y=[results[n][m]["test_auc"] for n in xs])
+    fig.update_layout(
+        title="Submission test AUC at the same end-to-end wall budget (2 CPU cores)",
+        barmode="group",
+        yaxis_title="test AUC",
+        yaxis_range=[0.8, 1.0],
+    )
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.write_html(OUT / "anytime.html", include_plotlyjs=True)
+    print(f"plot: {OUT / 'anytime.html'}")
+
+
+if __name__ == "__main__":
+    main()
