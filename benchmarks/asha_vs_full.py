@@ -22,7 +22,8 @@ from pathlib import Path
 import optuna
 
 
-def _run(tmp: Path, study: str, trials: int, max_epochs: int, extra: list[str]) -> dict:
+def run_search(tmp: Path, study: str, trials: int, max_epochs: int, extra: list[str]) -> dict:
+    """One pcam-search in ``tmp`` (seed 0, embedded data); what its study holds after."""
     cmd = [
         str(Path(sys.executable).parent / "pcam-search"),
         "--trials",
@@ -47,6 +48,8 @@ def _run(tmp: Path, study: str, trials: int, max_epochs: int, extra: list[str]) 
     return {
         "wall": wall,
         "epochs": sum(t.user_attrs.get("epochs_run", 0) for t in s.trials),
+        "fold_epochs": sum(t.user_attrs.get("fold_epochs", 0) for t in s.trials),
+        "trials": len(s.trials),
         "best": s.best_value,
         "pruned": sum(t.state.name == "PRUNED" for t in s.trials),
         "complete": sum(t.state.name == "COMPLETE" for t in s.trials),
@@ -65,8 +68,10 @@ def main() -> None:
     args = ap.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
-        full = _run(Path(tmp), "full", args.trials, args.max_epochs, ["--no-asha", *args.extra])
-        asha = _run(Path(tmp), "asha", args.trials, args.max_epochs, args.extra)
+        full = run_search(
+            Path(tmp), "full", args.trials, args.max_epochs, ["--no-asha", *args.extra]
+        )
+        asha = run_search(Path(tmp), "asha", args.trials, args.max_epochs, args.extra)
     print(
         f"{args.trials} trials, up to {args.max_epochs} epochs, seed 0, embedded data "
         f"{' '.join(args.extra)}"

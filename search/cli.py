@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
         "--grace-period",
         type=int,
         default=None,
-        help="ASHA: fold-epochs before a trial may be stopped (default: 1 = fold 0, epoch 1)",
+        help="ASHA: fold-epochs before a trial may be stopped (default: 3 = fold 0, epoch 3)",
     )
     a(
         "--reduction-factor",
@@ -103,9 +103,15 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--no-asha", action="store_true", help="run every trial for --max-epochs")
     a(
+        "--race-epochs",
+        type=int,
+        default=None,
+        help="fold racing: epochs fold 0 trains alone before the other folds start (default: 3)",
+    )
+    a(
         "--no-race",
         action="store_true",
-        help="train all folds of a trial in lockstep from epoch 1 (default: fold 0 first)",
+        help="train all folds of a trial in lockstep from epoch 1 (= --race-epochs 0)",
     )
     a(
         "--timeout",
@@ -185,7 +191,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
         asha=not args.no_asha,
-        race=not args.no_race,
+        race_epochs=0 if args.no_race else pick(args.race_epochs, d.race_epochs),
         timeout=args.timeout,
         budget=args.budget,
         keep_top=args.keep_top,
@@ -204,6 +210,8 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
 def _check_config(cfg: SearchConfig) -> None:
     if cfg.trials < 1 or cfg.folds < 2 or cfg.max_epochs < 1 or cfg.grace_period < 1:
         raise ValueError("--trials and --max-epochs must be >= 1, --folds >= 2, grace >= 1")
+    if cfg.race_epochs < 0 or cfg.keep_top < 0:
+        raise ValueError("--race-epochs and --keep-top must be >= 0")
     if cfg.reduction_factor < 2:
         raise ValueError(f"--reduction-factor must be >= 2, got {cfg.reduction_factor}")
     if cfg.cpus_per_trial <= 0 or cfg.gpus_per_trial < 0:
@@ -347,7 +355,8 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         f"searching study [bold]{cfg.study}[/] ({studies.safe_url(cfg.storage_url)}): "
         f"{remaining} more trial(s), {done} finished before; {len(data.labels)} patches, "
         f"{cfg.folds} {cfg.fold_strategy} folds, up to {cfg.max_epochs} epochs"
-        f"{' (fold 0 first)' if cfg.race else ''}, {concurrency} at once, space {cfg.space}"
+        + (f" (fold 0 alone for {cfg.race_epochs})" if cfg.race_epochs else "")
+        + f", {concurrency} at once, space {cfg.space}"
         + (f", budget {cfg.budget:.0f} s (search + submission)" if cfg.budget else "")
         + (f", search timeout {cfg.timeout:.0f} s" if cfg.timeout else "")
     )
@@ -360,6 +369,9 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         retrain=cfg.keep_top < 1,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
+    if not study.trials:  # a new study starts from the space's known-good recipes
+        for params in space.start:
+            study.enqueue_trial(params, skip_if_exists=True)
     meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
     interrupted = _search(
         cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
@@ -400,7 +412,7 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
         seed=cfg.seed,
         threads=max(1, int(cfg.cpus_per_trial)),
         pretrained=cfg.pretrained_arg,
-        race=cfg.race,
+        race_epochs=cfg.race_epochs,
         models_dir=str(cfg.out_dir / "models") if cfg.keep_top > 0 else None,
         model_meta=meta,
     )

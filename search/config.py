@@ -27,31 +27,35 @@ class DeviceDefaults:
     max_epochs: int
     grace_period: int  # ASHA: fold-epochs every trial gets before it can be stopped
     reduction_factor: int  # ASHA eta
+    race_epochs: int  # fold racing: epochs fold 0 trains alone before the others start
     cpus_per_trial: float
     gpus_per_trial: float
 
 
-# CPU: k = 3 and 12 epochs, so ASHA's rungs (grace 1 fold-epoch, eta 3) fall at 1, 3, 9 and 27
-# fold-epochs = fold 0 at epoch 1, all folds at epoch 1, epoch 3, epoch 9; the winners train 12
-# epochs (36 fold-epochs). Measured in README ("Choosing the CPU defaults").
+# CPU: k = 3, 12 epochs, fold 0 races alone for 3 epochs, so ASHA's rungs (grace 3 fold-epochs,
+# eta 3) fall at 3, 9 and 27 fold-epochs = fold 0 at epoch 3, all folds at epoch 3, epoch 9;
+# the winners train 12 epochs (36 fold-epochs). Epoch 1 ranks warm-up schedules wrongly
+# (README, "Choosing the CPU defaults"), so the first rung is at epoch 3, on fold 0 alone.
 CPU_DEFAULTS = DeviceDefaults(
     "cpu",
     folds=3,
     max_epochs=12,
-    grace_period=1,
+    grace_period=3,
     reduction_factor=3,
+    race_epochs=3,
     cpus_per_trial=1,
     gpus_per_trial=0,
 )
-# GPU: k = 5, 24 epochs (120 fold-epochs): rungs at 1, 3, 9, 27 and 81 fold-epochs = fold 0,
-# folds 0-2 at epoch 1, then epochs 2, 6 and 17. 4 trials share a GPU: a 96x96 ResNet trial
-# rarely fills an H100 on its own.
+# GPU: k = 5, 24 epochs (120 fold-epochs): rungs at 3, 9, 27 and 81 fold-epochs = fold 0 at
+# epoch 3, folds 0-2 at epoch 3, then epochs 6 and 17. 4 trials share a GPU: a 96x96 ResNet
+# trial rarely fills an H100 on its own.
 GPU_DEFAULTS = DeviceDefaults(
     "default",
     folds=5,
     max_epochs=24,
-    grace_period=1,
+    grace_period=3,
     reduction_factor=3,
+    race_epochs=3,
     cpus_per_trial=2,
     gpus_per_trial=0.25,
 )
@@ -74,10 +78,10 @@ class SearchConfig:
     fold_strategy: str = "slide"  # slide-grouped folds; "random" only to measure the leak
     fold_seed: int = 0
     max_epochs: int = 12  # epochs of a trial that is never stopped (12 / 24)
-    grace_period: int = 1  # ASHA: fold-epochs before a trial may be stopped (1 / 1)
+    grace_period: int = 3  # ASHA: fold-epochs before a trial may be stopped (3 / 3)
     reduction_factor: int = 3  # ASHA eta: 1/eta of trials go on at each rung
     asha: bool = True  # False: every trial runs max_epochs (benchmarks)
-    race: bool = True  # fold racing: fold 0 first, other folds only for survivors
+    race_epochs: int = 3  # fold racing: epochs of fold 0 alone; other folds for survivors
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
     tta: int = 8  # dihedral test views of the refit that --budget runs

@@ -325,6 +325,13 @@ class _Fold:
             )
         return self.steps * p.batch_size
 
+    def train_to(self, run: _Run, epoch: int, clock: _Clock, eval_batch: int) -> None:
+        """Train and score epoch by epoch up to ``epoch`` (while active)."""
+        while self.active and self.epoch < epoch:
+            with clock.training(run.dev):
+                clock.count(self.train_epoch(run))
+            self.score(run, eval_batch)
+
     def score(self, run: _Run, eval_batch: int) -> None:
         """Held-out AUC, loss and accuracy; updates the best epoch and early stopping."""
         p = run.p
@@ -350,16 +357,17 @@ class _Fold:
                 self.active = False
 
 
-def fold_steps(k: int, epoch: int, race: bool) -> list[list[int]]:
-    """The folds trained together at ``epoch``, one group per report.
+def fold_steps(k: int, epochs: int, race_epochs: int = 0) -> list[tuple[list[int], int]]:
+    """The training order: (folds, epoch) steps, each followed by one report.
 
-    Lockstep: one group of all k folds. Racing: at epoch 1 fold 0 alone, then each other fold
-    catches up one by one (k reports of the mean over the folds trained so far); all k together
-    from epoch 2. ``fold-epochs`` after a group = (epoch - 1) * k + the folds trained so far.
+    A step trains each of its folds up to ``epoch``. Lockstep (``race_epochs`` 0): all k folds,
+    one epoch per step. Racing: fold 0 alone for its first ``race_epochs`` epochs (one report
+    each), then each other fold catches up to that epoch in one step (a report of the mean over
+    the folds trained so far), then all k folds in lockstep. Steps list folds in order.
     """
-    if race and epoch == 1:
-        return [[f] for f in range(k)]
-    return [list(range(k))]
+    r = min(race_epochs, epochs)
+    steps = [([0], e) for e in range(1, r + 1)] + [([f], r) for f in range(1, k)] if r else []
+    return steps + [(list(range(k)), e) for e in range(r + 1, epochs + 1)]
 
 
 def train_cv(
@@ -376,17 +384,18 @@ def train_cv(
     keep_states: bool = False,
     keep_oof: bool = False,
     eval_batch: int = 1024,
-    race: bool = False,
+    race_epochs: int = 0,
 ) -> CVResult:
     """Train one model per fold and score every fold's held-out part after each of its epochs.
 
     ``folds[i]`` is the fold (0..k-1) of ``data`` row i. Lockstep (default): after each epoch
     all k folds have trained it, and ``on_epoch(epoch, metrics)`` sees the mean over k folds.
-    ``race=True`` (fold racing, the search's default): fold 0 trains epoch 1 alone and is
-    reported first, then the other folds catch up one report at a time (``metrics["folds"]``
-    says how many folds a mean covers, ``metrics["fold_epochs"]`` the fold-epochs spent), then
-    lockstep. ``on_epoch`` returning True stops all folds. Raises ``TrialDiverged`` on a
-    non-finite loss and ``TrialOutOfMemory`` on CUDA OOM, with the epoch and params.
+    ``race_epochs=r`` (fold racing, the search's default): fold 0 trains its first r epochs
+    alone, reported after each, then the other folds catch up to epoch r one report at a time
+    (``metrics["folds"]`` says how many folds a mean covers, ``metrics["fold_epochs"]`` the
+    fold-epochs spent), then lockstep (``fold_steps``). ``on_epoch`` returning True stops all
+    folds. Raises ``TrialDiverged`` on a non-finite loss and ``TrialOutOfMemory`` on CUDA OOM,
+    with the epoch and params.
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
@@ -405,20 +414,16 @@ def train_cv(
         norm = models.data_config(runs[0].model, p.arch)
         run = _Run(p, dev, _Batcher(x, dev, norm["mean"], norm["std"]), data.labels)
         clock = _Clock()
-        for epoch in range(1, epochs + 1):
-            for group in fold_steps(k, epoch, race):
-                with clock.training(dev):
-                    images = sum(runs[f].train_epoch(run) for f in group if runs[f].active)
-                clock.count(images)
-                for f in group:
-                    if runs[f].active:
-                        runs[f].score(run, eval_batch)
-                seen = runs[: group[-1] + 1]  # folds done with this epoch (groups go in order)
-                history.append(_metrics(epoch, k, seen, p, clock, t_start))
-                if on_epoch is not None and on_epoch(epoch, history[-1]) and epoch < epochs:
-                    stopped = True
-                    break
-            if stopped or not any(r.active for r in runs):  # stopped, or all early-stopped
+        for group, epoch in fold_steps(k, epochs, race_epochs):
+            clock.new_step()
+            for f in group:
+                runs[f].train_to(run, epoch, clock, eval_batch)
+            seen = runs[: group[-1] + 1]  # folds that have reached this epoch (steps go in order)
+            history.append(_metrics(epoch, seen, runs, p, clock, t_start))
+            if on_epoch is not None and on_epoch(epoch, history[-1]) and epoch < epochs:
+                stopped = True
+                break
+            if len(seen) == k and not any(r.active for r in runs):  # all early-stopped
                 break
     except torch.cuda.OutOfMemoryError as e:
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epoch, asdict(p)) from e
@@ -426,10 +431,13 @@ def train_cv(
 
 
 class _Clock:
-    """Training seconds and images (for img/s), excluding evaluation."""
+    """Training seconds and images (for img/s), excluding evaluation: in all and this step."""
 
     def __init__(self) -> None:
         self.seconds = self.images = self.last_seconds = self.last_images = 0.0
+
+    def new_step(self) -> None:
+        self.last_seconds = self.last_images = 0.0
 
     @contextlib.contextmanager
     def training(self, dev: torch.device):
@@ -437,25 +445,28 @@ class _Clock:
         yield
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)  # CUDA kernels run asynchronously: wait to time them
-        self.last_seconds = time.perf_counter() - t0
-        self.seconds += self.last_seconds
+        dt = time.perf_counter() - t0
+        self.last_seconds += dt
+        self.seconds += dt
 
     def count(self, images: int) -> None:
-        self.last_images = images
+        self.last_images += images
         self.images += images
 
 
 def _metrics(
-    epoch: int, k: int, seen: list[_Fold], p: TrainParams, clock: _Clock, t_start: float
+    epoch: int, seen: list[_Fold], runs: list[_Fold], p: TrainParams, clock: _Clock, t_start
 ) -> dict:
-    """One report: means over the folds in ``seen`` (all trained ``epoch`` epochs)."""
+    """One report: means over the folds in ``seen`` (all trained to ``epoch``, or stopped)."""
     aucs = [r.best_auc if p.restore_best and not r.active else r.auc for r in seen]
     losses, accs = [r.loss for r in seen], [r.acc for r in seen]
     train = [r.train_loss for r in seen]
     return {
         "epoch": epoch,
         "folds": len(seen),  # how many folds the means below average
-        "fold_epochs": (epoch - 1) * k + len(seen),  # compute spent, in fold-epochs
+        # compute spent, in fold-epochs: as scheduled (an early-stopped fold counts as trained,
+        # so the clock is the same for every trial at the same point of the schedule)
+        "fold_epochs": sum(epoch if r in seen else _reached(r, epoch) for r in runs),
         "auc": float(np.mean(aucs)),
         "auc_folds": aucs,
         "val_loss": float(np.mean(losses)),
@@ -470,8 +481,13 @@ def _metrics(
         "epoch_images_per_s": clock.last_images / max(clock.last_seconds, 1e-9),  # last step
         "folds_active": sum(r.active for r in seen),
         "best_epochs": [r.best_epoch for r in seen],
-        "self_stopped": len(seen) == k and not any(r.active for r in seen),
+        "self_stopped": len(seen) == len(runs) and not any(r.active for r in seen),
     }
+
+
+def _reached(r: _Fold, epoch: int) -> int:
+    """Fold-epochs a fold not yet caught up has trained (its own epochs, at most ``epoch``)."""
+    return min(r.epoch, epoch)
 
 
 def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_start):

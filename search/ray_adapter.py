@@ -4,13 +4,13 @@
 ``ASHAScheduler`` on the mean held-out AUC, reused actors, data in the object store once
 (``tune.with_parameters``).
 
-Fidelity is two-dimensional, epochs x folds (fold racing): a trial trains fold 0 alone first,
-the other folds catch up on epoch 1 one report at a time, then all go on in lockstep. Every
-report carries ``fold_epochs`` (fold-epochs trained so far), ASHA's time attribute, so rungs at
-1, 3, 9, 27 fold-epochs mean, for k = 3, "fold 0 at epoch 1" (every trial compared on the same
-fold: a paired comparison), "all folds at epoch 1", "epoch 3", "epoch 9". Optuna's step of an
-intermediate value is its fold-epochs; the trial's ``intermediate_folds`` user attr maps each
-step to the number of folds its mean covers.
+Fidelity is two-dimensional, epochs x folds (fold racing): a trial trains fold 0 alone for
+its first ``race_epochs`` epochs, then the other folds catch up one report at a time, then all
+go on in lockstep. Every report carries ``fold_epochs`` (fold-epochs trained so far), ASHA's
+time attribute, so with k = 3 and race_epochs = 3 rungs at 3, 9, 27 fold-epochs mean "fold 0
+at epoch 3" (every trial compared on the same fold: a paired comparison), "all folds at epoch
+3", "epoch 9". Optuna's step of an intermediate value is its fold-epochs; the trial's
+``intermediate_folds`` user attr maps each step to the number of folds its mean covers.
 
 Stock Ray (2.60) records the study wrongly; ``_TruthfulSearch`` fixes it:
 
@@ -63,7 +63,7 @@ class TrialSettings:
     seed: int
     threads: int  # torch CPU threads
     pretrained: bool | str
-    race: bool = True  # fold racing: fold 0 first, then the others (False: lockstep)
+    race_epochs: int = 3  # fold racing: fold 0 alone for this many epochs (0: lockstep)
     models_dir: str | None = None  # COMPLETE trials save their fold models + OOF here
     model_meta: dict | None = None  # saved with them: dataset fingerprint, folds file, ...
 
@@ -119,7 +119,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         threads=settings.threads,
         pretrained=settings.pretrained,
         on_epoch=report,
-        race=settings.race,
+        race_epochs=settings.race_epochs,
         keep_states=keep,
         keep_oof=keep,
     )

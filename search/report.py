@@ -57,12 +57,13 @@ def fig_timeline(study: optuna.Study) -> go.Figure | str:
 
 
 def fig_compute_per_state(study: optuna.Study) -> go.Figure | str:
-    """Trial-seconds and epochs by final state: what ASHA saved shows as cheap PRUNED bars."""
+    """Trial-seconds and fold-epochs by final state: what ASHA saved shows as cheap PRUNED
+    bars (studies from before fold racing count epochs)."""
     rows = [
         (
             t.state.name,
             float(t.user_attrs.get("seconds", 0.0)),
-            int(t.user_attrs.get("epochs_run", 0)),
+            int(t.user_attrs.get("fold_epochs", t.user_attrs.get("epochs_run", 0))),
         )
         for t in _trials(study)
     ]
@@ -80,20 +81,24 @@ def fig_compute_per_state(study: optuna.Study) -> go.Figure | str:
         y=g["seconds"],
         name="trial-seconds",
         marker_color=[STATE_COLOURS.get(s, "#999") for s in g["state"]],
-        text=[f"{n} trials, {e} epochs" for n, e in zip(g["trials"], g["epochs"], strict=True)],
+        text=[
+            f"{n} trials, {e} fold-epochs" for n, e in zip(g["trials"], g["epochs"], strict=True)
+        ],
     )
     fig.update_layout(yaxis_title="training seconds (summed over trials)", showlegend=False)
     return fig
 
 
 def fig_intermediate(study: optuna.Study) -> go.Figure | str:
-    """Every trial's mean fold AUC per epoch, coloured by its final state."""
+    """Every trial's mean fold AUC per report, against fold-epochs trained (racing: fold 0
+    alone at 1, then the folds catch up, then k per epoch), coloured by its final state."""
     fig = go.Figure()
     shown: set[str] = set()
     for t in _trials(study):
         if not t.intermediate_values:
             continue
         steps = sorted(t.intermediate_values)
+        folds = t.user_attrs.get("intermediate_folds", {})
         s = t.state.name
         fig.add_scatter(
             x=steps,
@@ -104,13 +109,17 @@ def fig_intermediate(study: optuna.Study) -> go.Figure | str:
             name=s,
             legendgroup=s,
             showlegend=s not in shown,
-            hovertext=f"trial {t.number} ({s})",
+            hovertext=[
+                f"trial {t.number} ({s}): mean of {folds.get(str(k), '?')} fold(s)" for k in steps
+            ],
             opacity=0.7,
         )
         shown.add(s)
     if not shown:
         return "No trial reported an epoch yet."
-    fig.update_layout(xaxis_title="epoch", yaxis_title="mean fold AUC (held out)")
+    fig.update_layout(
+        xaxis_title="fold-epochs trained", yaxis_title="mean held-out AUC of the folds so far"
+    )
     return fig
 
 
@@ -251,7 +260,7 @@ SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
     ("Optimisation history (best so far)", fig_history),
     ("Trial states over time", fig_timeline),
     ("Compute per final state", fig_compute_per_state),
-    ("Mean fold AUC per epoch, by final state", fig_intermediate),
+    ("Mean fold AUC per fold-epochs trained, by final state", fig_intermediate),
     (
         "Parameter importances",
         _needs_complete(2, lambda s: optuna.visualization.plot_param_importances(s)),

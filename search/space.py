@@ -22,6 +22,9 @@ A space file has an optional ``[fixed]`` table (training params every trial uses
     high = 3.0
     when = { loss = ["focal"] }           # asked only when the loss chosen is focal
 
+An optional ``[[start]]`` array gives the first trials of a new study (a known-good recipe,
+as ``study.enqueue_trial``): each table sets searched params (the rest are sampled).
+
 Names are ``search.engine.TrainParams`` fields. ``suggest`` works on any Optuna trial (Ray's
 define-by-run captor included) and returns the full params dict: fixed values + suggestions.
 """
@@ -53,14 +56,22 @@ class Space:
     params: dict[str, dict[str, Any]]
     fixed: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # file it came from
+    start: list[dict[str, Any]] = field(default_factory=list)  # first trials of a new study
 
     def to_dict(self) -> dict:
         """JSON-able form, stored in the study's user attrs."""
-        return {"source": self.source, "fixed": self.fixed, "params": self.params}
+        return {
+            "source": self.source,
+            "fixed": self.fixed,
+            "params": self.params,
+            "start": self.start,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Space:
-        return _validate(d.get("params", {}), d.get("fixed", {}), d.get("source", "<dict>"))
+        return _validate(
+            d.get("params", {}), d.get("fixed", {}), d.get("source", "<dict>"), d.get("start", [])
+        )
 
 
 def default_space_file(cuda: bool) -> Path:
@@ -87,13 +98,39 @@ def load_space(path: str | Path) -> Space:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise SpaceError(f"{path}: not valid TOML ({e})") from e
-    unknown = sorted(set(raw) - {"params", "fixed", "description"})
+    unknown = sorted(set(raw) - {"params", "fixed", "description", "start"})
     if unknown:
-        raise SpaceError(f"{path}: unknown top-level keys {unknown} (params, fixed, description)")
-    return _validate(raw.get("params", {}), raw.get("fixed", {}), str(path))
+        raise SpaceError(
+            f"{path}: unknown top-level keys {unknown} (params, fixed, start, description)"
+        )
+    return _validate(raw.get("params", {}), raw.get("fixed", {}), str(path), raw.get("start", []))
 
 
-def _validate(params: dict, fixed: dict, source: str) -> Space:
+def _check_start(start: list, params: dict, fixed: dict, source: str) -> None:
+    """Each ``[[start]]`` table sets searched params to allowed values."""
+    if not isinstance(start, list) or not all(isinstance(t, dict) for t in start):
+        raise SpaceError(f"{source}: start must be an array of tables ([[start]])")
+    for i, t in enumerate(start):
+        where = f"{source}: [[start]] #{i + 1}"
+        extra = sorted(set(t) - set(params))
+        if extra:
+            raise SpaceError(f"{where}: {extra} are not searched params")
+        for name, v in t.items():
+            spec = params[name]
+            ok = (
+                v in spec["choices"]
+                if spec["type"] == "categorical"
+                else isinstance(v, int | float) and spec["low"] <= v <= spec["high"]
+            )
+            if not ok:
+                raise SpaceError(f"{where}: {name} = {v!r} is outside [params.{name}]")
+        try:
+            TrainParams.from_dict({**fixed, **t})
+        except (TypeError, ValueError) as e:
+            raise SpaceError(f"{where}: {e}") from None
+
+
+def _validate(params: dict, fixed: dict, source: str, start: list | None = None) -> Space:
     known = {f.name for f in fields(TrainParams)}
     for name in [*params, *fixed]:
         if name not in known:
@@ -142,7 +179,8 @@ def _validate(params: dict, fixed: dict, source: str) -> Space:
             models.check_name(arch)
         except models.UnknownModelError as e:
             raise SpaceError(f"{source}: {e}") from e
-    return Space(params=clean, fixed=dict(fixed), source=source)
+    _check_start(start or [], clean, dict(fixed), source)
+    return Space(params=clean, fixed=dict(fixed), source=source, start=list(start or []))
 
 
 def _check_values(params: dict, fixed: dict, source: str) -> None:

@@ -8,6 +8,7 @@ from search.engine import (
     TrainParams,
     TrialDiverged,
     TrialOutOfMemory,
+    fold_steps,
     lr_factor,
     train_cv,
 )
@@ -115,18 +116,42 @@ def test_train_cv_cuda_oom_raises_trial_out_of_memory(embedded, monkeypatch):
     assert e.value.params["batch_size"] == 16
 
 
-def test_train_cv_race_reports_fold_0_first_then_catches_up(embedded):
-    # racing: fold 0 alone at epoch 1, then fold 1 joins, then both per epoch
+@pytest.mark.parametrize(
+    "race, want",
+    [
+        # fold 0 alone at epoch 1, then fold 1 joins, then both per epoch
+        (1, [(1, 1, 1), (1, 2, 2), (2, 2, 4), (3, 2, 6)]),
+        # fold 0 alone for 2 epochs, then fold 1 catches up to epoch 2 in one step
+        (2, [(1, 1, 1), (2, 1, 2), (2, 2, 4), (3, 2, 6)]),
+        # lockstep
+        (0, [(1, 2, 2), (2, 2, 4), (3, 2, 6)]),
+    ],
+)
+def test_train_cv_race_reports_fold_0_first_then_catches_up(embedded, race, want):
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=2, race=True)
-    got = [(h["epoch"], h["folds"], h["fold_epochs"], len(h["auc_folds"])) for h in r.history]
-    assert got == [(1, 1, 1, 1), (1, 2, 2, 2), (2, 2, 4, 2)]
-    assert r.epochs_run == 2 and r.final["auc"] == pytest.approx(np.mean(r.final["auc_folds"]))
+    r = train_cv(TINY, data, folds, epochs=3, race_epochs=race)
+    # (epoch, folds averaged, fold-epochs trained) per report
+    assert [(h["epoch"], h["folds"], h["fold_epochs"]) for h in r.history] == want
+    assert all(len(h["auc_folds"]) == h["folds"] for h in r.history)
+    assert r.epochs_run == 3 and r.final["auc"] == pytest.approx(np.mean(r.final["auc_folds"]))
+
+
+def test_fold_steps_race_then_lockstep():
+    assert fold_steps(3, 4, 2) == [
+        ([0], 1),
+        ([0], 2),
+        ([1], 2),
+        ([2], 2),
+        ([0, 1, 2], 3),
+        ([0, 1, 2], 4),
+    ]
+    assert fold_steps(2, 2, 0) == [([0, 1], 1), ([0, 1], 2)]
+    assert fold_steps(2, 1, 5) == [([0], 1), ([1], 1)]  # racing never passes the last epoch
 
 
 def test_train_cv_race_stopped_at_fold_0_trains_nothing_else(embedded):
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=3, race=True, on_epoch=lambda e, m: True)
+    r = train_cv(TINY, data, folds, epochs=3, race_epochs=1, on_epoch=lambda e, m: True)
     assert r.stopped_early and len(r.history) == 1 and r.history[0]["fold_epochs"] == 1
 
 
@@ -136,7 +161,7 @@ def test_train_cv_race_changes_the_order_not_the_models(embedded):
     data, folds = _small(embedded)
     p = {**TINY, "dropout": 0.0}
     lock = train_cv(p, data, folds, epochs=2, seed=1, threads=1)
-    race = train_cv(p, data, folds, epochs=2, seed=1, threads=1, race=True)
+    race = train_cv(p, data, folds, epochs=2, seed=1, threads=1, race_epochs=2)
     assert race.final["auc_folds"] == lock.final["auc_folds"]
 
 

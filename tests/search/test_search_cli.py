@@ -44,7 +44,8 @@ high = 0.5
 """
 MAX_EPOCHS = 3
 K = 2
-# fold racing: fold 0 at epoch 1, then fold 1 catches up, then both per epoch (fold-epochs)
+# fold racing (--race-epochs 2): fold 0 alone for epochs 1-2, then fold 1 catches up to epoch
+# 2, then both per epoch; steps are fold-epochs
 STEPS = [1, 2, 4, 6]
 
 
@@ -69,6 +70,8 @@ def _args(root: Path, data: Path, trials: int, *extra: str) -> list[str]:
         "--grace-period",
         "1",
         "--reduction-factor",
+        "2",
+        "--race-epochs",
         "2",
         "--no-progress",
         *extra,
@@ -109,8 +112,8 @@ def test_search_states_are_truthful(searched):
             assert t.user_attrs["fold_epochs"] == K * MAX_EPOCHS
             assert len(t.user_attrs["auc_folds"]) == K
             assert t.value == pytest.approx(sum(t.user_attrs["auc_folds"]) / K)
-            # the first value is fold 0 alone, then every value averages both folds
-            assert t.user_attrs["intermediate_folds"] == {"1": 1, "2": 2, "4": 2, "6": 2}
+            # the first values are fold 0 alone, then every value averages both folds
+            assert t.user_attrs["intermediate_folds"] == {"1": 1, "2": 1, "4": 2, "6": 2}
             assert t.user_attrs["device"] == "cpu" and t.user_attrs["seconds"] > 0
         else:  # ASHA stopped it early: PRUNED, with the fold-epochs it did run
             assert t.state == TrialState.PRUNED
@@ -492,7 +495,7 @@ def test_search_self_stopped_trial_is_complete(_kaggle_master, tmp_path):
         assert t.state == TrialState.COMPLETE, (t.number, t.state, t.user_attrs)
         assert t.user_attrs["early_stopped"] is True
         epochs = t.user_attrs["epochs_run"]
-        steps = [1, *range(K, K * epochs + 1, K)]  # fold 0, then both folds per epoch
+        steps = [1, 2, *range(2 * K, K * epochs + 1, K)]  # fold 0 to epoch 2, then both
         assert epochs < 6 and sorted(t.intermediate_values) == steps
         assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
 

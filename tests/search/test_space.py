@@ -64,3 +64,20 @@ def test_load_space_log_range_needs_positive_low(tmp_path):
 def test_load_space_missing_file_lists_known(tmp_path):
     with pytest.raises(SpaceError, match=r"not found.*'cpu'"):
         load_space("nope")
+
+
+def test_load_space_start_tables_must_use_searched_params_and_values(tmp_path):
+    base = '[params.lr]\ntype = "float"\nlow = 1e-4\nhigh = 1e-2\n'
+    ok = tmp_path / "ok.toml"
+    ok.write_text(base + "[[start]]\nlr = 3e-3\n")
+    assert load_space(ok).start == [{"lr": 3e-3}]
+    for bad, match in (("width = 16", "not searched"), ("lr = 1.0", "outside")):
+        f = tmp_path / "bad.toml"
+        f.write_text(base + f"[[start]]\n{bad}\n")
+        with pytest.raises(SpaceError, match=match):
+            load_space(f)
+
+
+def test_cpu_space_starts_from_a_valid_recipe():
+    space = load_space("cpu")
+    assert space.start and all(set(t) <= set(space.params) for t in space.start)
