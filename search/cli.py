@@ -26,7 +26,7 @@ import models
 from data_pipeline.cache import available_cpus
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import STRATEGIES, folds_file, folds_for_cache
-from data_pipeline.problems import DataError, summarize
+from data_pipeline.problems import DataError
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
 from search.deadline import Deadline
@@ -331,6 +331,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
             f"no pretrained weights (--pretrained): not searching {skipped}; "
             "ResNets train all stages"
         )
+    cache = open_dataset(cfg.data, progress=cfg.progress)  # bad data: no study is created
     storage = studies.make_storage(cfg.storage_url)
     study = _open_study(cfg, storage, console)
     done = studies.count_finished(study)
@@ -343,7 +344,6 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         _summary(console, study, cfg, Tally(target=0, finished_before=done))
         return 0
 
-    cache = open_dataset(cfg.data, progress=cfg.progress)
     folds_df = folds_for_cache(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy)
     where = str(folds_file(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy))
     _record_study(study, cfg, space, cache.fingerprint, where, argv)
@@ -508,9 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_config(cfg)
         return run(cfg, argv, out, t_cmd)
     except DataError as e:
+        # the message already summarises the problems, naming the files and ids
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        if getattr(e, "problems", None):
-            console.print(summarize(e.problems))
         return EXIT_BAD_INPUT
     except (
         SpaceError,

@@ -517,3 +517,17 @@ def test_search_missing_pretrained_weights_is_a_clear_error(_kaggle_master, tmp_
     assert main(args) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "studies" / "pcam.db").exists() or not _load(tmp_path).trials
+
+
+def test_search_on_bad_data_names_the_problem_and_creates_no_study(kaggle_dir, tmp_path, capsys):
+    # a label that is not 0/1: exit 2 with the offending id, and no (empty) study left behind
+    labels = kaggle_dir / "train_labels.csv"
+    lines = labels.read_text().splitlines()
+    bad_id = lines[1].split(",")[0]
+    lines[1] = f"{bad_id},7"
+    labels.write_text("\n".join(lines) + "\n")
+    assert main(_args(tmp_path, kaggle_dir, 2)) == 2
+    err = capsys.readouterr().err
+    assert bad_id in err and "Traceback" not in err
+    db = tmp_path / "studies" / "pcam.db"
+    assert not db.exists() or not optuna.get_all_study_names(studies.sqlite_url(db))
