@@ -91,9 +91,15 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) -> None:
-    """Load every tensor except a mismatching classifier; any other mismatch is an error."""
+    """Load every tensor except a mismatching classifier (an ImageNet head; a 1-logit head of
+    the same shape is loaded too); any other mismatch is an error."""
     own = model.state_dict()
-    head = {k for k in own if k.startswith(_classifier_prefix(model))}
+    head = {
+        k
+        for k in own
+        if k.startswith(_classifier_prefix(model))
+        and not (k in sd and sd[k].shape == own[k].shape)
+    }
     keep = {k: v for k, v in sd.items() if k in own and k not in head}
     missing = [k for k in own if k not in keep and k not in head]
     unexpected = [k for k in sd if k not in own]
@@ -156,6 +162,8 @@ def create(
     weights = _resolve_weights(arch, pretrained)
     if arch == "simple_cnn":
         model: nn.Module = SimpleCNN(width=width, depth=depth, dropout=dropout)
+        if weights is not None:  # e.g. a fold model saved by pcam-refit: never ignored
+            _load_backbone(model, load_weights_file(weights), weights)
     else:
         model = timm.create_model(arch, pretrained=False, num_classes=1, drop_rate=dropout)
         if weights is not None:

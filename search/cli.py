@@ -208,6 +208,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
 
 
 def _check_config(cfg: SearchConfig) -> None:
+    studies.check_study_name(cfg.study)
     if cfg.trials < 1 or cfg.folds < 2 or cfg.max_epochs < 1 or cfg.grace_period < 1:
         raise ValueError("--trials and --max-epochs must be >= 1, --folds >= 2, grace >= 1")
     if cfg.race_epochs < 0 or cfg.keep_top < 0:

@@ -90,6 +90,11 @@ def refit_main(argv: list[str] | None = None) -> int:
     args = refit_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
+    try:
+        studies.check_study_name(args.study)
+    except ValueError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_BAD_INPUT
     cfg = RefitConfig(
         study=args.study,
         storage=args.storage,

@@ -397,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err = Console(stderr=True, soft_wrap=True)
+    try:
+        studies.check_study_name(args.study)
+    except ValueError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
     url = args.storage or studies.sqlite_url(args.studies_dir / "pcam.db")
     try:
         study = optuna.load_study(study_name=args.study, storage=studies.make_storage(url))

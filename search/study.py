@@ -8,6 +8,7 @@ other reader open the live file without "database is locked" killing the search.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -22,6 +23,20 @@ from data_pipeline.cache import pid_alive
 
 SQLITE_TIMEOUT_S = 60  # seconds a writer waits for a lock before "database is locked"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # also a folder name: no paths
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it is a safe study name (it names the folder studies/<name>), else a
+    ValueError naming it: letters, digits, '.', '_', '-', not starting with '.' or '-'."""
+    if not STUDY_NAME.fullmatch(name):
+        raise ValueError(
+            f"study name {name!r} is not allowed: use up to 100 letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit (it names the folder studies/<name>)"
+        )
+    return name
 
 
 def safe_url(url: str) -> str:

@@ -89,3 +89,17 @@ def test_data_config_from_timm_and_simple_cnn_constants():
     assert models.data_config(r, "resnet18")["mean"] == pytest.approx((0.485, 0.456, 0.406))
     s = models.data_config(models.create("simple_cnn"), "simple_cnn")
     assert len(s["mean"]) == 3 and len(s["std"]) == 3
+
+
+def test_create_simple_cnn_pretrained_file_is_loaded_not_ignored(tmp_path):
+    # asked-for weights are never a silent random init, for the simple CNN too
+    from safetensors.torch import save_file
+
+    src = models.create("simple_cnn", width=8)
+    path = tmp_path / "cnn.safetensors"
+    save_file(src.state_dict(), str(path))
+    m = models.create("simple_cnn", width=8, pretrained=path)
+    want = src.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="do not fit"):
+        models.create("simple_cnn", width=16, pretrained=path)  # other width: an error

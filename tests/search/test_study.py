@@ -89,3 +89,27 @@ def test_best_trial_ignores_pruned(tmp_path):
     st.tell(t, state=TrialState.PRUNED)  # PRUNED keeps its last value 0.99
     st.tell(st.ask(), 0.8)
     assert studies.best_trial(st).value == 0.8
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", ".hidden", "-x", "", "x" * 101, "a b"])
+def test_check_study_name_refuses_paths_and_odd_names(name):
+    with pytest.raises(ValueError, match="not allowed"):
+        studies.check_study_name(name)
+
+
+def test_check_study_name_accepts_plain_names():
+    for name in ("pcam", "resnets-2026.11", "A_1"):
+        assert studies.check_study_name(name) == name
+
+
+def test_search_refit_and_report_refuse_a_path_as_study_name(tmp_path, capsys):
+    from search.cli import main as search_main
+    from search.refit_cli import refit_main
+    from search.report import main as report_main
+
+    common = ["--studies-dir", str(tmp_path / "studies"), "--study", "../../x"]
+    assert search_main(["--trials", "1", *common]) == 2
+    assert refit_main(["--best", *common]) == 2
+    assert report_main(common) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert not (tmp_path / "studies").exists() and not (tmp_path.parent / "x").exists()
