@@ -312,6 +312,15 @@ def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Ta
             f"(trial {best.number}; folds {', '.join(f'{a:.4f}' for a in folds)})"
         )
         console.print("  " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
+    models_dir = cfg.out_dir / "models"
+    if models_dir.is_dir():
+        kept = [d for d in models_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        size = sum(f.stat().st_size for d in kept for f in d.iterdir())
+        console.print(
+            f"fold models of the best {len(kept)} COMPLETE trial(s) kept in {models_dir} "
+            f"({size / 1e6:.1f} MB; --keep-top {cfg.keep_top})",
+            highlight=False,
+        )
     console.print("next:")
     for c in next_commands(cfg):
         console.print(f"  {c}", highlight=False, markup=False)
@@ -363,6 +372,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
     )
     deadline = Deadline(
         full_fold_epochs=cfg.folds * cfg.max_epochs,
+        first_rung=min(cfg.grace_period, cfg.folds * cfg.max_epochs) if cfg.asha else None,
         timeout=cfg.timeout,
         # the budget counts from the command's start (Ray and the data took some already)
         budget=None if cfg.budget is None else cfg.budget - (time.monotonic() - t_cmd),
@@ -379,12 +389,12 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
     )
     _summary(console, study, cfg, tally)
     if deadline.active and tally.finished < tally.target and not interrupted:
-        full = deadline.full_trial_s() or 0.0
+        first = deadline.first_rung_s() or 0.0
         console.print(
             f"[yellow]deadline reached: the search ended {deadline.end():.0f} s after it "
-            f"started; a full trial needs ~{full:.0f} s, so no trial was started after "
-            f"{deadline.end() - full:.0f} s; {tally.interrupted} running trial(s) stopped "
-            "(re-run on resume)[/]"
+            f"started; {deadline.not_started} trial(s) not started (a trial needs ~{first:.0f}"
+            f" s to finish or pass its first rung); {tally.interrupted} running trial(s) "
+            "stopped: they could not train every fold-epoch in time (re-run on resume)[/]"
         )
     if interrupted:
         console.print("[yellow]interrupted: run the same command again to continue[/]")

@@ -414,13 +414,14 @@ def train_cv(
         norm = models.data_config(runs[0].model, p.arch)
         run = _Run(p, dev, _Batcher(x, dev, norm["mean"], norm["std"]), data.labels)
         clock = _Clock()
-        for group, epoch in fold_steps(k, epochs, race_epochs):
+        steps = fold_steps(k, epochs, race_epochs)
+        for i, (group, epoch) in enumerate(steps):
             clock.new_step()
             for f in group:
                 runs[f].train_to(run, epoch, clock, eval_batch)
             seen = runs[: group[-1] + 1]  # folds that have reached this epoch (steps go in order)
             history.append(_metrics(epoch, seen, runs, p, clock, t_start))
-            if on_epoch is not None and on_epoch(epoch, history[-1]) and epoch < epochs:
+            if on_epoch is not None and on_epoch(epoch, history[-1]) and i < len(steps) - 1:
                 stopped = True
                 break
             if len(seen) == k and not any(r.active for r in runs):  # all early-stopped

@@ -17,12 +17,20 @@ def test_deadline_first_trial_starts_before_any_pace_is_known():
 
 
 def test_deadline_refuses_a_trial_that_cannot_finish():
-    # 2 s per fold-epoch x 36 fold-epochs x margin: a full trial needs ~83 s
+    # without ASHA a trial finishes after all 36 fold-epochs: 2 s each x margin = ~83 s
     d = Deadline(full_fold_epochs=36, timeout=600)
     d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
     full = 2 * 36 * MARGIN
     assert d.full_trial_s() == pytest.approx(full)
     assert d.may_start(600 - full - 1) and not d.may_start(600 - full)
+
+
+def test_deadline_with_asha_starts_a_trial_that_can_reach_its_first_rung():
+    # ASHA decides at 3 fold-epochs (PRUNED there, or it goes on): 2 s x 3 x margin
+    d = Deadline(full_fold_epochs=36, first_rung=3, timeout=600)
+    d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
+    rung = 2 * 3 * MARGIN
+    assert d.may_start(600 - rung - 1) and not d.may_start(600 - rung)
 
 
 def test_deadline_full_trial_uses_the_slower_trials_pace():

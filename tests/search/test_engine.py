@@ -149,9 +149,11 @@ def test_fold_steps_race_then_lockstep():
     assert fold_steps(2, 1, 5) == [([0], 1), ([1], 1)]  # racing never passes the last epoch
 
 
-def test_train_cv_race_stopped_at_fold_0_trains_nothing_else(embedded):
+@pytest.mark.parametrize("race", [1, 2])
+def test_train_cv_race_stopped_at_fold_0_trains_nothing_else(embedded, race):
+    # race == epochs: the stop comes at the last epoch, yet fold 1 must not train
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=3, race_epochs=1, on_epoch=lambda e, m: True)
+    r = train_cv(TINY, data, folds, epochs=2, race_epochs=race, on_epoch=lambda e, m: True)
     assert r.stopped_early and len(r.history) == 1 and r.history[0]["fold_epochs"] == 1
 
 
