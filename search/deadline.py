@@ -112,6 +112,16 @@ class Deadline:
             return True
         return elapsed + (self.first_rung_s() or 0.0) < end
 
+    def should_cut(self, elapsed: float, fold_epochs: int, seconds: float) -> bool:
+        """Whether a running trial, ``fold_epochs`` done in ``seconds``, should stop now: it is
+        past its first rung (before it, ASHA may still end it as PRUNED, and it was started
+        because it could get there) and its own pace says it cannot train every fold-epoch
+        before the end."""
+        if fold_epochs <= 0 or seconds <= 0 or fold_epochs < (self.first_rung or 0):
+            return False
+        left = (self.full_fold_epochs - fold_epochs) * seconds / fold_epochs
+        return not self.can_finish(elapsed, left)
+
     def can_finish(self, elapsed: float, seconds_left: float) -> bool:
         """Whether a running trial that needs ``seconds_left`` more ends before the end."""
         end = self.end()

@@ -191,10 +191,7 @@ class _DeadlineStopper(tune.Stopper):
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         done, seconds = int(result.get(TIME_ATTR, 0)), float(result.get("trial_seconds", 0.0))
-        if done <= 0 or seconds <= 0:
-            return False
-        left = (self.deadline.full_fold_epochs - done) * seconds / done
-        if self.deadline.can_finish(time.monotonic() - self.t0, left):
+        if not self.deadline.should_cut(time.monotonic() - self.t0, done, seconds):
             return False
         self.deadline.cut.add(trial_id)
         return True

@@ -82,3 +82,13 @@ def test_deadline_budget_reusing_models_reserves_only_the_predictions():
     d.best = "t"
     assert d.refit_s() == pytest.approx(8000 / 1000 * PREDICT_COST * MARGIN + REFIT_FIXED_S)
     assert d.refit_s() < replace(d, retrain=True).refit_s()
+
+
+def test_deadline_cuts_a_trial_only_past_its_first_rung_and_when_it_cannot_finish():
+    d = Deadline(full_fold_epochs=36, first_rung=3, timeout=100)
+    # 1 fold-epoch in 10 s: 350 s left, far too long, but before the first rung: ASHA decides
+    assert not d.should_cut(elapsed=50, fold_epochs=1, seconds=10)
+    # at the first rung and still going: cut
+    assert d.should_cut(elapsed=60, fold_epochs=3, seconds=30)
+    # fast enough to finish: kept (33 fold-epochs x 1 s = 33 s left, 40 s to go)
+    assert not d.should_cut(elapsed=60, fold_epochs=3, seconds=3)
