@@ -388,7 +388,10 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
     )
     _summary(console, study, cfg, tally)
-    if deadline.active and tally.finished < tally.target and not interrupted:
+    # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
+    # deadline having ended the run means interrupted
+    interrupted |= tally.finished < tally.target and not deadline.reached
+    if deadline.reached and tally.finished < tally.target:
         first = deadline.first_rung_s() or 0.0
         console.print(
             f"[yellow]deadline reached: the search ended {deadline.end():.0f} s after it "
@@ -399,8 +402,6 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
     if interrupted:
         console.print("[yellow]interrupted: run the same command again to continue[/]")
         return EXIT_INTERRUPTED
-    if tally.finished < tally.target and not deadline.active:
-        console.print("[yellow]stopped early: run the same command again to continue[/]")
     if cfg.budget is not None:
         return _refit_in_budget(cfg, console, t_cmd)
     return 0

@@ -58,6 +58,7 @@ class Deadline:
     best: str | None = None  # trial id of the best COMPLETE trial so far
     not_started: int = 0  # suggestions refused because a full trial would not fit
     cut: set[str] = field(default_factory=set)  # trials stopped: they could not finish in time
+    reached: bool = False  # the deadline ended the run (no more starts, or the end passed)
 
     @property
     def active(self) -> bool:
@@ -129,4 +130,5 @@ class Deadline:
 
     def expired(self, elapsed: float) -> bool:
         end = self.end()
+        self.reached |= end is not None and elapsed >= end
         return end is not None and elapsed >= end

@@ -292,6 +292,7 @@ class _TruthfulSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         if not self._deadline.may_start(time.monotonic() - self._t0):
             self._deadline.not_started += 1
+            self._deadline.reached = True
             return self.FINISHED  # Ray starts no further trial and lets running ones end
         config = super().suggest(trial_id)
         ot = self._ot_trials[trial_id]
