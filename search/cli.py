@@ -14,6 +14,7 @@ import importlib.metadata
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
 
 EXIT_BAD_INPUT = 2
+METRIC_NAME = "mean fold AUC"  # what a trial's value is, as optuna-dashboard labels it
 EXIT_INTERRUPTED = 130
 # Settings a study keeps for life: trials scored differently are not comparable.
 FROZEN_SETTINGS = ("folds", "fold_strategy", "fold_seed", "max_epochs")
@@ -243,6 +245,10 @@ def _open_study(cfg: SearchConfig, storage, console: Console) -> optuna.Study:
     )
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ValueError(f"study {cfg.study!r} exists and minimizes; pcam-search maximizes AUC")
+    if study.metric_names != [METRIC_NAME]:
+        with warnings.catch_warnings():  # experimental in Optuna (since 3.2), stable enough
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])  # optuna-dashboard's axis, not "Objective 0"
     zombies = studies.fail_zombies(study)
     if zombies:
         console.print(

@@ -132,6 +132,8 @@ def test_search_study_attrs_describe_the_run(searched):
     assert attrs["space"]["params"]["lr"]["choices"] == [1e-4, 0.003, 1e30]
     assert attrs["config"]["folds"] == 2 and attrs["config"]["max_epochs"] == MAX_EPOCHS
     assert attrs["version"] and attrs["command"].startswith("pcam-search ")
+    # optuna-dashboard names the value "mean fold AUC", not "Objective 0"
+    assert _load(searched).metric_names == ["mean fold AUC"]
 
 
 def test_search_resume_counts_earlier_trials(searched, _kaggle_master):
