@@ -6,11 +6,13 @@
 On each dataset setting (the embedded set and harder generator settings, all with known test
 labels) and the same end-to-end wall budget (search + building the submission), side by side:
 
-  (a) ``pcam-search --budget B``: the new CPU defaults (fold racing, 12 epochs, cpu.toml);
+  (a) ``pcam-search --budget B``: the new CPU defaults (fold racing, 12-epoch trials, cpu.toml,
+      half the budget searching, the other half training the best params again for as many
+      epochs as fit);
   (b) the v0.1 CPU defaults under the same budget: ``--space cpu-v1 --max-epochs 2 --no-race
       --grace-period 3`` (rung at epoch 1, as before);
   (c) a plain Optuna script (below): TPE + SuccessiveHalvingPruner over the same space, folds
-      and epochs, no Ray, its search ``timeout`` set to (a)'s search time; then the best
+      and epochs, no Ray, its search ``timeout`` set to 3/4 of the budget; then the best
       params trained on every fold and submitted, as ``pcam-refit`` does;
   (d) one fixed, sensible configuration (the hand-chosen notebook recipe: width 16, 48 px,
       one-cycle, full augmentation) trained on every fold for as many epochs as fit the budget.
@@ -75,6 +77,7 @@ FIXED = {
     "aug": 1.0,
 }
 OLD = ["--space", "cpu-v1", "--max-epochs", "2", "--no-race", "--grace-period", "3"]
+OLD += ["--search-share", "1"]  # v0.1 submitted the best trial's fold models
 
 
 def dataset(name: str) -> Path:
@@ -146,8 +149,10 @@ def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
     return {
         "test_auc": refit["test_auc"],
         "cv_auc": s.best_value,
+        # the final model's, when it was trained again (else the best trial's own, counted)
         "fold_epochs": sum(t.user_attrs.get("fold_epochs", 0) for t in s.trials)
-        + cfg["folds"] * cfg["max_epochs"],
+        + (cfg["folds"] * refit["epochs"] if refit["trained"] else 0),
+        "final_epochs": refit["epochs"],
         "wall": wall,
         "search_s": wall - refit["seconds"]["train"] - refit["seconds"]["predict"],
         "trials": len(done),
@@ -271,12 +276,11 @@ def main() -> None:
     )
     for name in args.settings:
         data_dir = dataset(name)
-        search_s = args.budget * 0.75
+        search_s = args.budget * 0.75  # (c): its refit (12 epochs) gets the rest
         for m in args.methods:
             print(f"[{name}] ({m}) {METHODS[m]} ...", flush=True)
             if m == "a":
                 r = run_cli(f"{name}-a", data_dir, args.budget, [])
-                search_s = r["search_s"]
             elif m == "b":
                 r = run_cli(f"{name}-b", data_dir, args.budget, OLD)
             elif m == "c":

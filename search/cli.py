@@ -30,7 +30,7 @@ from data_pipeline.folds import STRATEGIES, folds_file, folds_for_cache
 from data_pipeline.problems import DataError
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
-from search.deadline import Deadline
+from search.deadline import Deadline, final_epochs
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
@@ -126,8 +126,16 @@ def parser() -> argparse.ArgumentParser:
         "--budget",
         type=float,
         default=None,
-        help="seconds end to end: the search, then the refit of the best trial and its "
-        "submission, whose estimated time is reserved",
+        help="seconds end to end: the search (--search-share of it), then the best params "
+        "trained again on every fold for as many epochs as fit the rest, and the submission",
+    )
+    a(
+        "--search-share",
+        type=float,
+        default=SearchConfig.search_share,
+        help="--budget: the share of the budget the search gets; the final model trains in "
+        "the rest (1 = search all of it and submit the best trial's own fold models; "
+        "default: %(default)s)",
     )
     a(
         "--keep-top",
@@ -196,6 +204,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         race_epochs=0 if args.no_race else pick(args.race_epochs, d.race_epochs),
         timeout=args.timeout,
         budget=args.budget,
+        search_share=args.search_share,
         keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
         gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
@@ -222,6 +231,8 @@ def _check_config(cfg: SearchConfig) -> None:
     for name, v in (("--timeout", cfg.timeout), ("--budget", cfg.budget)):
         if v is not None and v <= 0:
             raise ValueError(f"{name} must be > 0 seconds, got {v}")
+    if not 0 < cfg.search_share <= 1:
+        raise ValueError(f"--search-share must be in (0, 1], got {cfg.search_share}")
 
 
 def safe_argv(argv: list[str]) -> str:
@@ -384,6 +395,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         budget=None if cfg.budget is None else cfg.budget - (time.monotonic() - t_cmd),
         predict_images=len(cache.rows("test")) * cfg.tta,
         retrain=cfg.keep_top < 1,
+        search_share=cfg.search_share,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
     if not study.trials:  # a new study starts from the space's known-good recipes
@@ -409,7 +421,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
         console.print("[yellow]interrupted: run the same command again to continue[/]")
         return EXIT_INTERRUPTED
     if cfg.budget is not None:
-        return _refit_in_budget(cfg, console, t_cmd)
+        return _refit_in_budget(cfg, console, t_cmd, deadline)
     return 0
 
 
@@ -463,13 +475,38 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     return False
 
 
-def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float) -> int:
-    """--budget: refit the best trial now (its time was reserved) and write the submission."""
+def _final_epochs(cfg: SearchConfig, t_cmd: float, deadline: Deadline, console: Console) -> int:
+    """--budget: epochs of the final model that fit what is left (0 = reuse the best trial's
+    own fold models), said on the console."""
+    pace = deadline.best_pace()
+    left = cfg.budget - (time.monotonic() - t_cmd)
+    if pace is None or cfg.search_share >= 1:
+        return 0
+    epochs = final_epochs(left, cfg.folds, pace, deadline.predict_s(pace), cfg.max_epochs)
+    if epochs <= cfg.max_epochs:
+        console.print(
+            f"{left:.0f} s left: no more than the search's {cfg.max_epochs} epochs fit; "
+            "submitting the best trial's own fold models"
+        )
+        return 0
+    console.print(
+        f"{left:.0f} s left: training the best params again on {cfg.folds} folds for {epochs} "
+        f"epochs (the search's trials: {cfg.max_epochs})"
+    )
+    return epochs
+
+
+def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline) -> int:
+    """--budget: the final model (the best params for as many epochs as fit, or the best
+    trial's own fold models) and its submission, in the time the search left."""
     from search import ray_adapter
     from search.refit import RefitConfig, RefitError, refit
 
     ray_adapter.shutdown_ray()  # free the cores for the refit
+    epochs = _final_epochs(cfg, t_cmd, deadline, console)
     rcfg = RefitConfig(
+        epochs=epochs or None,
+        retrain=epochs > 0,
         study=cfg.study,
         storage=cfg.storage,
         studies_dir=cfg.studies_dir,

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_pipeline.dataset import DataConfig
+from search.deadline import SEARCH_SHARE
 from search.study import safe_url, sqlite_url
 
 DEFAULT_STUDY = "pcam"
@@ -84,6 +85,7 @@ class SearchConfig:
     race_epochs: int = 3  # fold racing: epochs of fold 0 alone; other folds for survivors
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
+    search_share: float = SEARCH_SHARE  # --budget: search share; the final model gets the rest
     tta: int = 8  # dihedral test views of the refit that --budget runs
     keep_top: int = 10  # COMPLETE trials whose fold models stay on disk (0 = keep none)
     cpus_per_trial: float = 1  # CPU threads per trial (1 / 2)

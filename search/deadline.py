@@ -5,8 +5,12 @@ A run may have a search timeout (``--timeout S``: the search alone) and an end-t
 time for the search, measured from its start:
 
 - ``--timeout``: the end is S;
-- ``--budget``: the end is S minus the refit's estimated time, so the submission still fits.
-  The refit reuses the best trial's saved fold models: it only predicts the test set (at the
+- ``--budget``: the end is ``search_share`` x S, and never later than S minus the refit's
+  estimated time, so the submission still fits. The rest of the budget trains the final
+  model: the best params again on every fold, for as many epochs as fit (``final_epochs``),
+  because epochs per final model, not trials, decide the test AUC at a fixed wall budget
+  (README, "Model quality per unit of compute"). When no more epochs than the search's fit,
+  the refit reuses the best trial's saved fold models and only predicts the test set (at the
   best trial's pace). With ``retrain`` it trains them again: the best trial's own seconds per
   fold-epoch x the fold-epochs of a full refit x ``refit_factor``, plus the predictions.
 
@@ -32,6 +36,9 @@ REFIT_FACTOR = 0.75
 MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
 PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
+# --budget: the share of the budget the search gets; the final model trains in the rest
+SEARCH_SHARE = 0.5
+FINAL_MAX_FACTOR = 4  # the final model trains at most this x the search's max epochs
 
 
 @dataclass
@@ -54,6 +61,7 @@ class Deadline:
     predict_images: int = 0  # test patches x TTA views the refit predicts
     refit_factor: float = REFIT_FACTOR
     retrain: bool = False  # the refit trains the best params again (else reuses its models)
+    search_share: float = 1.0  # with a budget: the search ends by this share of it
     paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace
     best: str | None = None  # trial id of the best COMPLETE trial so far
     not_started: int = 0  # suggestions refused because a full trial would not fit
@@ -87,7 +95,7 @@ class Deadline:
         """Estimated seconds of the refit of the best trial (0 without a budget)."""
         if self.budget is None:
             return 0.0
-        pace = self.paces.get(self.best) if self.best else None
+        pace = self.best_pace()
         if pace is None:  # no COMPLETE trial yet: a typical trial's pace
             if not self.paces:
                 return REFIT_FIXED_S
@@ -96,15 +104,22 @@ class Deadline:
         train = 0.0
         if self.retrain:
             train = pace.seconds_per_fold_epoch * self.full_fold_epochs * self.refit_factor
-        predict = self.predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
-        return (train + predict) * MARGIN + REFIT_FIXED_S
+        return (train + self.predict_s(pace)) * MARGIN + REFIT_FIXED_S
 
     def end(self) -> float | None:
         """Seconds after the start when the search must have stopped; None = no deadline."""
         ends = [t for t in (self.timeout,) if t is not None]
         if self.budget is not None:
-            ends.append(self.budget - self.refit_s())
+            ends += [self.budget * self.search_share, self.budget - self.refit_s()]
         return min(ends) if ends else None
+
+    def best_pace(self) -> Pace | None:
+        """The best COMPLETE trial's pace (None before one)."""
+        return self.paces.get(self.best) if self.best else None
+
+    def predict_s(self, pace: Pace) -> float:
+        """Estimated seconds to predict the test set at ``pace`` (TTA views included)."""
+        return self.predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
 
     def may_start(self, elapsed: float) -> bool:
         """Whether a new trial started now could reach its first rung before the end."""
@@ -132,3 +147,15 @@ class Deadline:
         end = self.end()
         self.reached |= end is not None and elapsed >= end
         return end is not None and elapsed >= end
+
+
+def final_epochs(
+    seconds_left: float, folds: int, pace: Pace, predict_s: float, max_epochs: int
+) -> int:
+    """Epochs of the final model (the best params on every fold) that fit ``seconds_left``,
+    after the test predictions and fixed costs; capped at ``FINAL_MAX_FACTOR`` x the search's
+    ``max_epochs``. At most ``max_epochs`` means: reuse the search's own fold models."""
+    train_s = seconds_left - predict_s * MARGIN - REFIT_FIXED_S
+    per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * MARGIN
+    epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
+    return max(0, min(epochs, FINAL_MAX_FACTOR * max_epochs))

@@ -2,7 +2,16 @@ from dataclasses import replace
 
 import pytest
 
-from search.deadline import MARGIN, PREDICT_COST, REFIT_FACTOR, REFIT_FIXED_S, Deadline
+from search.deadline import (
+    FINAL_MAX_FACTOR,
+    MARGIN,
+    PREDICT_COST,
+    REFIT_FACTOR,
+    REFIT_FIXED_S,
+    Deadline,
+    Pace,
+    final_epochs,
+)
 
 
 def test_deadline_without_limits_always_starts_and_never_expires():
@@ -92,3 +101,21 @@ def test_deadline_cuts_a_trial_only_past_its_first_rung_and_when_it_cannot_finis
     assert d.should_cut(elapsed=60, fold_epochs=3, seconds=30)
     # fast enough to finish: kept (33 fold-epochs x 1 s = 33 s left, 40 s to go)
     assert not d.should_cut(elapsed=60, fold_epochs=3, seconds=3)
+
+
+def test_deadline_budget_search_ends_at_its_share():
+    d = Deadline(full_fold_epochs=30, budget=600, search_share=0.4)
+    assert d.end() == pytest.approx(240)
+    # a refit that needs more than the other 60% still ends the search earlier
+    d = replace(d, search_share=1.0)
+    assert d.end() == pytest.approx(600 - REFIT_FIXED_S)
+
+
+def test_final_epochs_fill_the_time_left_after_predictions():
+    pace = Pace(seconds_per_fold_epoch=2.0, images_per_s=100)
+    # 3 folds x 2 s x factor x margin per epoch, after predictions and the fixed cost
+    per_epoch = 3 * 2.0 * REFIT_FACTOR * MARGIN
+    want = int((300 - 20 * MARGIN - REFIT_FIXED_S) // per_epoch)
+    assert final_epochs(300, 3, pace, predict_s=20, max_epochs=100) == want
+    assert final_epochs(300, 3, pace, predict_s=20, max_epochs=5) == FINAL_MAX_FACTOR * 5
+    assert final_epochs(5, 3, pace, predict_s=20, max_epochs=12) == 0

@@ -255,15 +255,22 @@ def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
     assert studies.count_finished(study) == len(study.trials) - len(cut) < 200
 
 
-def test_search_budget_reserves_the_refit_and_writes_a_submission(_kaggle_master, tmp_path):
-    # --budget: search, then refit the best trial in the same command; the submission exists
-    # and the study records the refit
-    args = _args(tmp_path, _kaggle_master, 200, "--budget", "25")
+def test_search_budget_trains_the_final_model_in_the_rest_and_submits(
+    _kaggle_master, tmp_path, capsys
+):
+    # --budget: search half of it, then the best params trained again for more epochs than the
+    # search's (as many as fit) in the same command; the submission exists, the study records it
+    args = _args(tmp_path, _kaggle_master, 200, "--budget", "50", "--search-share", "0.5")
+    t0 = time.monotonic()
     assert main(args) == 0
     study = _load(tmp_path)
     refit = study.user_attrs["refit"]
     assert Path(refit["submission"]).is_file()
     assert refit["trial"] == studies.best_trial(study).number
+    assert refit["trained"] and refit["epochs"] > MAX_EPOCHS
+    assert f"for {refit['epochs']} epochs" in capsys.readouterr().out
+    # the search stopped at about half the budget: the final model had the rest
+    assert time.monotonic() - t0 > 25
     assert studies.tally(study).get("RUNNING", 0) == 0
 
 
