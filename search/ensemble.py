@@ -152,19 +152,100 @@ def load_oof(folder: Path) -> np.ndarray | None:
     return load_file(str(path))["prob"].numpy()
 
 
-def load_ensemble(folder: Path, device: str | torch.device | None = None) -> Ensemble:
-    """Rebuild the fold models from ``folder``; a missing, modified or non-safetensors weights
-    file is an ``EnsembleError`` naming it."""
+MEMBERS = "members"  # ensemble.json key of a multi-trial ensemble
+
+
+@dataclass
+class WeightedEnsemble:
+    """Several trials' fold ensembles, each with its own arch, crop and normalisation, and
+    their weights (greedy selection's; they sum to 1)."""
+
+    members: list[Ensemble]
+    weights: list[float]
+    meta: dict
+
+    def predict(
+        self,
+        images: np.ndarray,
+        tta: int = 8,
+        batch: int = 512,
+        progress=None,
+        per_model: bool = False,
+    ) -> np.ndarray:
+        """Weighted mean of the members' TTA fold-ensemble probabilities, (N,); with
+        ``per_model`` each member's own, (M, N)."""
+        share = None if progress is None else (lambda n: progress(n / len(self.members)))
+        out = np.stack([m.predict(images, tta, batch, share) for m in self.members])
+        return out if per_model else np.tensordot(np.asarray(self.weights), out, axes=1)
+
+
+def save_members(folder: Path, members: list[tuple[Path, float, dict]], meta: dict) -> Path:
+    """Write a multi-trial ensemble into ``folder`` atomically: each member's fold ensemble
+    folder is copied into ``member-<i>/``, and ``ensemble.json`` lists them with their weights
+    (``members``: (source folder, weight, info) triples) and the hash of each member's own
+    ``ensemble.json``."""
+    import shutil
+
     folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    _rmtree(tmp)
+    tmp.mkdir()
+    entries = []
+    for i, (src, weight, info) in enumerate(members):
+        name = f"member-{i}"
+        shutil.copytree(src, tmp / name)
+        sha = _sha256(tmp / name / "ensemble.json")
+        entries.append({**info, "dir": name, "weight": weight, "sha256": sha})
+    meta = {**meta, MEMBERS: entries, "version": importlib.metadata.version("pcam-search")}
+    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _rmtree(old)
+    return folder
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when it points outside ``folder`` (absolute, ``..``, link)."""
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise EnsembleError(f"{folder / 'ensemble.json'}: entry {name!r} points outside {folder}")
+    return path
+
+
+def _read_meta(folder: Path) -> dict:
     meta_path = folder / "ensemble.json"
     if not meta_path.is_file():
         raise EnsembleError(f"{folder}: no ensemble.json (not an ensemble folder)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EnsembleError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not (MEMBERS in meta or {"params", "folds"} <= set(meta)):
+        raise EnsembleError(f"{meta_path}: neither a fold ensemble nor a multi-trial one")
+    return meta
+
+
+def load_ensemble(
+    folder: Path, device: str | torch.device | None = None
+) -> Ensemble | WeightedEnsemble:
+    """Rebuild the fold models from ``folder`` (or every member's, for a multi-trial ensemble);
+    a missing, modified or non-safetensors weights file, a corrupt ``ensemble.json`` or an
+    entry outside the folder is an ``EnsembleError`` naming it."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
+    if MEMBERS in meta:
+        return _load_members(folder, meta, device)
     dev = resolve_device(device)
-    p = TrainParams.from_dict(meta["params"])
+    try:
+        p = TrainParams.from_dict(meta["params"])
+    except (TypeError, ValueError) as e:
+        raise EnsembleError(f"{folder / 'ensemble.json'}: bad params ({e})") from None
     fold_models = []
     for entry in meta["folds"]:
-        path = folder / entry["file"]
+        path = _inside(folder, entry["file"])
         if not path.is_file():
             raise EnsembleError(f"{path}: weights file missing")
         if _sha256(path) != entry["sha256"]:
@@ -180,3 +261,22 @@ def load_ensemble(folder: Path, device: str | torch.device | None = None) -> Ens
             raise EnsembleError(f"{path}: does not fit {p.arch}: {e}") from None
         fold_models.append(m.to(dev, memory_format=torch.channels_last).eval())
     return Ensemble(fold_models, meta, dev)
+
+
+def _load_members(folder: Path, meta: dict, device) -> WeightedEnsemble:
+    members, weights = [], []
+    for entry in meta[MEMBERS]:
+        sub = _inside(folder, entry["dir"])
+        if not (sub / "ensemble.json").is_file() or _sha256(sub / "ensemble.json") != entry.get(
+            "sha256"
+        ):
+            raise EnsembleError(f"{sub}: missing or differs from the hash saved with the ensemble")
+        if MEMBERS in _read_meta(sub):
+            raise EnsembleError(f"{sub}: a member may not itself be a multi-trial ensemble")
+        members.append(load_ensemble(sub, device))
+        weights.append(float(entry["weight"]))
+    if not members or min(weights) <= 0 or abs(sum(weights) - 1) > 1e-6:
+        raise EnsembleError(
+            f"{folder / 'ensemble.json'}: member weights {weights} must be > 0 and sum to 1"
+        )
+    return WeightedEnsemble(members, weights, meta)

@@ -252,13 +252,31 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
         )
     p = TrainParams.from_dict(params)
     saved = res.oof_best if p.restore_best else res.oof  # predictions of the saved weights
-    ens_dir = save_ensemble(out_dir / "ensemble", res.states, {**meta, "device": res.device})
+    # with its OOF, so that ensemble selection (pcam-refit --ensemble) can choose it too
+    ens_dir = save_ensemble(
+        out_dir / "ensemble", res.states, {**meta, "device": res.device}, oof=saved
+    )
     oof_best = res.oof_best if p.restore_best or p.patience else None
     return _FoldModels(ens_dir, saved, res.oof, oof_best, res.best_epochs, trained=True)
 
 
-def refit(cfg: RefitConfig, console: Console) -> RefitResult:
-    """Reuse (or retrain), save, predict, write and record (see the module docstring)."""
+@dataclass
+class Setup:
+    """What every refit starts from: the study, its search config, and the same data and
+    folds the search used."""
+
+    study: optuna.Study
+    search_cfg: dict
+    cache: Cache
+    data: TrainData
+    folds: np.ndarray  # (N,) fold of each labelled row, fold-file order
+    k: int
+    folds_file: str
+
+
+def open_setup(cfg: RefitConfig) -> Setup:
+    """Load the study and its data (the fingerprint must match unless ``cfg.data`` is given)
+    and rebuild its folds."""
     storage = studies.make_storage(cfg.storage_url)
     try:
         study = optuna.load_study(study_name=cfg.study, storage=storage)
@@ -266,14 +284,8 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         raise RefitError(
             f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
         ) from None
-    trial = pick_trial(study, cfg.trial)
-    params = trial_params(study, trial)
     search_cfg = study.user_attrs.get("config", {})
-    search_epochs = int(search_cfg.get("max_epochs", 1))
-    epochs = cfg.epochs or search_epochs
     k = int(search_cfg.get("folds", 3))
-
-    t0 = time.perf_counter()
     cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
     want_fp = study.user_attrs.get("dataset_fingerprint")
     if cfg.data is None and want_fp and cache.fingerprint != want_fp:
@@ -285,7 +297,26 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     strategy = search_cfg.get("fold_strategy", "slide")
     folds_df = folds_for_cache(cache, k, fold_seed, strategy)
     data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
-    folds = folds_df["fold"].to_numpy(np.int64)
+    where = str(folds_file(cache, k, fold_seed, strategy))
+    return Setup(study, search_cfg, cache, data, folds_df["fold"].to_numpy(np.int64), k, where)
+
+
+def refit(cfg: RefitConfig, console: Console) -> RefitResult:
+    """Reuse (or retrain), save, predict, write and record (see the module docstring)."""
+    t0 = time.perf_counter()
+    su = open_setup(cfg)
+    study, search_cfg, cache, data, folds, k = (
+        su.study,
+        su.search_cfg,
+        su.cache,
+        su.data,
+        su.folds,
+        su.k,
+    )
+    trial = pick_trial(study, cfg.trial)
+    params = trial_params(study, trial)
+    search_epochs = int(search_cfg.get("max_epochs", 1))
+    epochs = cfg.epochs or search_epochs
     out_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
     sub_path = cfg.out or out_dir / "submission.csv"
     if sub_path.exists() and not cfg.force:  # before any work: never a half-replaced folder
@@ -312,7 +343,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "crop": p.crop,
         "epochs": epochs,
         "k": k,
-        "folds_file": str(folds_file(cache, k, fold_seed, strategy)),
+        "folds_file": su.folds_file,
         "dataset_fingerprint": cache.fingerprint,
     }
     if saved:

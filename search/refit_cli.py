@@ -3,6 +3,7 @@
 pcam-refit --best                    # best COMPLETE trial of study "pcam": its own fold models
 pcam-refit --best --retrain          # the same params, fold models trained again
 pcam-refit --trial 17 --epochs 20    # a chosen COMPLETE trial, retrained longer
+pcam-refit --ensemble 10             # greedy ensemble selection over the 10 best kept trials
 pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 """
 
@@ -30,6 +31,7 @@ from search.refit import (
     submission_frame,
     write_csv_atomic,
 )
+from search.refit_ensemble import refit_ensemble
 
 EXIT_BAD_INPUT = 2
 
@@ -43,6 +45,14 @@ def refit_parser() -> argparse.ArgumentParser:
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--best", action="store_true", help="refit the best COMPLETE trial")
     which.add_argument("--trial", type=int, help="refit this COMPLETE trial number")
+    which.add_argument(
+        "--ensemble",
+        type=int,
+        metavar="N",
+        help="greedy ensemble selection (with replacement, on out-of-fold AUC) over the fold "
+        "models the search kept for its N best trials, plus any retrained final model; no "
+        "training. Writes studies/<study>/refit/ensemble/",
+    )
     ap.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
     ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
     ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
@@ -95,6 +105,13 @@ def refit_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
+    if args.ensemble is not None and (args.ensemble < 1 or args.retrain or args.epochs):
+        err.print(
+            "[red]error:[/] --ensemble N needs N >= 1 and trains nothing (no --retrain "
+            "or --epochs)",
+            highlight=False,
+        )
+        return EXIT_BAD_INPUT
     cfg = RefitConfig(
         study=args.study,
         storage=args.storage,
@@ -112,6 +129,8 @@ def refit_main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     try:
+        if args.ensemble is not None:
+            return _print_ensemble(refit_ensemble(cfg, args.ensemble, out).record, out)
         r = refit(cfg, out)
     except (
         RefitError,
@@ -148,6 +167,28 @@ def refit_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _print_ensemble(rec: dict, out: Console) -> int:
+    if rec["test_auc"] is not None:
+        members = ", ".join(f"{m['label']} {m['test_auc']:.4f}" for m in rec["members"])
+        out.print(
+            f"test AUC {rec['test_auc']:.4f} (true test labels present; nested estimate "
+            f"{rec['nested_auc']:.4f}); each member alone: {members}",
+            highlight=False,
+        )
+    if rec["validation_minus_test"] is not None:
+        out.print(
+            f"validation - test = {rec['validation_minus_test']:+.4f} (fold model f of every "
+            "member blended, on its held-out fold vs on the test set, 1 view)",
+            highlight=False,
+        )
+    out.print(f"ensemble: {rec['ensemble']}\nout-of-fold: {rec['oof_csv']}", highlight=False)
+    if rec["submission"]:
+        out.print(f"submission: {rec['submission']}", highlight=False)
+    else:
+        out.print("no test split in the data: no submission written")
+    return 0
+
+
 def predict_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pcam-predict",
@@ -160,7 +201,12 @@ def predict_parser() -> argparse.ArgumentParser:
         default=None,
         help="Kaggle or PCam folder (default: the embedded dataset)",
     )
-    ap.add_argument("--ensemble", type=Path, required=True, help="an ensemble folder")
+    ap.add_argument(
+        "--ensemble",
+        type=Path,
+        required=True,
+        help="an ensemble folder (one trial's fold models, or pcam-refit --ensemble's)",
+    )
     ap.add_argument("--out", type=Path, required=True, help="CSV to write (id,label)")
     ap.add_argument("--tta", type=int, choices=TTA_CHOICES, default=8)
     ap.add_argument("--cache-dir", type=Path, default=None)

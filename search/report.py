@@ -165,6 +165,24 @@ def fig_architectures(study: optuna.Study) -> go.Figure | str:
     return fig
 
 
+def _refit_label(rec: dict) -> str:
+    return rec.get("label") or f"trial {rec['trial']}"
+
+
+def _members_line(rec: dict) -> str:
+    """Members, weights and scores of an ensemble refit (pcam-refit --ensemble)."""
+    parts = []
+    for m in rec["members"]:
+        test = f", test {m['test_auc']:.4f}" if m.get("test_auc") is not None else ""
+        parts.append(f"{m['label']} (weight {m['weight']:.2f}, OOF {m['oof_auc']:.4f}{test})")
+    curve = " ".join(f"{a:.4f}" for a in rec.get("selection_curve", []))
+    return (
+        "; ".join(parts)
+        + f". Nested estimate {rec['nested_auc']:.4f} (selected without each fold, scored on "
+        f"it). Selection curve, OOF AUC by greedy step: {curve}"
+    )
+
+
 def _refit_record(study: optuna.Study) -> tuple[dict, pd.DataFrame] | str:
     rec = study.user_attrs.get("refit")
     if not rec:
@@ -204,7 +222,7 @@ def fig_roc(study: optuna.Study) -> go.Figure | str:
     fig.add_scatter(
         x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#999"}, showlegend=False
     )
-    title = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f}"
+    title = f"{_refit_label(rec)}: OOF AUC {rec['oof_auc']:.4f}"
     if rec.get("test_auc") is not None:
         title += f", ensemble test AUC {rec['test_auc']:.4f}"
     if rec.get("validation_minus_test") is not None:
@@ -307,7 +325,7 @@ def _header(study: optuna.Study) -> str:
     rec = attrs.get("refit")
     if rec:
         folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
-        line = f"trial {rec['trial']}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"
+        line = f"{_refit_label(rec)}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"
         if rec.get("oof_auc_best_epochs") is not None:
             line += (
                 f"; at each fold's best epoch {rec['oof_auc_best_epochs']:.4f} (epochs "
@@ -322,6 +340,8 @@ def _header(study: optuna.Study) -> str:
                 f"{rec['validation_minus_test']:+.4f})"
             )
         rows.append(("refit", line))
+        if rec.get("kind") == "ensemble":
+            rows.append(("ensemble members", _members_line(rec)))
     body = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )

@@ -1,0 +1,252 @@
+"""``pcam-refit --ensemble N``: a submission from several trials' fold models, no training.
+
+Candidates are the fold models the search kept (its top ``--keep-top`` COMPLETE trials; the
+best ``N`` of them) and any final model a refit trained again (``--budget``, ``--retrain``),
+all on the same data and folds. Greedy forward selection with replacement on their
+out-of-fold probabilities picks the members and weights (``search.selection``); a nested
+estimate says what the selection is worth on rows it did not choose on. Each member predicts
+the test set with its own crop and normalisation; its predictions are cached by the hash of
+its ``ensemble.json``, the dataset fingerprint and the TTA views, so selecting again costs no
+inference. Output: ``studies/<study>/refit/ensemble/`` (multi-trial ``ensemble/`` that
+pcam-predict loads, ``oof.csv``, ``submission.csv``, ``refit.json``) and the study's
+``refit`` attr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from optuna.trial import TrialState
+from rich.console import Console
+from sklearn.metrics import roc_auc_score
+
+from search.ensemble import Ensemble, load_ensemble, load_oof, save_members
+from search.refit import (
+    RefitConfig,
+    RefitError,
+    Setup,
+    open_setup,
+    submission_frame,
+    write_csv_atomic,
+)
+from search.selection import MAX_STEPS, blend, greedy_select, nested_estimate
+
+ENSEMBLE_DIR = "ensemble"  # studies/<study>/refit/ensemble
+TEST_CACHE_DIR = "test-cache"  # studies/<study>/refit/test-cache: member test predictions
+
+
+@dataclass
+class Candidate:
+    """One trial's fold models that may join the ensemble."""
+
+    label: str  # "trial 12" or "trial 12 retrained, 40 epochs"
+    trial: int
+    folder: Path
+    oof: np.ndarray  # (N,) fold-file order
+    oof_auc: float
+
+
+def _candidate(folder: Path, label: str, trial: int, su: Setup) -> Candidate | None:
+    """The fold models in ``folder`` if they were trained on this data and these folds and
+    carry their OOF; else None."""
+    meta_path = folder / "ensemble.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    same = meta.get("dataset_fingerprint") == su.cache.fingerprint
+    if not same or Path(meta.get("folds_file", "")).name != Path(su.folds_file).name:
+        return None
+    oof = load_oof(folder)
+    if oof is None or len(oof) != len(su.data.labels):
+        return None
+    return Candidate(label, trial, folder, oof, float(roc_auc_score(su.data.labels, oof)))
+
+
+def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
+    """The kept fold models of the best ``n`` COMPLETE trials, plus every retrained final
+    model of this study; best OOF AUC first (selection breaks ties toward the front)."""
+    done = [t for t in su.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    kept: list[Candidate] = []
+    for t in sorted(done, key=lambda t: t.value, reverse=True):
+        path = t.user_attrs.get("models_dir")
+        c = _candidate(Path(path), f"trial {t.number}", t.number, su) if path else None
+        if c is not None and len(kept) < n:
+            kept.append(c)
+    refits = Path(studies_dir) / su.study.study_name / "refit"
+    seen = {_weights_key(c.folder) for c in kept}
+    for folder in sorted(refits.glob("trial-*/ensemble")):
+        if _weights_key(folder) in seen:  # a refit that reused a kept trial's own models
+            continue
+        meta = json.loads((folder / "ensemble.json").read_text())
+        trial = int(meta.get("trial", -1))
+        label = f"trial {trial} retrained, {meta.get('epochs')} epochs"
+        c = _candidate(folder, label, trial, su)
+        if c is not None:
+            kept.append(c)
+            seen.add(_weights_key(folder))
+    return sorted(kept, key=lambda c: c.oof_auc, reverse=True)
+
+
+def _weights_key(folder: Path) -> tuple:
+    """The fold weights' hashes: the same models copied elsewhere have the same key."""
+    try:
+        meta = json.loads((folder / "ensemble.json").read_text())
+        return tuple(f["sha256"] for f in meta.get("folds", []))
+    except (OSError, ValueError):
+        return (str(folder),)
+
+
+def _cached(ens: Ensemble, key: str, images, tta: int, folds: bool, cache_dir: Path):
+    """A member's test predictions, (N,) or per fold model (k, N), computed once per member,
+    data and TTA, and kept in ``cache_dir`` (written atomically)."""
+    path = cache_dir / f"{key}-tta{tta}{'-folds' if folds else ''}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    pred = ens.predict(images(), tta=tta, per_model=folds)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, pred)
+    os.replace(tmp, path)
+    return pred
+
+
+@dataclass
+class EnsembleResult:
+    record: dict  # what refit.json and the study's refit attr hold
+    submission: Path | None
+
+
+def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult:
+    """Select, save, predict, write and record (see the module docstring)."""
+    t0 = time.perf_counter()
+    su = open_setup(cfg)
+    out_dir = (cfg.studies_dir / cfg.study / "refit" / ENSEMBLE_DIR).resolve()
+    sub_path = cfg.out or out_dir / "submission.csv"
+    if sub_path.exists() and not cfg.force:  # before any work
+        raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
+    cands = candidates(su, cfg.studies_dir, n)
+    if not cands:
+        raise RefitError(
+            f"study {cfg.study!r} kept no fold models with out-of-fold probabilities for this "
+            "data: search with --keep-top > 0 (the default), or run pcam-refit --best"
+        )
+    y, folds = su.data.labels, su.folds
+    oof = np.stack([c.oof for c in cands])  # (M, N)
+    sel = greedy_select(oof, y)
+    nested = nested_estimate(oof, y, folds)
+    chosen = [(c, w) for c, w in zip(cands, sel.weights, strict=True) if w > 0]
+    _print_selection(console, cands, sel, nested)
+
+    meta = {
+        "study": cfg.study,
+        "dataset_fingerprint": su.cache.fingerprint,
+        "folds_file": su.folds_file,
+        "k": su.k,
+        "selection": {"oof_auc": sel.auc, "curve": sel.curve, "nested_auc": nested.auc},
+    }
+    infos = [(c.folder, w, {"label": c.label, "trial": c.trial}) for c, w in chosen]
+    ens_dir = save_members(out_dir / "ensemble", infos, meta)
+    oof_blend = blend(np.stack([c.oof for c, _ in chosen]), [w for _, w in chosen])
+    oof_df = pd.DataFrame({"id": su.data.ids, "label": y, "fold": folds, "prob": oof_blend})
+    oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
+    t_select = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    test = _predict(cfg, su, ens_dir, out_dir.parent / TEST_CACHE_DIR)
+    record = {
+        "kind": "ensemble",
+        "label": f"ensemble of {len(chosen)} ({', '.join(c.label for c, _ in chosen)})",
+        "trial": chosen[0][0].trial,
+        "tta": cfg.tta,
+        "members": [
+            {"label": c.label, "trial": c.trial, "weight": w, "oof_auc": c.oof_auc, **m}
+            for (c, w), m in zip(chosen, test["members"], strict=True)
+        ],
+        "candidates": [{"label": c.label, "oof_auc": c.oof_auc} for c in cands],
+        "oof_auc": sel.auc,
+        "oof_auc_folds": [
+            float(roc_auc_score(y[folds == f], oof_blend[folds == f])) for f in range(su.k)
+        ],
+        "selection_curve": sel.curve,
+        "nested_auc": nested.auc,
+        "nested_fold_aucs": nested.fold_aucs,
+        "test_auc": test["auc"],
+        "test_auc_folds": test["auc_folds"],
+        "validation_minus_test": _gap(oof_blend, y, folds, test["auc_folds"]),
+        "trained": False,
+        "ensemble": str(ens_dir),
+        "oof_csv": str(oof_csv),
+        "submission": None,
+        "seconds": {"select": round(t_select, 1), "predict": round(time.perf_counter() - t1, 1)},
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    submission = None
+    if test["probs"] is not None:
+        frame = submission_frame(su.cache, test["probs"], test["rows"])
+        submission = write_csv_atomic(frame, sub_path, cfg.force)
+        record["submission"] = str(submission)
+    su.study.set_user_attr("refit", json.loads(json.dumps(record)))
+    (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
+    return EnsembleResult(record, submission)
+
+
+def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dict:
+    """Test predictions of the saved multi-trial ensemble (loaded as pcam-predict loads it),
+    each member's from the cache when it is there; with test labels, each member's test AUC
+    and the like-for-like per-fold scores (fold model f of every member, blended, 1 view)."""
+    ens = load_ensemble(ens_dir, cfg.device)
+    rows = su.cache.rows("test")
+    out = {"rows": rows, "probs": None, "auc": None, "auc_folds": None}
+    out["members"] = [{} for _ in ens.members]
+    if len(rows) == 0:
+        return out
+    images = lambda: np.asarray(su.cache.images[rows])  # noqa: E731  read only on a miss
+    keys = [
+        hashlib.sha256(f"{e['sha256']}-{su.cache.fingerprint}".encode()).hexdigest()[:24]
+        for e in ens.meta["members"]
+    ]
+    pairs = list(zip(ens.members, keys, strict=True))
+    preds = np.stack([_cached(m, key, images, cfg.tta, False, cache_dir) for m, key in pairs])
+    out["probs"] = np.tensordot(np.asarray(ens.weights), preds, axes=1).astype(np.float32)
+    y = su.cache.index["label"].to_numpy()[rows]
+    if not (y >= 0).all():
+        return out
+    out["auc"] = float(roc_auc_score(y, out["probs"]))
+    out["members"] = [{"test_auc": float(roc_auc_score(y, p))} for p in preds]
+    per_fold = np.stack([_cached(m, key, images, 1, True, cache_dir) for m, key in pairs])
+    # (members, k, N)
+    fold_blend = np.tensordot(np.asarray(ens.weights), per_fold, axes=1)  # (k, N)
+    out["auc_folds"] = [float(roc_auc_score(y, p)) for p in fold_blend]
+    return out
+
+
+def _gap(oof: np.ndarray, y, folds, test_folds: list[float] | None) -> float | None:
+    """Mean per-fold held-out AUC of the blend minus the mean per-fold test AUC."""
+    if test_folds is None:
+        return None
+    val = [roc_auc_score(y[folds == f], oof[folds == f]) for f in range(len(test_folds))]
+    return float(np.mean(val) - np.mean(test_folds))
+
+
+def _print_selection(console: Console, cands: list[Candidate], sel, nested) -> None:
+    console.print(
+        f"ensemble selection over {len(cands)} candidate(s), greedy with replacement, "
+        f"{MAX_STEPS} steps:"
+    )
+    for c, cnt, w in zip(cands, sel.counts, sel.weights, strict=True):
+        mark = f"weight {w:.2f} ({cnt}x)" if cnt else "not chosen"
+        console.print(f"  {c.label:<34} OOF AUC {c.oof_auc:.4f}  {mark}", highlight=False)
+    curve = " ".join(f"{a:.4f}" for a in sel.curve[: sum(sel.counts)])
+    console.print(
+        f"selection OOF AUC {sel.auc:.4f} (optimistic: chosen on the same predictions); "
+        f"nested estimate {nested.auc:.4f} (chosen without each fold, scored on it)\n"
+        f"selection curve (OOF AUC by step): {curve}",
+        highlight=False,
+    )
