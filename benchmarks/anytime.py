@@ -148,7 +148,7 @@ def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
     done = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
     return {
         "test_auc": refit["test_auc"],
-        "cv_auc": s.best_value,
+        "cv_auc": refit["oof_auc"],  # the submitted fold models' OOF AUC
         # the final model's, when it was trained again (else the best trial's own, counted)
         "fold_epochs": sum(t.user_attrs.get("fold_epochs", 0) for t in s.trials)
         + (cfg["folds"] * refit["epochs"] if refit["trained"] else 0),

@@ -187,6 +187,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
     """The one config of this run: flags, else the CPU or GPU defaults."""
     d = for_device(has_gpu)
     pick = lambda v, default: default if v is None else v  # noqa: E731
+    budgeted = args.budget is not None and args.search_share < 1  # a final model is trained
     return SearchConfig(
         data=DataConfig(
             data=args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers
@@ -197,7 +198,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         trials=args.trials,
         folds=pick(args.folds, d.folds),
         fold_strategy=args.fold_strategy,
-        max_epochs=pick(args.max_epochs, d.max_epochs),
+        max_epochs=pick(args.max_epochs, d.budget_max_epochs if budgeted else d.max_epochs),
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
         asha=not args.no_asha,
@@ -205,6 +206,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         timeout=args.timeout,
         budget=args.budget,
         search_share=args.search_share,
+        final_max_epochs=d.final_max_epochs,
         keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
         gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
@@ -307,11 +309,18 @@ def _record_study(
 
 
 def next_commands(cfg: SearchConfig) -> list[str]:
+    """The dashboard, refit and report commands for this study, runnable as printed from any
+    folder: absolute paths, and the storage whenever it is not the default (a password in it
+    is masked: put it back, or use a .pgpass file)."""
     url = studies.safe_url(cfg.storage_url)
-    refit = ["pcam-refit", "--best", "--study", cfg.study]
+    where = ["--study", cfg.study, "--studies-dir", str(Path(cfg.studies_dir).resolve())]
     if cfg.storage:
-        refit += ["--storage", url]
-    return [shlex.join(["optuna-dashboard", url]), shlex.join(refit)]
+        where += ["--storage", url]
+    return [
+        shlex.join(["optuna-dashboard", url]),
+        shlex.join(["pcam-refit", "--best", *where]),
+        shlex.join(["pcam-report", *where]),
+    ]
 
 
 def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Tally) -> None:
@@ -482,7 +491,7 @@ def _final_epochs(cfg: SearchConfig, t_cmd: float, deadline: Deadline, console: 
     left = cfg.budget - (time.monotonic() - t_cmd)
     if pace is None or cfg.search_share >= 1:
         return 0
-    epochs = final_epochs(left, cfg.folds, pace, deadline.predict_s(pace), cfg.max_epochs)
+    epochs = final_epochs(left, cfg.folds, pace, deadline.predict_s(pace), cfg.final_max_epochs)
     if epochs <= cfg.max_epochs:
         console.print(
             f"{left:.0f} s left: no more than the search's {cfg.max_epochs} epochs fit; "

@@ -26,6 +26,8 @@ class DeviceDefaults:
     space: str  # space file in studies/
     folds: int
     max_epochs: int
+    budget_max_epochs: int  # --budget: trials are short complete runs; the winner trains long
+    final_max_epochs: int  # --budget: the most epochs the final model trains
     grace_period: int  # ASHA: fold-epochs every trial gets before it can be stopped
     reduction_factor: int  # ASHA eta
     race_epochs: int  # fold racing: epochs fold 0 trains alone before the others start
@@ -37,10 +39,15 @@ class DeviceDefaults:
 # eta 3) fall at 3, 9 and 27 fold-epochs = fold 0 at epoch 3, all folds at epoch 3, epoch 9;
 # the winners train 12 epochs (36 fold-epochs). Epoch 1 ranks warm-up schedules wrongly
 # (README, "Choosing the CPU defaults"), so the first rung is at epoch 3, on fold 0 alone.
+# With --budget the trials are complete 4-epoch runs (12 fold-epochs, rungs at 3 and 9): a
+# 12-epoch trial costs ~3 minutes on 2 cores, so a 5-minute search finished one (measured,
+# README); the winner's params then train for as many epochs as the rest of the budget fits.
 CPU_DEFAULTS = DeviceDefaults(
     "cpu",
     folds=3,
     max_epochs=12,
+    budget_max_epochs=4,
+    final_max_epochs=48,
     grace_period=3,
     reduction_factor=3,
     race_epochs=3,
@@ -54,6 +61,8 @@ GPU_DEFAULTS = DeviceDefaults(
     "default",
     folds=5,
     max_epochs=24,
+    budget_max_epochs=8,
+    final_max_epochs=96,
     grace_period=3,
     reduction_factor=3,
     race_epochs=3,
@@ -86,6 +95,7 @@ class SearchConfig:
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
     search_share: float = SEARCH_SHARE  # --budget: search share; the final model gets the rest
+    final_max_epochs: int = 48  # --budget: most epochs of the final model (48 / 96)
     tta: int = 8  # dihedral test views of the refit that --budget runs
     keep_top: int = 10  # COMPLETE trials whose fold models stay on disk (0 = keep none)
     cpus_per_trial: float = 1  # CPU threads per trial (1 / 2)

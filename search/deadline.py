@@ -38,7 +38,6 @@ PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (n
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
 # --budget: the share of the budget the search gets; the final model trains in the rest
 SEARCH_SHARE = 0.5
-FINAL_MAX_FACTOR = 4  # the final model trains at most this x the search's max epochs
 
 
 @dataclass
@@ -149,13 +148,11 @@ class Deadline:
         return end is not None and elapsed >= end
 
 
-def final_epochs(
-    seconds_left: float, folds: int, pace: Pace, predict_s: float, max_epochs: int
-) -> int:
+def final_epochs(seconds_left: float, folds: int, pace: Pace, predict_s: float, cap: int) -> int:
     """Epochs of the final model (the best params on every fold) that fit ``seconds_left``,
-    after the test predictions and fixed costs; capped at ``FINAL_MAX_FACTOR`` x the search's
-    ``max_epochs``. At most ``max_epochs`` means: reuse the search's own fold models."""
+    after the test predictions and fixed costs, at most ``cap``. No more than the search's
+    own epochs means: reuse the best trial's fold models."""
     train_s = seconds_left - predict_s * MARGIN - REFIT_FIXED_S
     per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * MARGIN
     epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
-    return max(0, min(epochs, FINAL_MAX_FACTOR * max_epochs))
+    return max(0, min(epochs, cap))

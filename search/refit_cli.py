@@ -197,9 +197,8 @@ def predict_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "data",
         type=Path,
-        nargs="?",
-        default=None,
-        help="Kaggle or PCam folder (default: the embedded dataset)",
+        help="Kaggle or PCam folder whose test split to predict (required: a submission is "
+        "for the data you name, never the embedded demo set by default)",
     )
     ap.add_argument(
         "--ensemble",

@@ -3,7 +3,6 @@ from dataclasses import replace
 import pytest
 
 from search.deadline import (
-    FINAL_MAX_FACTOR,
     MARGIN,
     PREDICT_COST,
     REFIT_FACTOR,
@@ -116,6 +115,6 @@ def test_final_epochs_fill_the_time_left_after_predictions():
     # 3 folds x 2 s x factor x margin per epoch, after predictions and the fixed cost
     per_epoch = 3 * 2.0 * REFIT_FACTOR * MARGIN
     want = int((300 - 20 * MARGIN - REFIT_FIXED_S) // per_epoch)
-    assert final_epochs(300, 3, pace, predict_s=20, max_epochs=100) == want
-    assert final_epochs(300, 3, pace, predict_s=20, max_epochs=5) == FINAL_MAX_FACTOR * 5
-    assert final_epochs(5, 3, pace, predict_s=20, max_epochs=12) == 0
+    assert final_epochs(300, 3, pace, predict_s=20, cap=100) == want
+    assert final_epochs(300, 3, pace, predict_s=20, cap=5) == 5
+    assert final_epochs(5, 3, pace, predict_s=20, cap=12) == 0

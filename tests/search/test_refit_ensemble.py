@@ -131,3 +131,9 @@ def test_load_ensemble_names_a_corrupt_ensemble_json(selected, tmp_path):
     (member / "ensemble.json").write_text(json.dumps(meta_ok))
     with pytest.raises(EnsembleError, match="points outside"):
         load_ensemble(member)
+
+
+def test_pcam_predict_requires_the_data_folder(capsys):
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--ensemble", "x", "--out", "y.csv"])
+    assert e.value.code == 2 and "data" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -22,6 +23,7 @@ from optuna.trial import TrialState
 
 from search import study as studies
 from search.cli import main
+from search.config import CPU_DEFAULTS
 
 # lr 1e30 makes the loss NaN in the first epoch: those trials must end FAIL, not kill the search
 SPACE = """
@@ -540,3 +542,46 @@ def test_search_on_bad_data_names_the_problem_and_creates_no_study(kaggle_dir, t
     assert bad_id in err and "Traceback" not in err
     db = tmp_path / "studies" / "pcam.db"
     assert not db.exists() or not optuna.get_all_study_names(studies.sqlite_url(db))
+
+
+@pytest.mark.parametrize("storage", ["", "postgresql://u:secret@127.0.0.1:5432/test"])
+def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch, storage):
+    # the printed refit/report commands must reach this study when run from another folder
+    from search.cli import next_commands
+    from search.config import SearchConfig
+    from search.refit import RefitConfig
+    from search.refit_cli import refit_parser
+
+    monkeypatch.chdir(tmp_path)
+    cfg = SearchConfig(study="s1", storage=storage, studies_dir=Path("rel/studies"))
+    dash, refit, report = next_commands(cfg)
+    assert report.startswith("pcam-report ") and "secret" not in refit + dash
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    a = refit_parser().parse_args(shlex.split(refit)[1:])
+    rc = RefitConfig(study=a.study, storage=a.storage, studies_dir=a.studies_dir)
+    assert rc.study == "s1" and a.studies_dir == tmp_path / "rel/studies"
+    if not storage:
+        assert rc.storage_url == cfg.storage_url.replace(str(elsewhere), str(tmp_path))
+        assert rc.storage_url == f"sqlite:///{tmp_path / 'rel/studies/pcam.db'}"
+    else:
+        assert a.storage == "postgresql://u:***@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize(
+    "flags, epochs",
+    [
+        ([], CPU_DEFAULTS.max_epochs),
+        (["--budget", "600"], CPU_DEFAULTS.budget_max_epochs),
+        (["--budget", "600", "--search-share", "1"], CPU_DEFAULTS.max_epochs),
+        (["--budget", "600", "--max-epochs", "7"], 7),
+    ],
+)
+def test_build_config_budget_searches_short_complete_trials(flags, epochs):
+    # with a final model to train, trials are short complete runs unless the user says
+    from search.cli import build_config, parser
+
+    cfg = build_config(parser().parse_args(flags), has_gpu=False)
+    assert cfg.max_epochs == epochs
+    assert cfg.final_max_epochs == CPU_DEFAULTS.final_max_epochs

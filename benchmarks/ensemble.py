@@ -1,0 +1,112 @@
+"""What the search's own fold models are worth: one search, then three ways to a submission.
+
+    python benchmarks/ensemble.py [--settings embedded hard] [--search-s 300] [--top 10]
+
+On each dataset setting (benchmarks/anytime.py's generator settings, with known test labels):
+one default ``pcam-search --timeout S`` (it keeps the fold models and OOF of its top trials),
+then, side by side on that study:
+
+  (i)   ``pcam-refit --best --retrain``: the best params trained again on every fold (v0.1);
+  (ii)  ``pcam-refit --best``: the best trial's own fold models, no training;
+  (iii) ``pcam-refit --ensemble N``: greedy selection with replacement over the N best kept
+        trials' OOF (no training), with its nested estimate.
+
+Prints test AUC (k fold models x 8 dihedral views), OOF AUC, wall seconds and, for (iii), the
+nested estimate and its distance to the test AUC. Writes ``benchmarks/out/ensemble.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anytime import OUT, SETTINGS, dataset  # noqa: E402  same data as the anytime benchmark
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def one_setting(name: str, search_s: float, top: int) -> dict:
+    data_dir = dataset(name)
+    studies = OUT / "studies" / f"{name}-ens"
+    shutil.rmtree(studies, ignore_errors=True)
+    common = ["--studies-dir", str(studies), "--cache-dir", str(OUT / "cache"), "--no-progress"]
+    search = [str(BIN / "pcam-search"), "--data", str(data_dir), "--trials", "100000"]
+    t_search = _run([*search, "--timeout", str(search_s), "--keep-top", str(top), *common])
+    study = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
+    refit = [str(BIN / "pcam-refit"), "--force", *common]
+    rows = {}
+    for key, extra in (
+        ("i", ["--best", "--retrain"]),
+        ("ii", ["--best"]),
+        ("iii", ["--ensemble", str(top)]),
+    ):
+        wall = _run([*refit, *extra])
+        rec = optuna.load_study(
+            study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}"
+        ).user_attrs["refit"]
+        rows[key] = {
+            "test_auc": rec["test_auc"],
+            "oof_auc": rec["oof_auc"],
+            "wall": wall,
+            "nested_auc": rec.get("nested_auc"),
+            "members": [(m["label"], round(m["weight"], 3)) for m in rec.get("members", [])],
+        }
+        print(f"  [{name}] ({key}) {json.dumps(rows[key])}", flush=True)
+    complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    return {"search_s": t_search, "complete": complete, "refits": rows}
+
+
+def table(results: dict) -> None:
+    names = {"i": "(i) retrain best", "ii": "(ii) best's own models", "iii": "(iii) ensemble"}
+    head = f"{'setting':<10}{'method':<24}{'test AUC':>9}{'vs (i)':>8}{'OOF AUC':>9}"
+    print(f"\n{head}{'wall s':>8}")
+    for setting, r in results.items():
+        base = r["refits"]["i"]["test_auc"]
+        for key, row in r["refits"].items():
+            print(
+                f"{setting:<10}{names[key]:<24}{row['test_auc']:>9.4f}"
+                f"{row['test_auc'] - base:>+8.4f}{row['oof_auc']:>9.4f}{row['wall']:>8.1f}"
+            )
+        ens = r["refits"]["iii"]
+        print(
+            f"{'':<10}nested estimate {ens['nested_auc']:.4f}, test - nested "
+            f"{ens['test_auc'] - ens['nested_auc']:+.4f}; members {ens['members']}; "
+            f"search {r['search_s']:.0f} s, {r['complete']} COMPLETE trials"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", nargs="+", default=["embedded", "hard"], choices=list(SETTINGS))
+    ap.add_argument("--search-s", type=float, default=300, help="search timeout per setting")
+    ap.add_argument("--top", type=int, default=10, help="kept trials = ensemble candidates")
+    args = ap.parse_args()
+    path = OUT / "ensemble.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for name in args.settings:
+        print(f"[{name}] search {args.search_s:.0f} s ...", flush=True)
+        results[name] = one_setting(name, args.search_s, args.top)
+        OUT.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+    table(results)
+
+
+if __name__ == "__main__":
+    main()
