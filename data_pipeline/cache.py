@@ -93,7 +93,7 @@ def fingerprint(root: Path, layout: str, skip_bad: bool = False) -> str:
     else:
         entries = [(p.name, p.stat()) for p in pcam_hdf5.source_files(root)]
     for name, st in entries:
-        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

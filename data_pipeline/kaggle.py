@@ -49,12 +49,27 @@ def read_tiff(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
-def _list_tifs(folder: Path) -> dict[str, str]:
-    """id -> path of every ``*.tif`` directly in ``folder`` (scandir: fast on 220k files)."""
+def _list_tifs(folder: Path, split: str, problems: list[Problem]) -> dict[str, str]:
+    """id -> path of every ``*.tif`` directly in ``folder`` (scandir: fast on 220k files).
+    A name that is not valid UTF-8 (Python hands it over with surrogate escapes, which no CSV
+    or index can hold) is a ``bad_name`` problem shown with its bytes escaped, not an id."""
     if not folder.is_dir():
         return {}
+    files = {}
     with os.scandir(folder) as it:
-        return {e.name[:-4]: e.path for e in it if e.name.endswith(".tif") and e.is_file()}
+        for e in it:
+            if not (e.name.endswith(".tif") and e.is_file()):
+                continue
+            try:
+                e.name.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(e.path).decode("utf-8", "backslashreplace")
+                problems.append(
+                    Problem("bad_name", path=shown, split=split, detail="not valid UTF-8")
+                )
+                continue
+            files[e.name[:-4]] = e.path
+    return files
 
 
 def _read_csv(path: Path, required: list[str], problems: list[Problem]) -> pd.DataFrame | None:
@@ -166,9 +181,8 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[Problem]]:
     train = train[["id", "label"]].copy()
     train["label"] = _parse_labels(train, labels_csv, "train", problems)
     _duplicate_ids(train, labels_csv, "train", problems)
-    train["path"] = _match_files(
-        train["id"], _list_tifs(root / "train"), root / "train", labels_csv, "train", problems
-    )
+    files = _list_tifs(root / "train", "train", problems)
+    train["path"] = _match_files(train["id"], files, root / "train", labels_csv, "train", problems)
     train["split"] = "train"
     frames.append(train)
 
@@ -178,9 +192,8 @@ def scan(root: Path) -> tuple[pd.DataFrame, list[Problem]]:
         if test is not None:
             test = test[["id"]].copy()
             _duplicate_ids(test, sub_csv, "test", problems)
-            test["path"] = _match_files(
-                test["id"], _list_tifs(test_dir), test_dir, sub_csv, "test", problems
-            )
+            files = _list_tifs(test_dir, "test", problems)
+            test["path"] = _match_files(test["id"], files, test_dir, sub_csv, "test", problems)
             test["label"] = np.int8(-1)
             truth_csv = root / TEST_LABELS_CSV
             if truth_csv.is_file():

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import h5py
@@ -82,6 +83,17 @@ def unpack(path: Path, workdir: Path) -> Path:
     return out
 
 
+def _unpack_or_report(path: Path, workdir: Path, problems: list[Problem]) -> Path | None:
+    """``unpack``, or None with a ``bad_array`` problem naming the archive when it is
+    truncated or corrupt (gzip raises EOFError / BadGzipFile / zlib.error mid-stream)."""
+    try:
+        return unpack(path, workdir)
+    except (EOFError, OSError, zlib.error) as e:
+        detail = f"cannot decompress (truncated or corrupt gzip): {type(e).__name__}: {e}"
+        problems.append(Problem("bad_array", path=str(path), detail=detail))
+        return None
+
+
 def _check_x(path: Path, problems: list[Problem]) -> int | None:
     """Number of patches in an x file, or None (with a ``bad_array`` problem) if unusable."""
     try:
@@ -144,7 +156,9 @@ def scan(root: Path, workdir: Path) -> tuple[pd.DataFrame, list[Problem]]:
                 )
             )
             continue
-        xh, yh = unpack(xp, workdir), unpack(yp, workdir)
+        xh, yh = _unpack_or_report(xp, workdir, problems), _unpack_or_report(yp, workdir, problems)
+        if xh is None or yh is None:
+            continue
         n = _check_x(xh, problems)
         if n is None:
             continue

@@ -22,6 +22,7 @@ KINDS = {
     "bad_array": "an HDF5 array has the wrong key, shape or dtype",
     "missing_file": "id listed in a CSV but no image file for it",
     "unlabelled_file": "image file with no row in the CSV",
+    "bad_name": "image file name is not valid UTF-8 (no id can hold it)",
     "unreadable": "image file cannot be decoded (truncated or corrupt)",
     "bad_shape": "image is not 96x96 RGB",
     "bad_label": "label is not 0 or 1",

@@ -1,5 +1,6 @@
 """One test per kind of bad input in the Kaggle layout: each must be named, none dropped."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,19 @@ def test_scan_test_folder_without_sample_submission_is_reported(kaggle_dir):
     (kaggle_dir / "sample_submission.csv").unlink()
     _, problems = kaggle.scan(kaggle_dir)
     assert [p.kind for p in problems] == ["missing_source"]
+
+
+def test_scan_non_utf8_file_name_is_named_and_skippable(kaggle_dir, tmp_path):
+    # a file name that is not valid UTF-8 must not abort check/build; it is reported with its
+    # bytes escaped, and --skip-bad builds without it
+    src = next((kaggle_dir / "train").glob("*.tif"))
+    bad = os.path.join(os.fsencode(kaggle_dir / "train"), b"caf\xe9.tif")
+    with open(bad, "wb") as f:
+        f.write(src.read_bytes())
+    _, problems = kaggle.scan(kaggle_dir)
+    (p,) = [p for p in problems if p.kind == "bad_name"]
+    assert p.path.endswith("caf\\xe9.tif")
+    with pytest.raises(DataError, match="bad_name"):
+        cache.build_cache(kaggle_dir, tmp_path / "c", workers=1, progress=False)
+    c = cache.open_cache(kaggle_dir, tmp_path / "c2", skip_bad=True, workers=1, progress=False)
+    assert c.meta["n"] == 200

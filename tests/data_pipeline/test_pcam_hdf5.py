@@ -59,3 +59,18 @@ def test_scan_missing_y_file_is_reported(pcam_dir, tmp_path):
     (pcam_dir / "camelyonpatch_level_2_split_valid_y.h5").unlink()
     with pytest.raises(DataError, match="valid_y.h5 file is missing"):
         cache.build_cache(pcam_dir, tmp_path / "c", workers=1, progress=False)
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_scan_truncated_gzip_is_named_and_fatal(pcam_dir, tmp_path, skip_bad):
+    # a download cut short: the archive ends mid-stream; the error names it, no traceback
+    src = pcam_dir / "camelyonpatch_level_2_split_valid_x.h5"
+    with open(src, "rb") as f, gzip.open(f"{src}.gz", "wb") as dst:
+        shutil.copyfileobj(f, dst)
+    src.unlink()
+    gz = pcam_dir / "camelyonpatch_level_2_split_valid_x.h5.gz"
+    gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    with pytest.raises(DataError) as e:
+        cache.build_cache(pcam_dir, tmp_path / "c", workers=1, progress=False, skip_bad=skip_bad)
+    assert "valid_x.h5.gz" in str(e.value) and "truncated or corrupt gzip" in str(e.value)
+    assert not list(tmp_path.glob("c/**/*.tmp*"))
