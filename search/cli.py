@@ -561,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
     out = Console(soft_wrap=True)
     try:
+        # the storage first: a bad URL or file fails in a second, not after Ray's ~20 s start
+        studies.make_storage(
+            SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
+        )
         from search import ray_adapter
 
         if args.address is None:

@@ -51,20 +51,35 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
-def _enable_wal(url: str) -> None:
-    """Switch a SQLite file to WAL (a property of the file: set once, kept by every opener).
+OPTUNA_TABLE = "studies"  # a table every Optuna RDB schema has
 
-    WAL lets readers (the dashboard) read while the search writes and vice versa.
-    """
+
+def _enable_wal(url: str) -> None:
+    """Check a SQLite file is a study database (or new), then switch it to WAL (a property of
+    the file: set once, kept by every opener). WAL lets readers (the dashboard) read while the
+    search writes and vice versa. Any failure is a ``StorageError`` naming the file."""
     db = make_url(url).database
     if not db or db == ":memory:":
         return
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(db, timeout=SQLITE_TIMEOUT_S)
+    path = Path(db)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
-    finally:
-        con.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(db, timeout=SQLITE_TIMEOUT_S)
+        try:
+            rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {r[0] for r in rows}
+            if tables and OPTUNA_TABLE not in tables:
+                raise StorageError(
+                    f"{path}: a SQLite database without Optuna's tables (it has "
+                    f"{sorted(tables)[:5]}): not a study database; use another --storage or "
+                    "--studies-dir (it was left untouched)"
+                )
+            con.execute("PRAGMA journal_mode=WAL")
+        finally:
+            con.close()
+    except (OSError, sqlite3.Error) as e:
+        hint = " (is the folder read-only?)" if "readonly" in str(e) or "open" in str(e) else ""
+        raise StorageError(f"cannot open study storage {path}: {e}{hint}") from None
 
 
 def make_storage(url: str) -> optuna.storages.RDBStorage:

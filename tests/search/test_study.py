@@ -113,3 +113,38 @@ def test_search_refit_and_report_refuse_a_path_as_study_name(tmp_path, capsys):
     assert report_main(common) == 2
     assert "not allowed" in capsys.readouterr().err
     assert not (tmp_path / "studies").exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_make_storage_file_that_is_not_a_database_is_named(tmp_path):
+    junk = tmp_path / "notes.db"
+    junk.write_text("not a database\n" * 100)
+    with pytest.raises(studies.StorageError, match=str(junk)):
+        studies.make_storage(studies.sqlite_url(junk))
+    assert junk.read_text().startswith("not a database")
+
+
+def test_make_storage_leaves_an_unrelated_sqlite_database_untouched(tmp_path):
+    other = tmp_path / "app.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE users (id INTEGER)")
+    con.commit()
+    con.close()
+    before = other.read_bytes()
+    with pytest.raises(studies.StorageError, match="without Optuna's tables"):
+        studies.make_storage(studies.sqlite_url(other))
+    assert other.read_bytes() == before  # no Optuna tables, still not WAL
+    assert not (tmp_path / "app.db-wal").exists()
+
+
+def test_search_checks_the_storage_before_starting_ray(tmp_path, monkeypatch, capsys):
+    from search import ray_adapter
+    from search.cli import main
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started before the storage was checked")
+
+    monkeypatch.setattr(ray_adapter, "init_ray", no_ray)
+    junk = tmp_path / "x.db"
+    junk.write_bytes(b"\x00garbage" * 64)
+    assert main(["--storage", studies.sqlite_url(junk), "--trials", "1"]) == 2
+    assert str(junk) in capsys.readouterr().err
