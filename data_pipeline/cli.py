@@ -15,7 +15,13 @@ from pathlib import Path
 
 from data_pipeline import cache as cache_mod
 from data_pipeline.dataset import DataConfig, open_dataset
-from data_pipeline.folds import STRATEGIES, folds_for_cache
+from data_pipeline.folds import (
+    STRATEGIES,
+    folds_file,
+    folds_for_cache,
+    slide_coverage,
+    slide_map_warning,
+)
 from data_pipeline.problems import DataError, summarize, to_csv_text
 from data_pipeline.synth import SynthConfig, write
 
@@ -114,6 +120,13 @@ def _config(args: argparse.Namespace) -> DataConfig:
     )
 
 
+def _warn_slides(slides) -> None:
+    """Say plainly when slide folds would really be patch folds (no or a small slide map)."""
+    warn = slide_map_warning(slide_coverage(slides))
+    if warn:
+        print(f"warning: {warn}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed command; returns the exit code."""
     if args.cmd == "synth":
@@ -137,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
             args.data, cfg.cache_root, args.workers, progress=not args.quiet
         )
         print(summarize(problems, args.data))
+        try:
+            _, entries, _ = cache_mod.scan(Path(args.data), cfg.cache_root / "unpacked")
+            _warn_slides(entries.loc[entries["split"] != "test", "slide"].to_numpy())
+        except DataError:  # unusable as a whole: the summary above already says why
+            pass
         if args.report:
             args.report.write_text(to_csv_text(problems))
             print(f"report written to {args.report}")
@@ -163,12 +181,15 @@ def run(args: argparse.Namespace) -> int:
         )
         if m["skipped"]:
             print(f"  skipped {m['skipped']} bad rows: see {cache.path / 'report.csv'}")
+        _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
         return 0
     if args.cmd == "folds":
         cache = open_dataset(cfg, progress=not args.quiet)
         folds_for_cache(cache, args.k, args.seed, args.strategy)
-        summary = Path(cache.path) / "folds" / f"{args.strategy}-k{args.k}-s{args.seed}.json"
+        summary = folds_file(cache, args.k, args.seed, args.strategy).with_suffix(".json")
         print(f"folds: {summary.with_suffix('.csv')}")
+        if args.strategy == "slide":
+            _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
         print(json.dumps(json.loads(summary.read_text())["per_fold"], indent=1))
         return 0
     raise AssertionError(args.cmd)

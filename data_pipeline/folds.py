@@ -16,6 +16,38 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 STRATEGIES = ("slide", "random")
+# Below this share of labelled ids with a slide, "slide" folds are mostly patch folds (the
+# Kaggle zip has no patch_id_wsi.csv: every patch is then its own group, the leak we prevent)
+SLIDE_MAP_MIN = 0.5
+
+
+def slide_coverage(slides: Sequence[str | None]) -> float:
+    """Share of rows that have a slide id (0..1)."""
+    s = pd.Series(list(slides), dtype=object)
+    return float((s.notna() & (s.astype(str) != "")).mean()) if len(s) else 0.0
+
+
+def fold_label(strategy: str, coverage: float) -> str:
+    """What the folds really are, for file names, study attrs and headers: ``slide``,
+    ``slide-partial-map`` (some ids have no slide: each is its own group), ``patch-no-slide-map``
+    (no slide ids at all: patch-level folds) or ``random``."""
+    if strategy != "slide":
+        return strategy
+    if coverage == 0:
+        return "patch-no-slide-map"
+    return "slide" if coverage >= SLIDE_MAP_MIN else "slide-partial-map"
+
+
+def slide_map_warning(coverage: float) -> str | None:
+    """A plain sentence when slide folds cannot be honest, else None."""
+    if coverage >= SLIDE_MAP_MIN:
+        return None
+    what = "no slide map" if coverage == 0 else f"a slide map covering {coverage:.0%} of ids"
+    return (
+        f"{what}: ids without a slide are each their own group, so the folds are "
+        "(mostly) patch-level and leak slides into validation; CV AUC will be optimistic. "
+        "Put patch_id_wsi.csv (id,wsi) beside train_labels.csv (README: 'Using your own data')"
+    )
 
 
 def fold_groups(groups: Sequence[str | None], hashes: Sequence[str]) -> np.ndarray:
@@ -92,8 +124,11 @@ def make_folds(
 
 
 def folds_file(cache, k: int, seed: int, strategy: str) -> Path:
-    """Where ``folds_for_cache`` keeps a fold assignment inside the cache."""
-    return Path(cache.path) / "folds" / f"{strategy}-k{k}-s{seed}.csv"
+    """Where ``folds_for_cache`` keeps a fold assignment inside the cache; the name says what
+    the folds really are (``fold_label``)."""
+    pool = cache.index["slide"].to_numpy()[cache.labelled_pool()]
+    label = fold_label(strategy, slide_coverage(pool))
+    return Path(cache.path) / "folds" / f"{label}-k{k}-s{seed}.csv"
 
 
 def folds_for_cache(cache, k: int = 5, seed: int = 0, strategy: str = "slide") -> pd.DataFrame:

@@ -26,7 +26,13 @@ from rich.markup import escape
 import models
 from data_pipeline.cache import available_cpus
 from data_pipeline.dataset import DataConfig, open_dataset
-from data_pipeline.folds import STRATEGIES, folds_file, folds_for_cache
+from data_pipeline.folds import (
+    STRATEGIES,
+    folds_file,
+    folds_for_cache,
+    slide_coverage,
+    slide_map_warning,
+)
 from data_pipeline.problems import DataError
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
@@ -385,12 +391,15 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
     _record_study(study, cfg, space, cache.fingerprint, where, argv)
     data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
     folds = folds_df["fold"].to_numpy(np.int64)
+    warn = slide_map_warning(slide_coverage(cache.index["slide"].to_numpy()[folds_df["row"]]))
+    if warn and cfg.fold_strategy == "slide":
+        console.print(f"[yellow]warning: {escape(warn)}[/]", highlight=False)
 
     concurrency = cfg.concurrency or _fit_concurrency(cfg)
     console.print(
         f"searching study [bold]{cfg.study}[/] ({studies.safe_url(cfg.storage_url)}): "
         f"{remaining} more trial(s), {done} finished before; {len(data.labels)} patches, "
-        f"{cfg.folds} {cfg.fold_strategy} folds, up to {cfg.max_epochs} epochs"
+        f"{cfg.folds} {Path(where).name.split('-k')[0]} folds, up to {cfg.max_epochs} epochs"
         + (f" (fold 0 alone for {cfg.race_epochs})" if cfg.race_epochs else "")
         + f", {concurrency} at once, space {cfg.space}"
         + (f", budget {cfg.budget:.0f} s (search + submission)" if cfg.budget else "")

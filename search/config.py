@@ -13,7 +13,7 @@ from pathlib import Path
 
 from data_pipeline.dataset import DataConfig
 from search.deadline import SEARCH_SHARE
-from search.study import safe_url, sqlite_url
+from search.study import default_storage_url, safe_url
 
 DEFAULT_STUDY = "pcam"
 DEFAULT_STUDIES_DIR = Path("studies")  # relative to where the user runs the command
@@ -110,7 +110,7 @@ class SearchConfig:
 
     @property
     def storage_url(self) -> str:
-        return self.storage or sqlite_url(self.studies_dir / f"{DEFAULT_STUDY}.db")
+        return default_storage_url(self.storage, self.studies_dir)
 
     @property
     def out_dir(self) -> Path:

@@ -61,7 +61,7 @@ class RefitConfig:
 
     @property
     def storage_url(self) -> str:
-        return self.storage or studies.sqlite_url(self.studies_dir / "pcam.db")
+        return studies.default_storage_url(self.storage, self.studies_dir)
 
 
 @dataclass

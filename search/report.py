@@ -322,6 +322,17 @@ def _header(study: optuna.Study) -> str:
     if best is not None:
         rows.insert(2, ("best mean fold AUC", f"{best.value:.4f} (trial {best.number})"))
         rows.insert(3, ("best params", ", ".join(f"{k}={v}" for k, v in best.params.items())))
+    folds_name = Path(attrs.get("folds_file", "")).name
+    if folds_name.startswith(("patch-no-slide-map", "slide-partial-map")):
+        rows.insert(
+            1,
+            (
+                "warning",
+                f"folds {folds_name.split('-k')[0]}: ids without a slide are their own group, "
+                "so the folds are (mostly) patch-level and CV AUC is optimistic; add a slide "
+                "map (patch_id_wsi.csv)",
+            ),
+        )
     rec = attrs.get("refit")
     if rec:
         folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return 2
-    url = args.storage or studies.sqlite_url(args.studies_dir / "pcam.db")
+    url = studies.default_storage_url(args.storage, args.studies_dir)
     try:
         study = optuna.load_study(study_name=args.study, storage=studies.make_storage(url))
     except KeyError:

@@ -51,6 +51,14 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+DB_FILE = "pcam.db"  # the default SQLite file in the studies folder
+
+
+def default_storage_url(storage: str, studies_dir: Path) -> str:
+    """``storage`` if given, else the SQLite file ``<studies_dir>/pcam.db`` (every CLI)."""
+    return storage or sqlite_url(Path(studies_dir) / DB_FILE)
+
+
 OPTUNA_TABLE = "studies"  # a table every Optuna RDB schema has
 
 

@@ -42,3 +42,22 @@ def test_main_folds_writes_balanced_grouped_folds(kaggle_dir, capsys):
 def test_main_unknown_folder_is_clear_error(tmp_path, capsys):
     assert main(["check", str(tmp_path), "--quiet"]) == 2
     assert "Expected either the Kaggle layout" in capsys.readouterr().err
+
+
+def test_main_without_slide_map_says_the_folds_are_patch_folds(kaggle_dir, capsys):
+    # the Kaggle zip has no patch_id_wsi.csv: check, build and folds must say so, and the
+    # folds file is named for what it is
+    (kaggle_dir / "patch_id_wsi.csv").unlink()
+    assert main(["check", str(kaggle_dir), "--quiet", "--workers", "1"]) == 0
+    assert "no slide map" in capsys.readouterr().err
+    assert main(["build", str(kaggle_dir), "--quiet", "--workers", "1"]) == 0
+    assert "no slide map" in capsys.readouterr().err
+    assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1", "--k", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "patch-no-slide-map-k3-s0.csv" in out and "leak slides" in err
+
+
+def test_main_with_slide_map_has_no_warning(kaggle_dir, capsys):
+    assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1", "--k", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "/slide-k3-s0.csv" in out and "warning" not in err

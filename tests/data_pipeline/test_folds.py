@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from data_pipeline.folds import fold_groups, make_folds
+from data_pipeline.folds import (
+    fold_groups,
+    fold_label,
+    make_folds,
+    slide_coverage,
+    slide_map_warning,
+)
 
 
 def _data(n: int = 200, slides: int = 20, seed: int = 0):
@@ -82,3 +88,19 @@ def test_make_folds_too_few_groups_is_clear_error():
 def test_make_folds_rejects_non_binary_labels():
     with pytest.raises(ValueError, match="0/1"):
         make_folds([0, 1, 2] * 10, None, None, k=2, seed=0)
+
+
+@pytest.mark.parametrize(
+    "slides, label",
+    [
+        (["a", "b", "c", "d"], "slide"),
+        (["a", "b", "", None], "slide"),  # half covered: still mostly slide groups
+        (["a", "", "", None], "slide-partial-map"),
+        (["", "", None, ""], "patch-no-slide-map"),
+    ],
+)
+def test_fold_label_names_what_the_folds_really_are(slides, label):
+    cov = slide_coverage(slides)
+    assert fold_label("slide", cov) == label
+    assert fold_label("random", cov) == "random"
+    assert (slide_map_warning(cov) is None) == (label == "slide")

@@ -59,3 +59,36 @@ def test_report_png_without_kaleido_is_clear(tmp_path, capsys):
     optuna.create_study(storage=url, study_name="pcam")
     rc = report.main(["--studies-dir", str(tmp_path), "--png"])
     assert rc == 2 and "pip install kaleido" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "folds_file, warned",
+    [("/c/folds/patch-no-slide-map-k3-s0.csv", True), ("/c/folds/slide-k3-s0.csv", False)],
+)
+def test_report_header_warns_when_folds_are_patch_folds(made_up_study, folds_file, warned):
+    st = made_up_study(2, 0)
+    st.set_user_attr("folds_file", folds_file)
+    html = report.render(st)
+    assert ("folds patch-no-slide-map: ids without a slide" in html) == warned
+
+
+def test_report_shows_ensemble_members_weights_and_nested_estimate(
+    tmp_path, made_up_study, with_refit
+):
+    st = with_refit(made_up_study(3, 0), tmp_path)
+    rec = dict(st.user_attrs["refit"])
+    rec.update(
+        kind="ensemble",
+        label="ensemble of 2 (trial 1, trial 2)",
+        members=[
+            {"label": "trial 1", "weight": 0.6, "oof_auc": 0.81, "test_auc": 0.80},
+            {"label": "trial 2", "weight": 0.4, "oof_auc": 0.79, "test_auc": None},
+        ],
+        selection_curve=[0.81, 0.83],
+        nested_auc=0.8123,
+    )
+    st.set_user_attr("refit", rec)
+    html = report.render(st)
+    assert "ensemble of 2 (trial 1, trial 2): OOF AUC" in html
+    assert "trial 1 (weight 0.60, OOF 0.8100, test 0.8000)" in html
+    assert "Nested estimate 0.8123" in html and "0.8100 0.8300" in html
