@@ -9,8 +9,11 @@ A cache is a folder ``<cache_root>/<name>-<layout>-<fingerprint>/`` holding
     folds/        fold assignments written later by ``data_pipeline.folds``
 
 It is built in a temp folder and renamed into place, so a cache folder that exists is complete;
-an interrupted build leaves nothing that loads. The fingerprint covers the source files' names,
-sizes and mtimes, so a changed source gets a new cache (and the stale one is removed).
+an interrupted build leaves nothing that loads. The folder's key covers the source files' names,
+sizes and mtimes (stat only: finding the cache of 275k files takes a second), so a changed
+source gets a new cache (and the stale one is removed). The *dataset* fingerprint that studies,
+refits and saved models record is content-based (``content_fingerprint``: ids, splits, labels,
+slides and pixel hashes), so a ``touch`` changes nothing and a flipped label changes it.
 Training code reads only the cache.
 """
 
@@ -28,6 +31,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -328,9 +332,10 @@ class Cache:
     index: pd.DataFrame  # id, label, split, slide, hash, source
     meta: dict
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        return self.meta["fingerprint"]
+        """The data's content fingerprint (``content_fingerprint``), what studies record."""
+        return self.meta.get("content_fingerprint") or content_fingerprint(self.index)
 
     def rows(self, *splits: str) -> np.ndarray:
         """Row numbers of the given splits (all rows when none given)."""
@@ -440,6 +445,7 @@ def build_cache(
             "layout": layout,
             "source": str(root),
             "fingerprint": fp,
+            "content_fingerprint": content_fingerprint(index),
             "n": int(len(index)),
             "splits": {k: int(v) for k, v in index["split"].value_counts().items()},
             "labels": {str(k): int(v) for k, v in index["label"].value_counts().items()},
@@ -483,6 +489,21 @@ def _remove_stale(cache_root: Path, final: Path, root: Path) -> None:
             continue
         if info.get("source") == str(root) and info.get("skip_bad") == skip_bad:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def content_fingerprint(index: pd.DataFrame) -> str:
+    """Hash of what training and scoring see: every row's id, split, label, slide and pixel
+    hash, in cache order (16 bytes, hex). Independent of file times and paths."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"content-v1|{len(index)}\n".encode())
+    cols = ["id", "split", "label", "slide", "hash"]
+    for chunk in range(0, len(index), 65536):
+        part = index.iloc[chunk : chunk + 65536][cols].astype(str)
+        rows = part["id"]
+        for c in cols[1:]:
+            rows = rows + "|" + part[c]
+        h.update("\n".join(rows).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def load_cache(path: Path) -> Cache:

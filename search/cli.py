@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--fold-strategy",
         choices=STRATEGIES,
-        default="slide",
+        default=None,
         help="slide-grouped folds (default) or random (leaks slides; only to measure that)",
     )
     a(
@@ -203,7 +204,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         studies_dir=args.studies_dir,
         trials=args.trials,
         folds=pick(args.folds, d.folds),
-        fold_strategy=args.fold_strategy,
+        fold_strategy=pick(args.fold_strategy, "slide"),
         max_epochs=pick(args.max_epochs, d.budget_max_epochs if budgeted else d.max_epochs),
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
@@ -275,6 +276,23 @@ def _open_study(cfg: SearchConfig, storage, console: Console) -> optuna.Study:
             f"as FAIL (interrupted; they will be re-run): {zombies}[/]"
         )
     return study
+
+
+def _resume_settings(
+    cfg: SearchConfig, study: optuna.Study, explicit: frozenset[str], console: Console
+) -> SearchConfig:
+    """An existing study's frozen settings (folds, epochs, ...) that the user did not give on
+    this command line are the study's own: resuming needs only ``--trials``."""
+    prev = study.user_attrs.get("config") or {}
+    take = {
+        k: prev[k]
+        for k in FROZEN_SETTINGS
+        if k in prev and k not in explicit and prev[k] != getattr(cfg, k)
+    }
+    if take:
+        console.print(f"study {cfg.study!r} exists: using its own settings {take}")
+        cfg = replace(cfg, **take)
+    return cfg
 
 
 def _record_study(
@@ -358,10 +376,17 @@ def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Ta
         console.print(f"  {c}", highlight=False, markup=False)
 
 
-def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | None = None) -> int:
+def run(
+    cfg: SearchConfig,
+    argv: list[str],
+    console: Console,
+    t_cmd: float | None = None,
+    explicit: frozenset[str] = frozenset(FROZEN_SETTINGS),
+) -> int:
     """The search: data -> folds -> study -> Ray Tune trials -> summary (-> refit: --budget).
 
     ``t_cmd``: ``time.monotonic()`` when the command started (the budget counts from there).
+    ``explicit``: the frozen settings the user gave; the others come from an existing study.
     """
     t_cmd = time.monotonic() if t_cmd is None else t_cmd
 
@@ -376,6 +401,7 @@ def run(cfg: SearchConfig, argv: list[str], console: Console, t_cmd: float | Non
     cache = open_dataset(cfg.data, progress=cfg.progress)  # bad data: no study is created
     storage = studies.make_storage(cfg.storage_url)
     study = _open_study(cfg, storage, console)
+    cfg = _resume_settings(cfg, study, explicit, console)
     done = studies.count_finished(study)
     remaining = cfg.trials - done
     if remaining <= 0:
@@ -583,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
         has_gpu = ray_adapter.cluster_resources().get("GPU", 0) > 0
         cfg = build_config(args, has_gpu)
         _check_config(cfg)
-        return run(cfg, argv, out, t_cmd)
+        given = frozenset(k for k in FROZEN_SETTINGS if getattr(args, k, None) is not None)
+        return run(cfg, argv, out, t_cmd, given)
     except DataError as e:
         # the message already summarises the problems, naming the files and ids
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)

@@ -55,6 +55,7 @@ class RefitConfig:
     out: Path | None = None  # submission path; None = <refit folder>/submission.csv
     force: bool = False  # overwrite an existing submission
     retrain: bool = False  # train the fold models again instead of reusing the search's
+    other_data: bool = False  # allow data whose fingerprint differs from the study's
     device: str | None = None  # None = CUDA when present
     seed: int = 0
     progress: bool = True
@@ -272,11 +273,12 @@ class Setup:
     folds: np.ndarray  # (N,) fold of each labelled row, fold-file order
     k: int
     folds_file: str
+    other_data: bool = False  # the data differs from the study's (--other-data)
 
 
 def open_setup(cfg: RefitConfig) -> Setup:
-    """Load the study and its data (the fingerprint must match unless ``cfg.data`` is given)
-    and rebuild its folds."""
+    """Load the study and its data (its content fingerprint must be the study's, unless
+    ``cfg.other_data`` says different data is meant) and rebuild its folds."""
     storage = studies.make_storage(cfg.storage_url)
     try:
         study = optuna.load_study(study_name=cfg.study, storage=storage)
@@ -288,17 +290,20 @@ def open_setup(cfg: RefitConfig) -> Setup:
     k = int(search_cfg.get("folds", 3))
     cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
     want_fp = study.user_attrs.get("dataset_fingerprint")
-    if cfg.data is None and want_fp and cache.fingerprint != want_fp:
+    differs = bool(want_fp) and cache.fingerprint != want_fp
+    if differs and not cfg.other_data:  # the same check with or without --data
         raise RefitError(
             f"the study was searched on dataset {want_fp}, the data now reads "
-            f"{cache.fingerprint}: pass --data to refit on other data"
+            f"{cache.fingerprint} (ids, labels, slides or pixels differ): pass --other-data to "
+            "refit on different data (recorded in refit.json)"
         )
     fold_seed = int(search_cfg.get("fold_seed", 0))
     strategy = search_cfg.get("fold_strategy", "slide")
     folds_df = folds_for_cache(cache, k, fold_seed, strategy)
     data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
     where = str(folds_file(cache, k, fold_seed, strategy))
-    return Setup(study, search_cfg, cache, data, folds_df["fold"].to_numpy(np.int64), k, where)
+    fold = folds_df["fold"].to_numpy(np.int64)
+    return Setup(study, search_cfg, cache, data, fold, k, where, differs)
 
 
 def refit(cfg: RefitConfig, console: Console) -> RefitResult:
@@ -411,6 +416,8 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "test_auc_folds": test_auc_folds,
         "validation_minus_test": result.validation_gap,
         "search_auc": trial.value,
+        "dataset_fingerprint": cache.fingerprint,
+        "other_data": su.other_data,
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),
         "submission": str(submission) if submission else None,

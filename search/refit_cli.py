@@ -64,6 +64,12 @@ def refit_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument(
+        "--other-data",
+        action="store_true",
+        help="refit on data whose content differs from what the study searched (refused "
+        "otherwise; recorded in refit.json)",
+    )
+    ap.add_argument(
         "--retrain",
         action="store_true",
         help="train the trial's fold models again (default: reuse the ones the search kept, "
@@ -124,6 +130,7 @@ def refit_main(argv: list[str] | None = None) -> int:
         out=args.out,
         force=args.force,
         retrain=args.retrain,
+        other_data=args.other_data,
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),

@@ -181,6 +181,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "test_auc_folds": test["auc_folds"],
         "validation_minus_test": _gap(oof_blend, y, folds, test["auc_folds"]),
         "trained": False,
+        "dataset_fingerprint": su.cache.fingerprint,
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),
         "submission": None,

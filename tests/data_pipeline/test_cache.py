@@ -118,3 +118,21 @@ def test_load_cache_refuses_incomplete_folder(kaggle_dir, cache_root):
     with pytest.raises(DataError, match="rebuild"):
         cache.load_cache(path)
     assert meta["n"] == 200
+
+
+def test_cache_fingerprint_is_content_not_file_times(kaggle_dir, cache_root):
+    # a touch rebuilds the stat-keyed folder but the dataset fingerprint is the same; one
+    # flipped label changes it
+    first = cache.open_cache(kaggle_dir, cache_root, workers=1, progress=False)
+    tif = next((kaggle_dir / "train").glob("*.tif"))
+    os.utime(tif, (1, 1))
+    touched = cache.open_cache(kaggle_dir, cache_root, workers=1, progress=False)
+    assert touched.path != first.path and touched.fingerprint == first.fingerprint
+    labels = pd.read_csv(kaggle_dir / "train_labels.csv", dtype=str)
+    labels.loc[0, "label"] = "1" if labels.loc[0, "label"] == "0" else "0"
+    labels.to_csv(kaggle_dir / "train_labels.csv", index=False)
+    flipped = cache.open_cache(kaggle_dir, cache_root, workers=1, progress=False)
+    assert flipped.fingerprint != first.fingerprint
+    # what a cache built before this field existed computes from its index: the same
+    reloaded = cache.load_cache(flipped.path)
+    assert cache.content_fingerprint(reloaded.index) == flipped.fingerprint

@@ -137,3 +137,32 @@ def test_pcam_predict_requires_the_data_folder(capsys):
     with pytest.raises(SystemExit) as e:
         predict_main(["--ensemble", "x", "--out", "y.csv"])
     assert e.value.code == 2 and "data" in capsys.readouterr().err
+
+
+def test_refit_on_flipped_labels_is_refused_unless_other_data_is_said(
+    _kaggle_master, tmp_path, capsys
+):
+    # following the old advice (--data <the same folder>) skipped the check: now the content
+    # is always compared, and different data is an explicit, recorded choice
+    data = tmp_path / "data"
+    shutil.copytree(_kaggle_master, data)
+    (tmp_path / "space.toml").write_text(SPACE)
+    common = ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache")]
+    args = ["--data", str(data), "--space", str(tmp_path / "space.toml"), "--no-asha"]
+    assert (
+        search_main(
+            [*args, "--trials", "1", "--max-epochs", "1", "--folds", "2", "--no-progress", *common]
+        )
+        == 0
+    )
+    labels = pd.read_csv(data / "train_labels.csv", dtype=str)
+    labels.loc[:29, "label"] = labels.loc[:29, "label"].map({"0": "1", "1": "0"})
+    labels.to_csv(data / "train_labels.csv", index=False)
+    refit = ["--best", "--no-progress", "--tta", "1", "--data", str(data), *common]
+    assert refit_main(refit) == 2
+    assert "--other-data" in capsys.readouterr().err
+    assert refit_main([*refit, "--other-data"]) == 0
+    study = optuna.load_study(
+        study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
+    )
+    assert study.user_attrs["refit"]["other_data"] is True

@@ -585,3 +585,21 @@ def test_build_config_budget_searches_short_complete_trials(flags, epochs):
     cfg = build_config(parser().parse_args(flags), has_gpu=False)
     assert cfg.max_epochs == epochs
     assert cfg.final_max_epochs == CPU_DEFAULTS.final_max_epochs
+
+
+def test_search_resume_takes_unset_frozen_settings_from_the_study(
+    _kaggle_master, tmp_path, capsys
+):
+    # first run with --folds 2 --max-epochs 1; resuming with only --trials must not be
+    # refused, and uses (and prints) the study's k
+    assert main(_args(tmp_path, _kaggle_master, 1)) == 0
+    base = ["--data", str(_kaggle_master), "--cache-dir", str(tmp_path / "cache")]
+    base += ["--studies-dir", str(tmp_path / "studies"), "--space", str(tmp_path / "space.toml")]
+    capsys.readouterr()
+    assert main([*base, "--trials", "2", "--no-progress", "--no-asha"]) == 0
+    out = capsys.readouterr().out
+    assert "using its own settings" in out and "'folds': 2" in out
+    assert "best mean 2-fold AUC" in out
+    study = _load(tmp_path)
+    assert studies.count_finished(study) == 2
+    assert study.user_attrs["config"]["max_epochs"] == MAX_EPOCHS
