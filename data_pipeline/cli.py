@@ -4,6 +4,7 @@ pcam-data synth --out data/demo [--n 4000 --seed 0 --layout kaggle|pcam] [--tumo
 pcam-data check data/demo            # report problems; exit 1 if any
 pcam-data build [DIR] [--skip-bad]   # build the cache (embedded dataset without DIR)
 pcam-data folds [DIR] --k 5 --seed 0 # make/save the CV folds and print their balance
+pcam-data slide-map KAGGLE PCAM      # rebuild KAGGLE/patch_id_wsi.csv from PCam's meta CSVs
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from data_pipeline.folds import (
     slide_map_warning,
 )
 from data_pipeline.problems import DataError, summarize, to_csv_text
+from data_pipeline.slide_map import build_slide_map
 from data_pipeline.synth import SynthConfig, write
 
 
@@ -93,6 +95,17 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--rebuild", action="store_true", help="rebuild even if a cache exists")
 
+    m = sub.add_parser(
+        "slide-map",
+        help="rebuild a Kaggle folder's patch_id_wsi.csv from the PCam release (pixel hashes)",
+    )
+    m.add_argument("kaggle", type=Path, help="the Kaggle folder (train/, train_labels.csv)")
+    m.add_argument("pcam", type=Path, help="the PCam folder (*_x.h5[.gz] and *_meta.csv)")
+    m.add_argument("--cache-dir", type=Path, default=None, help="cache root for both")
+    m.add_argument("--workers", type=int, default=None)
+    m.add_argument("--quiet", action="store_true")
+    m.add_argument("--force", action="store_true", help="replace an existing patch_id_wsi.csv")
+
     f = sub.add_parser(
         "folds",
         help="make and save the cross-validation folds",
@@ -159,6 +172,17 @@ def run(args: argparse.Namespace) -> int:
             args.report.write_text(to_csv_text(problems))
             print(f"report written to {args.report}")
         return 1 if problems else 0
+    if args.cmd == "slide-map":
+        r = build_slide_map(
+            args.kaggle, args.pcam, args.cache_dir, args.workers, not args.quiet, args.force
+        )
+        print(
+            f"wrote {r.path}: {r.mapped_train} of {r.train} train ids ({r.coverage:.1%}) and "
+            f"{r.mapped_test} of {r.test} test ids matched a PCam patch with a slide; "
+            f"{r.ambiguous} pixel hash(es) on two slides left out"
+        )
+        _warn_slides([""] * (r.train - r.mapped_train) + ["x"] * r.mapped_train)
+        return 0
     cfg = _config(args)
     if args.cmd == "build":
         if args.rebuild:
