@@ -26,6 +26,7 @@ from data_pipeline.folds import (
 from data_pipeline.problems import DataError, summarize, to_csv_text
 from data_pipeline.slide_map import build_slide_map
 from data_pipeline.synth import SynthConfig, write
+from data_pipeline.version import add_version
 
 
 def _add_data_args(p: argparse.ArgumentParser, optional_dir: bool = True) -> None:
@@ -52,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pcam-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser(

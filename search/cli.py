@@ -35,6 +35,7 @@ from data_pipeline.folds import (
     slide_map_warning,
 )
 from data_pipeline.problems import DataError
+from data_pipeline.version import add_version
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
 from search.deadline import Deadline, final_epochs
@@ -55,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     a = ap.add_argument
     a(
         "--trials",

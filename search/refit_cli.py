@@ -20,6 +20,7 @@ from rich.markup import escape
 import models
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.problems import DataError
+from data_pipeline.version import add_version
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 from search.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
@@ -42,6 +43,7 @@ def refit_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version(ap)
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--best", action="store_true", help="refit the best COMPLETE trial")
     which.add_argument("--trial", type=int, help="refit this COMPLETE trial number")
@@ -201,6 +203,7 @@ def predict_parser() -> argparse.ArgumentParser:
         prog="pcam-predict",
         description="score the test split of a folder with a saved ensemble; writes id,label",
     )
+    add_version(ap)
     ap.add_argument(
         "data",
         type=Path,

@@ -27,6 +27,7 @@ from rich.markup import escape
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from data_pipeline.version import add_version
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pcam-report",
         description="write an HTML report of a study under studies/<study>/report/",
     )
+    add_version(ap)
     ap.add_argument("--study", default=DEFAULT_STUDY)
     ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
     ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
