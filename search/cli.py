@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.markup import escape
 
@@ -38,7 +39,7 @@ from data_pipeline.problems import DataError
 from data_pipeline.version import add_version
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
-from search.deadline import Deadline, final_epochs
+from search.deadline import TIE_AUC, Deadline, Pace, final_epochs, pick_final
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
@@ -521,25 +522,44 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     return False
 
 
-def _final_epochs(cfg: SearchConfig, t_cmd: float, deadline: Deadline, console: Console) -> int:
-    """--budget: epochs of the final model that fit what is left (0 = reuse the best trial's
-    own fold models), said on the console."""
-    pace = deadline.best_pace()
+def _final_plan(
+    cfg: SearchConfig, study: optuna.Study, t_cmd: float, deadline: Deadline, console: Console
+) -> tuple[int | None, int]:
+    """--budget: (trial, epochs) of the final model: the fastest trial within ``TIE_AUC`` of
+    the best, trained for as many epochs as fit what is left; (None, 0) = the best trial's own
+    fold models. Said on the console."""
+    best = deadline.best_pace()
     left = cfg.budget - (time.monotonic() - t_cmd)
-    if pace is None or cfg.search_share >= 1:
-        return 0
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    paced = [
+        (t.number, t.value, (t.datetime_complete - t.datetime_start).total_seconds() / fe)
+        for t in done
+        if (fe := t.user_attrs.get("fold_epochs")) and t.datetime_complete and t.datetime_start
+    ]
+    if best is None or cfg.search_share >= 1 or not paced:
+        return None, 0
+    number = pick_final(paced)
+    top = max(paced, key=lambda t: t[1])
+    chosen = next(t for t in paced if t[0] == number)
+    ratio = chosen[2] / top[2]  # its pace against the best trial's
+    pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
     epochs = final_epochs(left, cfg.folds, pace, deadline.predict_s(pace), cfg.final_max_epochs)
     if epochs <= cfg.max_epochs:
         console.print(
             f"{left:.0f} s left: no more than the search's {cfg.max_epochs} epochs fit; "
             "submitting the best trial's own fold models"
         )
-        return 0
-    console.print(
-        f"{left:.0f} s left: training the best params again on {cfg.folds} folds for {epochs} "
-        f"epochs (the search's trials: {cfg.max_epochs})"
+        return None, 0
+    why = (
+        ""
+        if number == top[0]
+        else (f" (within {TIE_AUC} of the best, trial {top[0]}, and {1 / ratio:.1f}x as fast)")
     )
-    return epochs
+    console.print(
+        f"{left:.0f} s left: training trial {number}'s params{why} again on {cfg.folds} folds "
+        f"for {epochs} epochs (the search's trials: {cfg.max_epochs})"
+    )
+    return number, epochs
 
 
 def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline) -> int:
@@ -549,8 +569,10 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
     from search.refit import RefitConfig, RefitError, refit
 
     ray_adapter.shutdown_ray()  # free the cores for the refit
-    epochs = _final_epochs(cfg, t_cmd, deadline, console)
+    study = optuna.load_study(study_name=cfg.study, storage=studies.make_storage(cfg.storage_url))
+    trial, epochs = _final_plan(cfg, study, t_cmd, deadline, console)
     rcfg = RefitConfig(
+        trial=trial,
         epochs=epochs or None,
         retrain=epochs > 0,
         study=cfg.study,

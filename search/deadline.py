@@ -38,6 +38,10 @@ PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (n
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
 # --budget: the share of the budget the search gets; the final model trains in the rest
 SEARCH_SHARE = 0.5
+# --budget: COMPLETE trials within this mean AUC of the best are a tie (per-fold AUCs of one
+# trial spread by ~0.02 on the embedded set); the fastest of them trains the final model: it
+# fits the most epochs into the rest of the budget, and epochs are what pay there
+TIE_AUC = 0.005
 
 
 @dataclass
@@ -156,3 +160,11 @@ def final_epochs(seconds_left: float, folds: int, pace: Pace, predict_s: float, 
     per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * MARGIN
     epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
     return max(0, min(epochs, cap))
+
+
+def pick_final(trials: list[tuple[int, float, float]], tie: float = TIE_AUC) -> int:
+    """The trial whose params train the final model: ``trials`` = (number, mean AUC, seconds
+    per fold-epoch) of COMPLETE trials; the fastest of those within ``tie`` of the best."""
+    best = max(v for _, v, _ in trials)
+    close = [t for t in trials if t[1] >= best - tie]
+    return min(close, key=lambda t: (t[2], -t[1]))[0]

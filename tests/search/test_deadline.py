@@ -10,6 +10,7 @@ from search.deadline import (
     Deadline,
     Pace,
     final_epochs,
+    pick_final,
 )
 
 
@@ -118,3 +119,11 @@ def test_final_epochs_fill_the_time_left_after_predictions():
     assert final_epochs(300, 3, pace, predict_s=20, cap=100) == want
     assert final_epochs(300, 3, pace, predict_s=20, cap=5) == 5
     assert final_epochs(5, 3, pace, predict_s=20, cap=12) == 0
+
+
+def test_pick_final_takes_the_fastest_trial_within_the_tie_of_the_best():
+    # (number, mean AUC, s per fold-epoch): 2 is the best; 1 is within 0.005 and 3x faster
+    trials = [(0, 0.90, 1.0), (1, 0.936, 2.0), (2, 0.940, 6.0), (3, 0.930, 0.5)]
+    assert pick_final(trials) == 1
+    assert pick_final(trials, tie=0.0) == 2
+    assert pick_final([(5, 0.8, 3.0)]) == 5
