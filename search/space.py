@@ -31,6 +31,7 @@ define-by-run captor included) and returns the full params dict: fixed values + 
 
 from __future__ import annotations
 
+import importlib.resources
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,7 +40,8 @@ from typing import Any
 import models
 from search.engine import TrainParams
 
-STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+# the shipped spaces: package data of ``studies`` (the repo folder, or the installed copy)
+STUDIES_DIR = Path(importlib.resources.files("studies"))
 TYPES = ("float", "int", "categorical")
 REQUIREMENTS = ("resnet", "simple_cnn", "pretrained")  # conditions a param may depend on
 _KEYS = {"type", "low", "high", "log", "step", "choices", "requires", "when", "why"}
