@@ -9,8 +9,10 @@ time, then lockstep; each report says how many folds it averages and the fold-ep
 a scheduler can drop a poor trial after one fold-epoch. Read ``train_cv`` top to bottom: set
 up data and folds, then loop epochs -> fold groups -> report.
 
-Data: the cached uint8 patches are centre-cropped once and kept whole in RAM (or on the GPU
-when they fit); batches are random index sets, augmented as whole tensors (``search.augment``).
+Data: the cache's uint8 patches stay in its memory-mapped file (``PoolImages``): the OS page
+cache holds them once per machine for every trial; each batch gathers its random rows and
+crops them (on a GPU with room, the cropped pool is copied to the device once per trial);
+batches are augmented as whole tensors (``search.augment``).
 CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: channels_last too
 (measured faster with oneDNN), ``threads`` threads.
 """
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -93,20 +98,73 @@ class TrainParams:
         return p
 
 
+class PoolImages:
+    """Rows of a cache's memory-mapped ``images.npy``, never copied as a whole.
+
+    Indexing gathers just the rows asked for ((B, 96, 96, 3) uint8). It pickles as (path,
+    rows): every process that receives it (Ray trials, via the object store) maps the same
+    file, so the OS page cache holds the patches once per machine, shared by every trial.
+    """
+
+    def __init__(self, path: str | Path, rows: np.ndarray) -> None:
+        self.path, self.rows = str(path), np.asarray(rows, np.int64)
+        self._mm: np.ndarray | None = None
+
+    def __reduce__(self):
+        return (PoolImages, (self.path, self.rows))
+
+    def _map(self) -> np.ndarray:
+        if self._mm is None:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(
+                    f"{self.path}: the data cache is not readable on {socket.gethostname()}; "
+                    "every Ray node needs it at the same path (a shared --cache-dir)"
+                )
+            self._mm = np.load(self.path, mmap_mode="r")
+        return self._mm
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self._map().shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> np.ndarray:
+        """``pool[idx]`` or ``pool[idx, y0:y1, x0:x1]``: a gather of those rows, in RAM."""
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        rows = self.rows[key]
+        if np.ndim(rows) == 0:
+            return self._map()[int(rows)][rest]
+        # sorted reads walk the file forwards (page cache / read-ahead); then back in order
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self._map().shape[1:]), np.uint8)
+        out[order] = self._map()[rows[order]]
+        return out[(slice(None), *rest)] if rest else out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[np.arange(len(self.rows))]
+        return out if dtype is None else out.astype(dtype)
+
+
 @dataclass(frozen=True)
 class TrainData:
-    """Patches and labels of the labelled pool: images (N, 96, 96, 3) uint8, labels (N,)."""
+    """Patches and labels of the labelled pool: images (N, 96, 96, 3) uint8 (an array in RAM,
+    or ``PoolImages`` on a cache), labels (N,)."""
 
-    images: np.ndarray
+    images: np.ndarray | PoolImages
     labels: np.ndarray
     ids: np.ndarray | None = None
 
     @classmethod
     def from_cache(cls, cache, rows: np.ndarray | None = None) -> TrainData:
-        """Rows of a ``data_pipeline.Cache`` (default: its labelled pool), read into RAM."""
+        """Rows of a ``data_pipeline.Cache`` (default: its labelled pool), memory-mapped: no
+        copy of the patches is made here (batches gather their rows)."""
         rows = cache.labelled_pool() if rows is None else np.asarray(rows)
         return cls(
-            images=np.ascontiguousarray(cache.images[rows]),
+            images=PoolImages(Path(cache.path) / "images.npy", rows),
             labels=cache.index["label"].to_numpy()[rows].astype(np.int64),
             ids=cache.index["id"].to_numpy()[rows],
         )
@@ -219,26 +277,50 @@ def centre_crop(images: np.ndarray, crop: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images[:, o : o + crop, o : o + crop]))
 
 
-class _Batcher:
-    """Turns index batches into normalised float input on the device."""
+def crop_batch(batch: np.ndarray, crop: int) -> torch.Tensor:
+    """(B, 96, 96, 3) uint8 -> its centre (B, crop, crop, 3), contiguous (channels-last)."""
+    o = (batch.shape[1] - crop) // 2
+    return torch.from_numpy(np.ascontiguousarray(batch[:, o : o + crop, o : o + crop]))
 
-    def __init__(self, x: torch.Tensor, device: torch.device, mean, std) -> None:
-        self.x, self.device = x, device
+
+# On a GPU the cropped pool moves to the device once per trial when it takes less than this
+# share of the free memory; otherwise (and on CPU) each batch gathers its rows from the pool
+GPU_POOL_SHARE = 0.25
+
+
+class _Batcher:
+    """Turns index batches into normalised float input on the device: each batch gathers its
+    rows from the pool (memory-mapped, shared by every trial) and crops them; on a GPU with
+    room the cropped pool is copied to the device once instead."""
+
+    def __init__(self, images, crop: int, device: torch.device, mean, std) -> None:
+        self.images, self.crop, self.device = images, crop, device
         self.cuda = device.type == "cuda"
+        self.x: torch.Tensor | None = None
+        if self.cuda and len(images) * crop * crop * 3 < GPU_POOL_SHARE * _free_gpu(device):
+            chunks = range(0, len(images), 4096)  # bounded host memory: 4096 patches, 113 MB
+            self.x = torch.cat([crop_batch(images[s : s + 4096], crop).to(device) for s in chunks])
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def __call__(
         self, idx: torch.Tensor, aug: float = 0.0, gen: torch.Generator | None = None
     ) -> torch.Tensor:
-        xb = self.x[idx.to(self.x.device)]  # (B, c, c, 3) uint8
-        if xb.device != self.device:
-            xb = xb.pin_memory().to(self.device, non_blocking=True) if self.cuda else xb
+        if self.x is not None:
+            xb = self.x[idx.to(self.x.device)]  # (B, c, c, 3) uint8, on the device
+        else:
+            xb = crop_batch(self.images[idx.numpy()], self.crop)  # gather, then crop
+            if self.cuda:
+                xb = xb.pin_memory().to(self.device, non_blocking=True)
         xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
         if aug > 0:
             xb = augment(xb, aug, gen)
         xb = (xb - self.mean) / self.std
         return xb.contiguous(memory_format=torch.channels_last)  # a no-op: NHWC already
+
+
+def _free_gpu(device: torch.device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
@@ -406,13 +488,10 @@ def train_cv(
     t_start = time.perf_counter()
     epoch, history, stopped = 0, [], False
     try:
-        # ---- data: crop once, whole array in RAM, on the GPU too when it fits easily
-        x = centre_crop(data.images, p.crop)
-        if dev.type == "cuda" and x.numel() < 0.25 * torch.cuda.mem_get_info(dev)[0]:
-            x = x.to(dev)
         runs = [_Fold(f, p, folds, epochs, seed, dev, pretrained) for f in range(k)]
         norm = models.data_config(runs[0].model, p.arch)
-        run = _Run(p, dev, _Batcher(x, dev, norm["mean"], norm["std"]), data.labels)
+        batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
+        run = _Run(p, dev, batch, data.labels)
         clock = _Clock()
         steps = fold_steps(k, epochs, race_epochs)
         for i, (group, epoch) in enumerate(steps):

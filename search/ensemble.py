@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from search.engine import TrainParams, centre_crop, create_model, resolve_device
+from search.engine import TrainParams, create_model, crop_batch, resolve_device
 
 TTA_CHOICES = (1, 4, 8)
 
@@ -73,13 +73,13 @@ class Ensemble:
         -> (N,) float32 in [0, 1]; with ``per_model`` each fold model's own mean over the
         views, (M, N). ``progress(n_done)`` is called after each batch."""
         p = self.params
-        x = centre_crop(images, p.crop)  # (N, c, c, 3) uint8
+        x = images  # (N, 96, 96, 3) uint8, an array or PoolImages: cropped batch by batch
         mean = torch.tensor(self.meta["norm"]["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.meta["norm"]["std"], device=self.device).view(1, 3, 1, 1)
         cuda = self.device.type == "cuda"
         out = np.empty((len(self.models), len(x)), np.float32)  # (M, N)
         for s in range(0, len(x), batch):
-            xb = x[s : s + batch].to(self.device, non_blocking=cuda)
+            xb = crop_batch(x[s : s + batch], p.crop).to(self.device, non_blocking=cuda)
             xb = (xb.permute(0, 3, 1, 2).float().div_(255) - mean) / std
             views = [
                 v.contiguous(memory_format=torch.channels_last) for v in dihedral_views(xb, tta)

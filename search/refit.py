@@ -32,7 +32,7 @@ from data_pipeline.folds import folds_file, folds_for_cache
 from data_pipeline.kaggle import SUBMISSION_CSV
 from data_pipeline.synth import SynthConfig
 from search import study as studies
-from search.engine import TrainData, TrainParams, create_model, train_cv
+from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
 from search.ensemble import Ensemble, load_ensemble, load_oof, save_ensemble
 
 
@@ -160,6 +160,11 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+def pool_images(cache: Cache, rows: np.ndarray) -> PoolImages:
+    """The cache's patches at ``rows``, memory-mapped (prediction reads them batch by batch)."""
+    return PoolImages(Path(cache.path) / "images.npy", rows)
+
+
 def predict_test(
     ens: Ensemble, cache: Cache, tta: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +182,7 @@ def predict_test(
     ) as bar:
         task = bar.add_task("test", total=len(rows))
         probs = ens.predict(
-            np.asarray(cache.images[rows]), tta=tta, progress=lambda n: bar.advance(task, n)
+            pool_images(cache, rows), tta=tta, progress=lambda n: bar.advance(task, n)
         )
     return rows, probs
 
@@ -382,7 +387,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
             test_auc = _auc(y_test, probs)
             # The ensemble + TTA score is not comparable with OOF, which is one model on one
             # view: score each fold model alone, untransformed, for the like-for-like gap.
-            single = ens.predict(np.asarray(cache.images[rows]), tta=1, per_model=True)
+            single = ens.predict(pool_images(cache, rows), tta=1, per_model=True)
             test_auc_folds = [_auc(y_test, pm) for pm in single]
             # held-out AUC of the weights that were saved (best epoch with restore_best)
             saved_folds = [_auc(data.labels[folds == f], saved[folds == f]) for f in range(k)]

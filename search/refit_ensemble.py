@@ -33,6 +33,7 @@ from search.refit import (
     RefitError,
     Setup,
     open_setup,
+    pool_images,
     submission_frame,
     write_csv_atomic,
 )
@@ -208,7 +209,7 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     out["members"] = [{} for _ in ens.members]
     if len(rows) == 0:
         return out
-    images = lambda: np.asarray(su.cache.images[rows])  # noqa: E731  read only on a miss
+    images = lambda: pool_images(su.cache, rows)  # noqa: E731  read only on a miss
     keys = [
         hashlib.sha256(f"{e['sha256']}-{su.cache.fingerprint}".encode()).hexdigest()[:24]
         for e in ens.meta["members"]

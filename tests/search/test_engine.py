@@ -1,9 +1,11 @@
 import math
+import pickle
 
 import numpy as np
 import pytest
 
 from search.engine import (
+    PoolImages,
     TrainData,
     TrainParams,
     TrialDiverged,
@@ -179,3 +181,32 @@ def test_lr_factor_onecycle_rises_then_decays():
 def test_train_params_rejects_unknown_schedule():
     with pytest.raises(ValueError, match="schedule"):
         TrainParams.from_dict({"schedule": "step"})
+
+
+def test_pool_images_gather_rows_of_the_mapped_cache_without_copying_it(embedded, tmp_path):
+    # from_cache keeps the patches in the cache's file; trials receive (path, rows) only
+    data, _ = embedded
+    pool = data.images
+    assert isinstance(pool, PoolImages) and pool.shape == (len(data.labels), 96, 96, 3)
+    whole = np.load(pool.path, mmap_mode="r")
+    idx = np.array([5, 3, 900, 3, 0])
+    assert np.array_equal(pool[idx], whole[pool.rows[idx]])  # any order, repeats allowed
+    assert np.array_equal(pool[idx, 32:64, 32:64], whole[pool.rows[idx]][:, 32:64, 32:64])
+    blob = pickle.dumps(pool)
+    assert len(blob) < 20_000 < pool.shape[0] * 96 * 96 * 3 // 100
+    again = pickle.loads(blob)
+    assert np.array_equal(again[idx], pool[idx])
+    gone = PoolImages(tmp_path / "missing" / "images.npy", pool.rows)
+    with pytest.raises(FileNotFoundError, match="not readable on"):
+        gone[idx]
+
+
+def test_train_cv_same_result_from_the_mapped_pool_and_from_ram(embedded):
+    # gathering batches from the memory-mapped pool trains exactly as the same rows in RAM
+    data, folds = embedded
+    rows = np.concatenate([np.flatnonzero(folds == f)[:48] for f in (0, 1)])
+    mapped = TrainData(PoolImages(data.images.path, data.images.rows[rows]), data.labels[rows])
+    in_ram = TrainData(np.asarray(mapped.images), mapped.labels)
+    a = train_cv(TINY, mapped, folds[rows], epochs=1, threads=1)
+    b = train_cv(TINY, in_ram, folds[rows], epochs=1, threads=1)
+    assert a.final["auc_folds"] == b.final["auc_folds"]
