@@ -5,9 +5,11 @@
 Both train the same model (same arch, batch size, crop, thread count, augmentation off) on the
 same cached patches; the engine's number is its own ``epoch_images_per_s`` for the 2nd epoch
 of 2-fold lockstep training (which includes its batching, normalisation and schedule), the
-baseline is a bare ``for step: x[idx] -> forward -> backward -> step`` loop. Target: ratio
->= 0.95 on CPU. With CUDA it also prints AMP + channels_last img/s for simple_cnn and resnet50
-at 96x96 (target for resnet50 on an H100: >= 10,000 img/s).
+baseline is a bare ``for step: x[idx] -> forward -> backward -> step`` loop on a pre-cropped
+copy. The engine runs twice: batches gathered from the cache's memory-mapped file (what the
+search does: one copy of the data per machine) and from a copy of the rows in RAM. Target:
+ratio >= 0.95 on CPU. With CUDA it also prints AMP + channels_last img/s for simple_cnn and
+resnet50 at 96x96 (target for resnet50 on an H100: >= 10,000 img/s).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 import models
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
-from search.engine import TrainData, centre_crop, resolve_device, train_cv
+from search.engine import PoolImages, TrainData, centre_crop, resolve_device, train_cv
 
 
 def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev) -> float:
@@ -62,11 +64,16 @@ def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev)
     return steps * batch / (time.perf_counter() - t)
 
 
-def engine(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev) -> float:
+def engine(
+    arch: str, data: TrainData, crop: int, batch: int, steps: int, dev, mapped: bool = True
+) -> float:
     """img/s the engine reports for its 2nd lockstep epoch of 2 folds (the 1st is its warm-up:
-    first-call oneDNN/cuDNN setup, as the baseline's warm-up steps), ~``steps`` steps each."""
+    first-call oneDNN/cuDNN setup, as the baseline's warm-up steps), ~``steps`` steps each.
+    ``mapped``: batches gather from the cache's memory-mapped file (what the search does);
+    else from a copy of the rows in RAM."""
     n = min(len(data.labels), 2 * steps * batch)  # each fold trains on half: ~steps steps
-    sub = TrainData(data.images[:n], data.labels[:n])
+    pool = PoolImages(data.images.path, data.images.rows[:n])
+    sub = TrainData(pool if mapped else np.asarray(pool), data.labels[:n])
     folds = np.arange(n) % 2
     params = {"arch": arch, "crop": crop, "batch_size": batch, "aug": 0.0, "dropout": 0.0}
     r = train_cv(params, sub, folds, epochs=2, device=dev, threads=torch.get_num_threads())
@@ -89,28 +96,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = write(Path(tmp) / "k", SynthConfig(n=args.n, n_test=8), "kaggle")
         cache = load_cache(build_cache(src, Path(tmp) / "c", progress=False))
-        data = TrainData.from_cache(cache)
+        data = TrainData.from_cache(cache)  # memory-mapped: measure inside the folder's life
+        rows = measure(args, data, dev)
     name = (
         torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     )
+    print(f"training throughput on {name} (torch {torch.__version__})")
+    print(
+        f"| {'model':<12} | crop | batch | {'minimal loop':>12} | {'engine, RAM':>11} | "
+        f"{'engine, mapped':>14} | mapped / loop | mapped / RAM |"
+    )
+    dashes = "|".join("-" * w + ":" for w in (13, 12, 14, 13))
+    print(f"|{'-' * 14}|-----:|------:|{dashes}|")
+    for arch, crop, batch, b, r, e in rows:
+        print(
+            f"| {arch:<12} | {crop:>4} | {batch:>5} | {b:>12,.0f} | {r:>11,.0f} | {e:>14,.0f} |"
+            f" {e / b:>13.2f} | {e / r:>12.2f} |"
+        )
+
+
+def measure(args, data: TrainData, dev) -> list[tuple]:
+    """Medians of interleaved repeats (a shared 2-core machine drifts by 10-20% run to run):
+    the minimal loop on a pre-cropped copy, the engine from RAM, the engine from the map."""
     rows = []
     configs = [(args.arch, args.crop, args.batch)]
     if dev.type == "cuda":
         configs += [("simple_cnn", 96, 256), ("resnet50", 96, 256)]
     for arch, crop, batch in configs:
-        # interleaved repeats, medians: a shared 2-core machine drifts by 10-20% run to run
-        bs, es = [], []
+        bs, rs, es = [], [], []
         for _ in range(args.repeats):
             bs.append(baseline(arch, data, crop, batch, args.steps, dev))
-            es.append(engine(arch, data, crop, batch, args.steps, dev))
-        rows.append((arch, crop, batch, float(np.median(bs)), float(np.median(es))))
-    print(f"training throughput on {name} (torch {torch.__version__})")
-    print(f"| {'model':<12} | crop | batch | {'minimal loop':>12} | {'engine':>9} | ratio |")
-    print(f"|{'-' * 14}|-----:|------:|{'-' * 13}:|{'-' * 10}:|------:|")
-    for arch, crop, batch, b, e in rows:
-        print(
-            f"| {arch:<12} | {crop:>4} | {batch:>5} | {b:>12,.0f} | {e:>9,.0f} | {e / b:>5.2f} |"
-        )
+            rs.append(engine(arch, data, crop, batch, args.steps, dev, mapped=False))
+            es.append(engine(arch, data, crop, batch, args.steps, dev, mapped=True))
+        rows.append((arch, crop, batch, *(float(np.median(v)) for v in (bs, rs, es))))
+    return rows
 
 
 if __name__ == "__main__":
