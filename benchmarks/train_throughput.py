@@ -106,7 +106,7 @@ def main() -> None:
         f"| {'model':<12} | crop | batch | {'minimal loop':>12} | {'engine, RAM':>11} | "
         f"{'engine, mapped':>14} | mapped / loop | mapped / RAM |"
     )
-    dashes = "|".join("-" * w + ":" for w in (13, 12, 14, 13))
+    dashes = "|".join("-" * w + ":" for w in (13, 12, 15, 14, 13))
     print(f"|{'-' * 14}|-----:|------:|{dashes}|")
     for arch, crop, batch, b, r, e in rows:
         print(
