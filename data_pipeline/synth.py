@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -191,16 +192,18 @@ def _label(centres: np.ndarray, y: int, x: int) -> tuple[int, bool]:
     return int(centre.any()), bool(inside.any())
 
 
-def generate(n: int, seed: int, slide_prefix: str, cfg: SynthConfig) -> Patches:
-    """``n`` patches from ceil(n / patches_per_slide) slides, deterministically from ``seed``."""
-    imgs, labels, slides, coords, anyt = [], [], [], [], []
-    s = 0
-    while len(imgs) < n:
+def slides(n: int, seed: int, slide_prefix: str, cfg: SynthConfig) -> Iterator[Patches]:
+    """The ``n`` patches, one slide at a time (peak memory: one slide canvas and its crops);
+    ``labels`` carry the label noise (``flips``), decided up front from the seed."""
+    flipped = flips(n, seed, cfg)
+    done, s = 0, 0
+    while done < n:
         rng = np.random.default_rng([seed, s])
         tumour = rng.random() < cfg.tumour_slide_frac
         slide = _slide(rng, tumour, cfg)
         name = f"{slide_prefix}_{'tumor' if tumour else 'normal'}_{s:03d}"
-        for y, x in _crop_positions(rng, slide, min(cfg.patches_per_slide, n - len(imgs))):
+        imgs, labels, coords, anyt = [], [], [], []
+        for y, x in _crop_positions(rng, slide, min(cfg.patches_per_slide, n - done)):
             crop = slide["rgb"][y : y + PATCH, x : x + PATCH]
             # sensor noise (std 3 grey levels): every patch unique, overlaps not identical
             crop = crop + 3.0 * rng.standard_normal(crop.shape, dtype=np.float32)
@@ -208,15 +211,41 @@ def generate(n: int, seed: int, slide_prefix: str, cfg: SynthConfig) -> Patches:
             lab, a = _label(slide["centres"], y, x)
             labels.append(lab)
             anyt.append(a)
-            slides.append(name)
             coords.append((y, x))
         s += 1
-    true = np.array(labels, np.int8)
-    noisy = true.copy()
+        if not imgs:
+            continue
+        true = np.array(labels, np.int8)
+        noisy = np.where(flipped[done : done + len(true)], 1 - true, true).astype(np.int8)
+        yield Patches(
+            np.stack(imgs), noisy, true, [name] * len(true), np.array(coords), np.array(anyt)
+        )
+        done += len(true)
+
+
+def flips(n: int, seed: int, cfg: SynthConfig) -> np.ndarray:
+    """(n,) bool: which patches get their label flipped (annotation noise)."""
     rng = np.random.default_rng([seed, 10**6])
-    idx = rng.choice(n, size=int(round(cfg.flip_rate * n)), replace=False)
-    noisy[idx] = 1 - noisy[idx]
-    return Patches(np.stack(imgs), noisy, true, slides, np.array(coords), np.array(anyt))
+    out = np.zeros(n, bool)
+    out[rng.choice(n, size=int(round(cfg.flip_rate * n)), replace=False)] = True
+    return out
+
+
+def generate(n: int, seed: int, slide_prefix: str, cfg: SynthConfig) -> Patches:
+    """``n`` patches from ceil(n / patches_per_slide) slides, deterministically from ``seed``,
+    all in memory (the Kaggle writer streams ``slides`` instead)."""
+    parts = list(slides(n, seed, slide_prefix, cfg))
+    return Patches(
+        np.concatenate([p.images for p in parts]),
+        np.concatenate([p.labels for p in parts]),
+        np.concatenate([p.true_labels for p in parts]),
+        [name for p in parts for name in p.slides],
+        np.concatenate([p.coords for p in parts]),
+        np.concatenate([p.tumour_any for p in parts]),
+    )
+
+
+TEST_SEED_OFFSET = 7919  # test slides come from their own seed stream
 
 
 def make(cfg: SynthConfig) -> tuple[Patches, Patches]:
@@ -225,7 +254,7 @@ def make(cfg: SynthConfig) -> tuple[Patches, Patches]:
     # a distinct seed stream for test slides: no slide (or crop) is shared with train. Test
     # labels carry the same annotation noise as train (as real test labels do), so CV and
     # test AUC measure the same thing.
-    test = generate(cfg.test_count, cfg.seed + 7919, "synth_test", cfg)
+    test = generate(cfg.test_count, cfg.seed + TEST_SEED_OFFSET, "synth_test", cfg)
     return train, test
 
 
@@ -234,14 +263,25 @@ def _ids(prefix: str, n: int, seed: int) -> list[str]:
     return [hashlib.sha1(f"{prefix}-{seed}-{i}".encode()).hexdigest() for i in range(n)]
 
 
-def _write_kaggle(out: Path, cfg: SynthConfig, train: Patches, test: Patches) -> None:
+def _write_kaggle(out: Path, cfg: SynthConfig) -> None:
+    """The Kaggle layout, streamed slide by slide: peak memory does not grow with ``n``."""
     (out / "train").mkdir(parents=True)
     (out / "test").mkdir()
     tr_ids, te_ids = _ids("train", cfg.n, cfg.seed), _ids("test", cfg.test_count, cfg.seed)
-    for ids, p, sub in ((tr_ids, train, "train"), (te_ids, test, "test")):
-        for i, pid in enumerate(ids):
-            Image.fromarray(p.images[i]).save(out / sub / f"{pid}.tif")
-    pd.DataFrame({"id": tr_ids, "label": train.labels}).to_csv(
+    labels, slide_of = {}, {}
+    for sub, ids, seed in (
+        ("train", tr_ids, cfg.seed),
+        ("test", te_ids, cfg.seed + TEST_SEED_OFFSET),
+    ):
+        i, labs, names = 0, [], []
+        for part in slides(len(ids), seed, f"synth_{sub}", cfg):
+            for img in part.images:
+                Image.fromarray(img).save(out / sub / f"{ids[i]}.tif")
+                i += 1
+            labs.append(part.labels)
+            names += part.slides
+        labels[sub], slide_of[sub] = np.concatenate(labs), np.array(names)
+    pd.DataFrame({"id": tr_ids, "label": labels["train"]}).to_csv(
         out / "train_labels.csv", index=False
     )
     # Kaggle's sample submission lists test ids in an order unrelated to the files
@@ -249,13 +289,13 @@ def _write_kaggle(out: Path, cfg: SynthConfig, train: Patches, test: Patches) ->
     pd.DataFrame({"id": np.array(te_ids)[order], "label": 0}).to_csv(
         out / "sample_submission.csv", index=False
     )
-    pd.DataFrame({"id": np.array(te_ids)[order], "label": test.labels[order]}).to_csv(
+    pd.DataFrame({"id": np.array(te_ids)[order], "label": labels["test"][order]}).to_csv(
         out / "test_labels.csv", index=False
     )
     # like the community slide map: covers most but not all train ids
     rng = np.random.default_rng([cfg.seed, 3])
     mapped = np.flatnonzero(rng.random(cfg.n) < cfg.slide_map_coverage)
-    pd.DataFrame({"id": np.array(tr_ids)[mapped], "wsi": np.array(train.slides)[mapped]}).to_csv(
+    pd.DataFrame({"id": np.array(tr_ids)[mapped], "wsi": slide_of["train"][mapped]}).to_csv(
         out / "patch_id_wsi.csv", index=False
     )
 
@@ -301,11 +341,13 @@ def write(out: Path, cfg: SynthConfig = SynthConfig(), layout: str = "kaggle") -
         raise ValueError(f"layout must be 'kaggle' or 'pcam', got {layout!r}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    train, test = make(cfg)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        (_write_kaggle if layout == "kaggle" else _write_pcam)(tmp, cfg, train, test)
+        if layout == "kaggle":
+            _write_kaggle(tmp, cfg)  # streamed
+        else:
+            _write_pcam(tmp, cfg, *make(cfg))  # in memory: valid slides are drawn from all
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -1,7 +1,9 @@
 import hashlib
 
 import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
 
 from data_pipeline import synth
 from data_pipeline.synth import SynthConfig
@@ -89,3 +91,22 @@ def test_make_difficulty_knobs_change_pixels_not_the_label_rule():
         assert not np.array_equal(hard.images, base.images)
         # same slides, crops and tumour centres: the labels do not move
         assert np.array_equal(hard.true_labels, base.true_labels)
+
+
+def test_write_kaggle_streams_the_same_patches_as_make(tmp_path):
+    # the Kaggle writer goes slide by slide (memory independent of n) and writes exactly the
+    # patches, noisy labels and slides that the in-memory generator makes
+    cfg = SynthConfig(n=90, n_test=20, flip_rate=0.1, patches_per_slide=16)
+    out = synth.write(tmp_path / "k", cfg, "kaggle")
+    train, test = synth.make(cfg)
+    labels = pd.read_csv(out / "train_labels.csv", dtype={"id": str})
+    got = np.stack([np.asarray(Image.open(out / "train" / f"{i}.tif")) for i in labels["id"]])
+    assert np.array_equal(got, train.images)
+    assert np.array_equal(labels["label"].to_numpy(), train.labels)
+    assert (train.labels != train.true_labels).sum() == 9
+    wsi = pd.read_csv(out / "patch_id_wsi.csv", dtype=str).set_index("id")["wsi"]
+    pos = {i: k for k, i in enumerate(labels["id"])}
+    assert all(train.slides[pos[i]] == w for i, w in wsi.items())
+    truth = pd.read_csv(out / "test_labels.csv", dtype={"id": str}).set_index("id")["label"]
+    test_ids = synth._ids("test", cfg.test_count, cfg.seed)
+    assert np.array_equal(truth.loc[test_ids].to_numpy(), test.labels)
