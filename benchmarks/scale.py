@@ -1,0 +1,217 @@
+"""Memory at scale: a 2-trial, 1-epoch search with 2 trials at once, at crops 32 and 96.
+
+    python benchmarks/scale.py [--n 220000 --n-test 57000] [--crops 32 96]
+
+Generates (or reuses) a Kaggle-layout synthetic set of ``--n`` train patches under
+benchmarks/out/scale, builds its cache, then for each crop runs ``pcam-search --trials 2
+--max-epochs 1 --folds 3 --concurrency 2 --no-asha`` on a one-param space fixed at that crop,
+sampling every 0.5 s:
+
+- machine memory in use above idle (MemTotal - MemAvailable, minus its value before the run);
+- the PSS of the search's process tree (driver, Ray, trial workers; proportional set size:
+  pages shared through the page cache are split between the processes that map them, not
+  counted once per process as RSS would), and the largest single process's PSS;
+- whether Ray spilled objects to disk (its spill folder under the session dir).
+
+It prints them beside the train set's size (target: peak above idle <= 1.5x, nothing spilled),
+the wall time to the first trial's report, and what a GPU trial would hold (computed).
+Generating 220k patches takes minutes and ~13 GB of disk (TIFFs + cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "out" / "scale"
+BIN = Path(sys.executable).parent
+PATCH_BYTES = 96 * 96 * 3
+
+
+def mem_in_use() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        k, v = line.split(":")
+        info[k] = int(v.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Sampler(threading.Thread):
+    def __init__(self, pid: int, idle: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.idle = pid, idle
+        self.peak_machine = self.peak_tree = self.peak_proc = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak_machine = max(self.peak_machine, mem_in_use() - self.idle)
+            per = [pss(p) for p in tree(self.pid)]
+            self.peak_tree = max(self.peak_tree, sum(per))
+            self.peak_proc = max(self.peak_proc, max(per, default=0))
+            time.sleep(0.5)
+
+
+def dataset(n: int, n_test: int) -> Path:
+    d = OUT / f"kaggle-n{n}-t{n_test}"
+    if not d.is_dir():
+        t = time.perf_counter()
+        subprocess.run(
+            [
+                str(BIN / "pcam-data"),
+                "synth",
+                "--out",
+                str(d),
+                "--n",
+                str(n),
+                "--n-test",
+                str(n_test),
+            ],
+            check=True,
+        )
+        print(f"synth: {time.perf_counter() - t:.0f} s")
+    t = time.perf_counter()
+    subprocess.run(
+        [str(BIN / "pcam-data"), "build", str(d), "--cache-dir", str(OUT / "cache"), "--quiet"],
+        check=True,
+    )
+    print(f"cache build (or reuse): {time.perf_counter() - t:.0f} s")
+    return d
+
+
+def _spill_files() -> int:
+    """Files in Ray's object-spilling folders (default: <temp dir>/spill, and per session)."""
+    roots = [Path("/tmp/ray/spill"), *Path("/tmp/ray").glob("session_*/ray_spilled_objects")]
+    return sum(1 for r in roots if r.is_dir() for f in r.rglob("*") if f.is_file())
+
+
+def one_crop(data: Path, crop: int, n: int) -> dict:
+    space = OUT / f"space-{crop}.toml"
+    space.write_text(
+        f'[fixed]\narch = "simple_cnn"\nwidth = 16\ncrop = {crop}\nbatch_size = 128\n\n'
+        '[params.lr]\ntype = "float"\nlow = 1e-3\nhigh = 3e-3\nlog = true\n'
+    )
+    studies = OUT / f"studies-{crop}"
+    subprocess.run(["rm", "-rf", str(studies)], check=True)
+    cmd = [
+        str(BIN / "pcam-search"),
+        "--data",
+        str(data),
+        "--cache-dir",
+        str(OUT / "cache"),
+        "--studies-dir",
+        str(studies),
+        "--space",
+        str(space),
+        "--trials",
+        "2",
+        "--max-epochs",
+        "1",
+        "--folds",
+        "3",
+        "--concurrency",
+        "2",
+        "--no-asha",
+        "--no-progress",
+        "--keep-top",
+        "0",
+    ]
+    idle, spill_before = mem_in_use(), _spill_files()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s = Sampler(proc.pid, idle)
+    s.start()
+    first, lines = None, []
+    for line in proc.stdout:
+        lines.append(line)
+        if first is None and "trial" in line and "after" in line:
+            first = time.perf_counter() - t0
+    proc.wait()
+    s.stop.set()
+    s.join()
+    spilled = _spill_files() > spill_before
+    return {
+        "crop": crop,
+        "rc": proc.returncode,
+        "wall": time.perf_counter() - t0,
+        "first_report": first,
+        "peak_machine": s.peak_machine,
+        "peak_tree_pss": s.peak_tree,
+        "peak_proc_pss": s.peak_proc,
+        "spilled": spilled,
+        "tail": "".join(lines[-5:]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=220_000)
+    ap.add_argument("--n-test", type=int, default=57_000)
+    ap.add_argument("--crops", type=int, nargs="+", default=[32, 96])
+    args = ap.parse_args()
+    data = dataset(args.n, args.n_test)
+    train_gb = args.n * PATCH_BYTES / 1e9
+    print(f"train set: {args.n} patches = {train_gb:.2f} GB of uint8")
+    print(
+        "| crop | peak above idle | x train set | tree PSS | largest process PSS | spilled "
+        "| first report s | wall s |"
+    )
+    print("|---:|---:|---:|---:|---:|---|---:|---:|")
+    for crop in args.crops:
+        r = one_crop(data, crop, args.n)
+        if r["rc"] != 0:
+            sys.exit(f"crop {crop} failed:\n{r['tail']}")
+        print(
+            f"| {crop} | {r['peak_machine'] / 1e9:.2f} GB | "
+            f"{r['peak_machine'] / 1e9 / train_gb:.2f} | {r['peak_tree_pss'] / 1e9:.2f} GB | "
+            f"{r['peak_proc_pss'] / 1e9:.2f} GB | {'yes' if r['spilled'] else 'no'} | "
+            f"{r['first_report'] or float('nan'):.0f} | {r['wall']:.0f} |",
+            flush=True,
+        )
+    for crop in args.crops:
+        dev = args.n * crop * crop * 3 / 1e9
+        print(
+            f"a GPU trial at crop {crop} (computed): {dev:.2f} GB on the device for the cropped "
+            f"pool when it fits in a quarter of the free memory (else batches of 128 x "
+            f"{crop * crop * 3 / 1e3:.0f} kB); on the host only the shared page cache "
+            f"({train_gb:.2f} GB per machine) and one batch"
+        )
+    print(f"(machine: {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()
