@@ -143,9 +143,10 @@ def parser() -> argparse.ArgumentParser:
         "--search-share",
         type=float,
         default=SearchConfig.search_share,
-        help="--budget: the share of the budget the search gets; the final model trains in "
-        "the rest (1 = search all of it and submit the best trial's own fold models; "
-        "default: %(default)s)",
+        help="--budget: the least share of the budget the search gets; the rest is reserved "
+        "for the final model, as much as it needs to train its target epochs (CPU 24, GPU 48) "
+        "at the observed pace (1 = search all of it and submit the best trial's own fold "
+        "models; default: %(default)s)",
     )
     a(
         "--keep-top",
@@ -216,6 +217,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         timeout=args.timeout,
         budget=args.budget,
         search_share=args.search_share,
+        final_target_epochs=d.final_target_epochs,
         final_max_epochs=d.final_max_epochs,
         keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
@@ -443,6 +445,7 @@ def run(
         predict_images=len(cache.rows("test")) * cfg.tta,
         retrain=cfg.keep_top < 1,
         search_share=cfg.search_share,
+        final_fold_epochs=cfg.folds * cfg.final_target_epochs if cfg.search_share < 1 else 0,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
     if not study.trials:  # a new study starts from the space's known-good recipes

@@ -27,6 +27,7 @@ class DeviceDefaults:
     folds: int
     max_epochs: int
     budget_max_epochs: int  # --budget: trials are short complete runs; the winner trains long
+    final_target_epochs: int  # --budget: epochs the final model's reserve is sized for
     final_max_epochs: int  # --budget: the most epochs the final model trains
     grace_period: int  # ASHA: fold-epochs every trial gets before it can be stopped
     reduction_factor: int  # ASHA eta
@@ -47,6 +48,7 @@ CPU_DEFAULTS = DeviceDefaults(
     folds=3,
     max_epochs=12,
     budget_max_epochs=4,
+    final_target_epochs=24,
     final_max_epochs=48,
     grace_period=3,
     reduction_factor=3,
@@ -62,6 +64,7 @@ GPU_DEFAULTS = DeviceDefaults(
     folds=5,
     max_epochs=24,
     budget_max_epochs=8,
+    final_target_epochs=48,
     final_max_epochs=96,
     grace_period=3,
     reduction_factor=3,
@@ -94,7 +97,8 @@ class SearchConfig:
     race_epochs: int = 3  # fold racing: epochs of fold 0 alone; other folds for survivors
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
-    search_share: float = SEARCH_SHARE  # --budget: search share; the final model gets the rest
+    search_share: float = SEARCH_SHARE  # --budget: least share the search gets (1: all)
+    final_target_epochs: int = 24  # --budget: the final model's reserve is sized for (24 / 48)
     final_max_epochs: int = 48  # --budget: most epochs of the final model (48 / 96)
     tta: int = 8  # dihedral test views of the refit that --budget runs
     keep_top: int = 10  # COMPLETE trials whose fold models stay on disk (0 = keep none)

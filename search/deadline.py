@@ -5,14 +5,17 @@ A run may have a search timeout (``--timeout S``: the search alone) and an end-t
 time for the search, measured from its start:
 
 - ``--timeout``: the end is S;
-- ``--budget``: the end is ``search_share`` x S, and never later than S minus the refit's
-  estimated time, so the submission still fits. The rest of the budget trains the final
-  model: the best params again on every fold, for as many epochs as fit (``final_epochs``),
-  because epochs per final model, not trials, decide the test AUC at a fixed wall budget
-  (README, "Model quality per unit of compute"). When no more epochs than the search's fit,
-  the refit reuses the best trial's saved fold models and only predicts the test set (at the
-  best trial's pace). With ``retrain`` it trains them again: the best trial's own seconds per
-  fold-epoch x the fold-epochs of a full refit x ``refit_factor``, plus the predictions.
+- ``--budget``: the end is S minus the time reserved for the final model: what it needs to
+  train ``final_fold_epochs`` (k x the target epochs) at the best trial's pace, but never more
+  than (1 - ``search_share``) x S, and never less than the refit's own estimate, so the
+  submission still fits. The final model is the best params again on every fold, for as many
+  epochs as fit what is left (``final_epochs``): at a fixed wall budget epochs per final
+  model, not trials, decide the test AUC (README, "Model quality per unit of compute"), and
+  how many seconds an epoch takes depends on the machine, so the split follows the pace.
+  When no more epochs than the search's fit, the refit reuses the best trial's saved fold
+  models and only predicts the test set (at the best trial's pace). With ``retrain`` it
+  trains them again: the best trial's own seconds per fold-epoch x the fold-epochs of a full
+  refit x ``refit_factor``, plus the predictions.
 
 A trial starts only if it can *finish* before the end: reach ASHA's first rung (``first_rung``
 fold-epochs), where it either ends as PRUNED or goes on, at the pace the trials so far ran
@@ -36,8 +39,9 @@ REFIT_FACTOR = 0.75
 MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
 PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
-# --budget: the share of the budget the search gets; the final model trains in the rest
-SEARCH_SHARE = 0.5
+# --budget: the least share of the budget the search gets; the final model's reserve (to
+# train its target epochs at the observed pace) takes at most the rest
+SEARCH_SHARE = 0.25
 # --budget: COMPLETE trials within this mean AUC of the best are a tie (per-fold AUCs of one
 # trial spread by ~0.02 on the embedded set); the fastest of them trains the final model: it
 # fits the most epochs into the rest of the budget, and epochs are what pay there
@@ -64,7 +68,8 @@ class Deadline:
     predict_images: int = 0  # test patches x TTA views the refit predicts
     refit_factor: float = REFIT_FACTOR
     retrain: bool = False  # the refit trains the best params again (else reuses its models)
-    search_share: float = 1.0  # with a budget: the search ends by this share of it
+    search_share: float = 1.0  # with a budget: the least share the search gets
+    final_fold_epochs: int = 0  # with a budget: k x the final model's target epochs (0: none)
     paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace
     best: str | None = None  # trial id of the best COMPLETE trial so far
     not_started: int = 0  # suggestions refused because a full trial would not fit
@@ -98,12 +103,9 @@ class Deadline:
         """Estimated seconds of the refit of the best trial (0 without a budget)."""
         if self.budget is None:
             return 0.0
-        pace = self.best_pace()
-        if pace is None:  # no COMPLETE trial yet: a typical trial's pace
-            if not self.paces:
-                return REFIT_FIXED_S
-            ranked = sorted(self.paces.values(), key=lambda p: p.seconds_per_fold_epoch)
-            pace = ranked[len(ranked) // 2]
+        pace = self.best_pace() or self._typical_pace()  # no COMPLETE trial yet: a typical one
+        if pace is None:
+            return REFIT_FIXED_S
         train = 0.0
         if self.retrain:
             train = pace.seconds_per_fold_epoch * self.full_fold_epochs * self.refit_factor
@@ -113,8 +115,26 @@ class Deadline:
         """Seconds after the start when the search must have stopped; None = no deadline."""
         ends = [t for t in (self.timeout,) if t is not None]
         if self.budget is not None:
-            ends += [self.budget * self.search_share, self.budget - self.refit_s()]
+            final = min(self.final_s(), self.budget * (1 - self.search_share))
+            ends.append(self.budget - max(self.refit_s(), final))
         return min(ends) if ends else None
+
+    def final_s(self) -> float:
+        """Estimated seconds to train the final model's ``final_fold_epochs`` and predict the
+        test set; before any pace is known, all the budget the search may leave it."""
+        if self.budget is None or not self.final_fold_epochs:
+            return 0.0
+        pace = self.best_pace() or self._typical_pace()
+        if pace is None:
+            return self.budget
+        train = pace.seconds_per_fold_epoch * self.final_fold_epochs * self.refit_factor
+        return (train + self.predict_s(pace)) * MARGIN + REFIT_FIXED_S
+
+    def _typical_pace(self) -> Pace | None:
+        if not self.paces:
+            return None
+        ranked = sorted(self.paces.values(), key=lambda p: p.seconds_per_fold_epoch)
+        return ranked[len(ranked) // 2]
 
     def best_pace(self) -> Pace | None:
         """The best COMPLETE trial's pace (None before one)."""

@@ -103,12 +103,22 @@ def test_deadline_cuts_a_trial_only_past_its_first_rung_and_when_it_cannot_finis
     assert not d.should_cut(elapsed=60, fold_epochs=3, seconds=3)
 
 
-def test_deadline_budget_search_ends_at_its_share():
-    d = Deadline(full_fold_epochs=30, budget=600, search_share=0.4)
-    assert d.end() == pytest.approx(240)
-    # a refit that needs more than the other 60% still ends the search earlier
-    d = replace(d, search_share=1.0)
-    assert d.end() == pytest.approx(600 - REFIT_FIXED_S)
+def test_deadline_budget_reserves_the_final_models_target_epochs_at_the_pace():
+    # final model: 3 folds x 24 epochs = 72 fold-epochs at the best trial's pace
+    d = Deadline(full_fold_epochs=12, budget=600, search_share=0.25, final_fold_epochs=72)
+    assert d.end() == pytest.approx(600 * 0.25)  # no pace yet: the most it may reserve
+    d.observe("t", seconds=10, fold_epochs=10, images_per_s=1e9)  # 1 s per fold-epoch
+    d.best = "t"
+    final = 72 * REFIT_FACTOR * MARGIN + REFIT_FIXED_S
+    assert d.final_s() == pytest.approx(final, rel=1e-6)
+    assert d.end() == pytest.approx(600 - final, rel=1e-6)
+    # a slow machine: the reserve is capped so the search keeps its least share
+    d.observe("t", seconds=100, fold_epochs=10, images_per_s=1e9)
+    assert d.end() == pytest.approx(600 * 0.25)
+    # share 1: no final model, only the refit's own time is reserved
+    assert replace(d, search_share=1.0, final_fold_epochs=0).end() == pytest.approx(
+        600 - d.refit_s()
+    )
 
 
 def test_final_epochs_fill_the_time_left_after_predictions():
