@@ -166,6 +166,64 @@ def fig_architectures(study: optuna.Study) -> go.Figure | str:
     return fig
 
 
+def fig_fold_spread(study: optuna.Study) -> go.Figure | str:
+    """Each COMPLETE trial's held-out AUC per fold (best 20 by mean): how much of a gap
+    between two trials is fold noise."""
+    done = [t for t in _trials(study) if t.state == TrialState.COMPLETE]
+    done = [t for t in done if t.user_attrs.get("auc_folds")]
+    if not done:
+        return "No COMPLETE trial with per-fold AUCs yet."
+    fig = go.Figure()
+    for t in sorted(done, key=lambda t: t.value, reverse=True)[:20]:
+        fig.add_box(
+            y=t.user_attrs["auc_folds"],
+            name=f"#{t.number}",
+            boxpoints="all",
+            jitter=0.3,
+            showlegend=False,
+        )
+    fig.update_layout(xaxis_title="trial (best mean first)", yaxis_title="held-out AUC per fold")
+    return fig
+
+
+_SORT_JS = (
+    "function srt(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th),"
+    "d=th.dataset.d=th.dataset.d==='a'?'d':'a',rows=[...t.tBodies[0].rows];rows.sort((a,b)=>{"
+    "const x=a.cells[i].dataset.v,y=b.cells[i].dataset.v,nx=parseFloat(x),ny=parseFloat(y);"
+    "const c=isNaN(nx)||isNaN(ny)?x.localeCompare(y):nx-ny;return d==='a'?c:-c});"
+    "rows.forEach(r=>t.tBodies[0].appendChild(r))}"
+)
+
+
+def trials_table(study: optuna.Study) -> str:
+    """Every trial as an HTML table: number, state, mean AUC, fold-epochs, seconds and
+    params; click a header to sort by it."""
+    trials = _trials(study)
+    if not trials:
+        return "<p class='note'>No trials yet.</p>"
+    names = sorted({k for t in trials for k in t.params})
+    head = ["trial", "state", "mean fold AUC", "fold-epochs", "seconds", *names]
+
+    def cell(v) -> str:
+        shown = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+        return f"<td data-v='{html.escape(str('' if v is None else v))}'>{html.escape(shown)}</td>"
+
+    rows = []
+    for t in trials:
+        secs = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        vals = [t.number, t.state.name, t.value, t.user_attrs.get("fold_epochs"), secs]
+        rows.append("<tr>" + "".join(cell(v) for v in vals + [t.params.get(n) for n in names]))
+    ths = "".join(f"<th onclick='srt(this)'>{html.escape(h)}</th>" for h in head)
+    return (
+        f"<script>{_SORT_JS}</script><table class='trials'><thead><tr>{ths}</tr></thead>"
+        f"<tbody>{'</tr>'.join(rows)}</tr></tbody></table>"
+    )
+
+
 def _refit_label(rec: dict) -> str:
     return rec.get("label") or f"trial {rec['trial']}"
 
@@ -280,6 +338,7 @@ SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
     ("Trial states over time", fig_timeline),
     ("Compute per final state", fig_compute_per_state),
     ("Mean fold AUC per fold-epochs trained, by final state", fig_intermediate),
+    ("Per-fold AUC spread of the best COMPLETE trials", fig_fold_spread),
     (
         "Parameter importances",
         _needs_complete(2, lambda s: optuna.visualization.plot_param_importances(s)),
@@ -382,12 +441,16 @@ def render(study: optuna.Study) -> str:
         "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
         "table.head th{text-align:left;padding-right:1em;vertical-align:top}"
         "p.note{color:#666;font-style:italic}"
+        "table.trials{border-collapse:collapse;font-size:12px;display:block;overflow-x:auto}"
+        "table.trials th{cursor:pointer;background:#eee}"
+        "table.trials td,table.trials th{padding:2px 6px;border:1px solid #ddd}"
     )
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pcam-search: "
         f"{html.escape(study.study_name)}</title><style>{style}</style></head><body>"
         f"<h1>Study {html.escape(study.study_name)}</h1>{_header(study)}"
-        f"{''.join(parts)}</body></html>"
+        f"{''.join(parts)}<h2>All trials (click a column to sort)</h2>{trials_table(study)}"
+        "</body></html>"
     )
 
 

@@ -92,3 +92,21 @@ def test_report_shows_ensemble_members_weights_and_nested_estimate(
     assert "ensemble of 2 (trial 1, trial 2): OOF AUC" in html
     assert "trial 1 (weight 0.60, OOF 0.8100, test 0.8000)" in html
     assert "Nested estimate 0.8123" in html and "0.8100 0.8300" in html
+
+
+def test_report_trials_table_lists_every_trial_and_sorts(made_up_study):
+    st = made_up_study(3, 2, 1)
+    html = report.render(st)
+    table = html.split("<table class='trials'>")[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + 6  # header + one row per trial
+    assert "onclick='srt(this)'" in table and "function srt(" in html
+    for state in ("COMPLETE", "PRUNED", "FAIL"):
+        assert f">{state}<" in table
+
+
+def test_report_fold_spread_shows_each_complete_trials_folds(made_up_study):
+    st = made_up_study(3, 1)
+    fig = report.fig_fold_spread(st)
+    assert len(fig.data) == 3
+    assert all(len(b.y) == 3 for b in fig.data)  # 3 folds each
+    assert isinstance(report.fig_fold_spread(made_up_study(0, 2)), str)
