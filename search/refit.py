@@ -83,6 +83,7 @@ class RefitResult:
     oof_csv: Path
     submission: Path | None
     seconds: dict = field(default_factory=dict)
+    layout: str | None = None  # the data's layout ("kaggle": the submission is for Kaggle)
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -407,6 +408,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         oof_csv=oof_csv,
         submission=submission,
         seconds={"train": round(t_train, 1), "predict": round(t_pred, 1)},
+        layout=cache.meta.get("layout"),
     )
     record = {
         "trial": trial.number,
@@ -423,6 +425,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "search_auc": trial.value,
         "dataset_fingerprint": cache.fingerprint,
         "other_data": su.other_data,
+        "layout": cache.meta.get("layout"),
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),
         "submission": str(submission) if submission else None,

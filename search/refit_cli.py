@@ -10,6 +10,7 @@ pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from search.refit import (
 from search.refit_ensemble import refit_ensemble
 
 EXIT_BAD_INPUT = 2
+KAGGLE_COMPETITION = "histopathologic-cancer-detection"
 
 
 def refit_parser() -> argparse.ArgumentParser:
@@ -139,7 +141,7 @@ def refit_main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.ensemble is not None:
-            return _print_ensemble(refit_ensemble(cfg, args.ensemble, out).record, out)
+            return _print_ensemble(refit_ensemble(cfg, args.ensemble, out).record, cfg, out)
         r = refit(cfg, out)
     except (
         RefitError,
@@ -169,14 +171,10 @@ def refit_main(argv: list[str] | None = None) -> int:
             highlight=False,
         )
     out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)
-    if r.submission:
-        out.print(f"submission: {r.submission}", highlight=False)
-    else:
-        out.print("no test split in the data: no submission written")
-    return 0
+    return _print_outputs(cfg, r.submission, r.layout, out)
 
 
-def _print_ensemble(rec: dict, out: Console) -> int:
+def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:
     if rec["test_auc"] is not None:
         members = ", ".join(f"{m['label']} {m['test_auc']:.4f}" for m in rec["members"])
         out.print(
@@ -191,10 +189,24 @@ def _print_ensemble(rec: dict, out: Console) -> int:
             highlight=False,
         )
     out.print(f"ensemble: {rec['ensemble']}\nout-of-fold: {rec['oof_csv']}", highlight=False)
-    if rec["submission"]:
-        out.print(f"submission: {rec['submission']}", highlight=False)
-    else:
+    return _print_outputs(cfg, rec["submission"], rec.get("layout"), out)
+
+
+def _print_outputs(cfg: RefitConfig, submission, layout: str | None, out: Console) -> int:
+    """The submission and what to run next: the report, and Kaggle's submit command."""
+    if not submission:
         out.print("no test split in the data: no submission written")
+        return 0
+    out.print(f"submission: {submission}", highlight=False)
+    where = ["--study", cfg.study, "--studies-dir", str(Path(cfg.studies_dir).resolve())]
+    if cfg.storage:
+        where += ["--storage", studies.safe_url(cfg.storage)]
+    out.print("next:", highlight=False)
+    out.print(f"  {shlex.join(['pcam-report', *where])}", highlight=False, markup=False)
+    if layout == "kaggle":
+        kaggle = ["kaggle", "competitions", "submit", "-c", KAGGLE_COMPETITION]
+        kaggle += ["-f", str(submission), "-m", f"pcam-search study {cfg.study}"]
+        out.print(f"  {shlex.join(kaggle)}", highlight=False, markup=False)
     return 0
 
 

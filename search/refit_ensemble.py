@@ -148,6 +148,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
     meta = {
         "study": cfg.study,
         "dataset_fingerprint": su.cache.fingerprint,
+        "layout": su.cache.meta.get("layout"),
         "folds_file": su.folds_file,
         "k": su.k,
         "selection": {"oof_auc": sel.auc, "curve": sel.curve, "nested_auc": nested.auc},
@@ -183,6 +184,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "validation_minus_test": _gap(oof_blend, y, folds, test["auc_folds"]),
         "trained": False,
         "dataset_fingerprint": su.cache.fingerprint,
+        "layout": su.cache.meta.get("layout"),
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),
         "submission": None,

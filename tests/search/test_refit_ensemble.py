@@ -166,3 +166,15 @@ def test_refit_on_flipped_labels_is_refused_unless_other_data_is_said(
         study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
     )
     assert study.user_attrs["refit"]["other_data"] is True
+
+
+def test_refit_prints_the_report_and_kaggle_submit_commands(selected, capsys):
+    root, common, rec = selected
+    assert refit_main(["--ensemble", "4", "--tta", "4", "--no-progress", "--force", *common]) == 0
+    out = capsys.readouterr().out
+    studies_dir = (root / "studies").resolve()
+    assert f"pcam-report --study pcam --studies-dir {studies_dir}" in out
+    assert (
+        "kaggle competitions submit -c histopathologic-cancer-detection -f "
+        f"{rec['submission']}" in out
+    )
