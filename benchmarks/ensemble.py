@@ -3,7 +3,8 @@
     python benchmarks/ensemble.py [--settings embedded hard] [--search-s 300] [--top 10]
 
 On each dataset setting (benchmarks/anytime.py's generator settings, with known test labels):
-one default ``pcam-search --timeout S`` (it keeps the fold models and OOF of its top trials),
+one default ``pcam-search --timeout S [--max-epochs E]`` (it keeps the fold models and OOF of
+its top trials),
 then, side by side on that study:
 
   (i)   ``pcam-refit --best --retrain``: the best params trained again on every fold (v0.1);
@@ -42,12 +43,14 @@ def _run(cmd: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def one_setting(name: str, search_s: float, top: int) -> dict:
+def one_setting(name: str, search_s: float, top: int, max_epochs: int | None) -> dict:
     data_dir = dataset(name)
     studies = OUT / "studies" / f"{name}-ens"
     shutil.rmtree(studies, ignore_errors=True)
     common = ["--studies-dir", str(studies), "--cache-dir", str(OUT / "cache"), "--no-progress"]
     search = [str(BIN / "pcam-search"), "--data", str(data_dir), "--trials", "100000"]
+    if max_epochs:
+        search += ["--max-epochs", str(max_epochs)]
     t_search = _run([*search, "--timeout", str(search_s), "--keep-top", str(top), *common])
     study = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
     refit = [str(BIN / "pcam-refit"), "--force", *common]
@@ -97,12 +100,19 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["embedded", "hard"], choices=list(SETTINGS))
     ap.add_argument("--search-s", type=float, default=300, help="search timeout per setting")
     ap.add_argument("--top", type=int, default=10, help="kept trials = ensemble candidates")
+    ap.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="epochs per trial (default: the CPU default, 12; on 2 cores a 5-minute search "
+        "then finishes 1-3 trials: 4 gives selection something to choose from)",
+    )
     args = ap.parse_args()
     path = OUT / "ensemble.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     for name in args.settings:
         print(f"[{name}] search {args.search_s:.0f} s ...", flush=True)
-        results[name] = one_setting(name, args.search_s, args.top)
+        results[name] = one_setting(name, args.search_s, args.top, args.max_epochs)
         OUT.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
     table(results)
