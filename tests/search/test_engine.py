@@ -12,6 +12,7 @@ from search.engine import (
     TrialOutOfMemory,
     fold_steps,
     lr_factor,
+    resolve_device,
     train_cv,
 )
 
@@ -36,7 +37,7 @@ def test_train_cv_each_arch_trains_an_epoch(embedded, arch):
     data, folds = _small(embedded)
     r = train_cv({**TINY, "arch": arch, "batch_size": 16}, data, folds, epochs=1, threads=2)
     assert r.epochs_run == 1 and math.isfinite(r.final["train_loss"])
-    assert r.device == "cpu"
+    assert r.device == resolve_device(None).type  # CUDA on a GPU host
 
 
 def test_train_cv_lockstep_one_value_per_fold_per_epoch(embedded):
