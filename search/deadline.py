@@ -33,10 +33,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Refit seconds per fold-epoch over a search trial's, measured on 2 cores (benchmarks/anytime.py):
-# a refit trains alone with every core, a trial with cpus_per_trial beside other trials.
-REFIT_FACTOR = 0.75
+# Refit seconds per fold-epoch over a search trial's, measured on 2 cores (benchmarks/anytime.py:
+# 0.59 and 0.68 in two --budget runs): a refit trains alone with every core, a trial with
+# cpus_per_trial beside other trials.
+REFIT_FACTOR = 0.6
 MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
+# The final model's epochs are sized at the measured factor with a smaller margin: it trains
+# alone, so its pace varies little, and every unused second is a lost epoch
+FINAL_MARGIN = 1.05
 PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
 # --budget: the least share of the budget the search gets; the final model's reserve (to
@@ -177,7 +181,7 @@ def final_epochs(seconds_left: float, folds: int, pace: Pace, predict_s: float, 
     after the test predictions and fixed costs, at most ``cap``. No more than the search's
     own epochs means: reuse the best trial's fold models."""
     train_s = seconds_left - predict_s * MARGIN - REFIT_FIXED_S
-    per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * MARGIN
+    per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * FINAL_MARGIN
     epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
     return max(0, min(epochs, cap))
 

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 
 from search.deadline import (
+    FINAL_MARGIN,
     MARGIN,
     PREDICT_COST,
     REFIT_FACTOR,
@@ -124,7 +125,7 @@ def test_deadline_budget_reserves_the_final_models_target_epochs_at_the_pace():
 def test_final_epochs_fill_the_time_left_after_predictions():
     pace = Pace(seconds_per_fold_epoch=2.0, images_per_s=100)
     # 3 folds x 2 s x factor x margin per epoch, after predictions and the fixed cost
-    per_epoch = 3 * 2.0 * REFIT_FACTOR * MARGIN
+    per_epoch = 3 * 2.0 * REFIT_FACTOR * FINAL_MARGIN
     want = int((300 - 20 * MARGIN - REFIT_FIXED_S) // per_epoch)
     assert final_epochs(300, 3, pace, predict_s=20, cap=100) == want
     assert final_epochs(300, 3, pace, predict_s=20, cap=5) == 5
