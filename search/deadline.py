@@ -41,6 +41,9 @@ MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a 
 # The final model's epochs are sized at the measured factor with a smaller margin: it trains
 # alone, so its pace varies little, and every unused second is a lost epoch
 FINAL_MARGIN = 1.05
+# Between the search's end and the refit's start: running trials stop and Ray shuts down
+# (~10-15 s seen on 2 cores); the final model's reserve includes it
+STOP_S = 15.0
 PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
 # --budget: the least share of the budget the search gets; the final model's reserve (to
@@ -132,7 +135,7 @@ class Deadline:
         if pace is None:
             return self.budget
         train = pace.seconds_per_fold_epoch * self.final_fold_epochs * self.refit_factor
-        return (train + self.predict_s(pace)) * MARGIN + REFIT_FIXED_S
+        return (train + self.predict_s(pace)) * MARGIN + REFIT_FIXED_S + STOP_S
 
     def _typical_pace(self) -> Pace | None:
         if not self.paces:

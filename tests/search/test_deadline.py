@@ -8,6 +8,7 @@ from search.deadline import (
     PREDICT_COST,
     REFIT_FACTOR,
     REFIT_FIXED_S,
+    STOP_S,
     Deadline,
     Pace,
     final_epochs,
@@ -110,7 +111,7 @@ def test_deadline_budget_reserves_the_final_models_target_epochs_at_the_pace():
     assert d.end() == pytest.approx(600 * 0.25)  # no pace yet: the most it may reserve
     d.observe("t", seconds=10, fold_epochs=10, images_per_s=1e9)  # 1 s per fold-epoch
     d.best = "t"
-    final = 72 * REFIT_FACTOR * MARGIN + REFIT_FIXED_S
+    final = 72 * REFIT_FACTOR * MARGIN + REFIT_FIXED_S + STOP_S
     assert d.final_s() == pytest.approx(final, rel=1e-6)
     assert d.end() == pytest.approx(600 - final, rel=1e-6)
     # a slow machine: the reserve is capped so the search keeps its least share
