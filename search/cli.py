@@ -624,9 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(soft_wrap=True)
     try:
         # the storage first: a bad URL or file fails in a second, not after Ray's ~20 s start
-        studies.make_storage(
-            SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
-        )
+        studies.check_study_name(args.study)
+        url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
+        studies.check_storage(url)
         from search import ray_adapter
 
         if args.address is None:

@@ -115,6 +115,17 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     raise StorageError(f"cannot open study storage {safe_url(url)}: {_clean(err, url)}")
 
 
+def check_storage(url: str) -> None:
+    """Open an existing storage to fail fast on a bad URL or file (a ``StorageError``); a
+    SQLite file that does not exist yet is left uncreated (nothing is written before the run's
+    other checks pass)."""
+    if url.startswith("sqlite"):
+        db = make_url(url).database
+        if not db or db == ":memory:" or not Path(db).exists():
+            return
+    make_storage(url)
+
+
 def _clean(e: Exception, url: str) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     pw = make_url(url).password if "://" in url else None
