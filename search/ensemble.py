@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from search.engine import TrainParams, create_model, crop_batch, resolve_device
+from search.selection import blend
 
 TTA_CHOICES = (1, 4, 8)
 
@@ -122,13 +123,16 @@ def save_ensemble(
         save_file({"prob": torch.from_numpy(np.asarray(oof, np.float32))}, str(tmp / OOF_FILE))
         meta["oof"] = {"file": OOF_FILE, "sha256": _sha256(tmp / OOF_FILE)}
     (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+    return _swap_in(tmp, folder)
+
+
+def _swap_in(tmp: Path, folder: Path) -> Path:
+    """Put the whole ``tmp`` folder in place of ``folder``; an old one is removed only after."""
+    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
     if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
         os.replace(folder, old)
-        os.replace(tmp, folder)
-        _rmtree(old)
-    else:
-        os.replace(tmp, folder)
+    os.replace(tmp, folder)
+    _rmtree(old)
     return folder
 
 
@@ -176,7 +180,7 @@ class WeightedEnsemble:
         ``per_model`` each member's own, (M, N)."""
         share = None if progress is None else (lambda n: progress(n / len(self.members)))
         out = np.stack([m.predict(images, tta, batch, share) for m in self.members])
-        return out if per_model else np.tensordot(np.asarray(self.weights), out, axes=1)
+        return out if per_model else blend(out, self.weights)
 
 
 def save_members(folder: Path, members: list[tuple[Path, float, dict]], meta: dict) -> Path:
@@ -199,12 +203,7 @@ def save_members(folder: Path, members: list[tuple[Path, float, dict]], meta: di
         entries.append({**info, "dir": name, "weight": weight, "sha256": sha})
     meta = {**meta, MEMBERS: entries, "version": importlib.metadata.version("pcam-search")}
     (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _rmtree(old)
-    return folder
+    return _swap_in(tmp, folder)
 
 
 def _inside(folder: Path, name: str) -> Path:

@@ -218,7 +218,7 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     ]
     pairs = list(zip(ens.members, keys, strict=True))
     preds = np.stack([_cached(m, key, images, cfg.tta, False, cache_dir) for m, key in pairs])
-    out["probs"] = np.tensordot(np.asarray(ens.weights), preds, axes=1).astype(np.float32)
+    out["probs"] = blend(preds, ens.weights).astype(np.float32)
     y = su.cache.index["label"].to_numpy()[rows]
     if not (y >= 0).all():
         return out
@@ -226,7 +226,7 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     out["members"] = [{"test_auc": float(roc_auc_score(y, p))} for p in preds]
     per_fold = np.stack([_cached(m, key, images, 1, True, cache_dir) for m, key in pairs])
     # (members, k, N)
-    fold_blend = np.tensordot(np.asarray(ens.weights), per_fold, axes=1)  # (k, N)
+    fold_blend = blend(per_fold, ens.weights)  # (k, N)
     out["auc_folds"] = [float(roc_auc_score(y, p)) for p in fold_blend]
     return out
 
