@@ -459,7 +459,14 @@ def run(
     # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
     # deadline having ended the run means interrupted
     interrupted |= tally.finished < tally.target and not deadline.reached
-    if deadline.reached and tally.finished < tally.target:
+    if deadline.reached and deadline.settled and deadline.starved():
+        console.print(
+            f"[yellow]budget too small to search: the final model needs ~"
+            f"{deadline.final_s():.0f} s for {cfg.final_target_epochs} epochs on every fold, "
+            f"more than {1 - cfg.search_share:.0%} of the budget; the search stopped at its "
+            "first COMPLETE trial and the rest trains the final model[/]"
+        )
+    elif deadline.reached and tally.finished < tally.target:
         first = deadline.first_rung_s() or 0.0
         console.print(
             f"[yellow]deadline reached: the search ended {deadline.end():.0f} s after it "
@@ -483,6 +490,7 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     prior = studies.best_trial(study)
     if prior is not None:
         tally.offer_best(prior.number, prior.value, prior.params)
+        deadline.settled = True  # no trial needs guarding: the study can already submit
     sampler = optuna.samplers.TPESampler(
         seed=cfg.seed + len(study.trials),  # a resumed run does not replay the same draws
         constant_liar=True,  # parallel trials: avoid sampling next to running ones

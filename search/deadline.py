@@ -25,6 +25,14 @@ trial whose own pace says it cannot train every fold-epoch before the end is sto
 recorded as interrupted, so the study holds only fully trained COMPLETE trials. (Starting only
 trials that could run the full length would leave the workers idle for the last full-trial
 time, ~20% of a 10-minute budget on 2 cores, measured; most trials end at the first rung.)
+
+A budget promises a submission, so with ``--budget`` one trial is *guarded*: while no trial is
+COMPLETE (in this run or before), the next trial started (a new study's first: the space's
+known-good ``[[start]]`` recipe) is never cut and the run waits for it past the end; if it ends
+without a value, the next trial started is guarded. And when the budget is too small for the
+final model's target epochs even with the search at its least share (``starved``), every
+search second is a final epoch lost: the search ends as soon as a trial is COMPLETE (measured,
+session 5: a fixed recipe trained for the whole budget beat a search at 300-600 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -82,10 +90,30 @@ class Deadline:
     not_started: int = 0  # suggestions refused because a full trial would not fit
     cut: set[str] = field(default_factory=set)  # trials stopped: they could not finish in time
     reached: bool = False  # the deadline ended the run (no more starts, or the end passed)
+    settled: bool = False  # the study holds a COMPLETE trial (this run or an earlier one)
+    guard: str | None = None  # the trial the deadline lets finish (see the module docstring)
 
     @property
     def active(self) -> bool:
         return self.timeout is not None or self.budget is not None
+
+    def needs_guard(self) -> bool:
+        """Whether the next trial started is to be guarded: a budget, no COMPLETE trial yet,
+        none guarded."""
+        return self.budget is not None and not self.settled and self.guard is None
+
+    def finished(self, trial: str, complete: bool) -> None:
+        """Record that ``trial`` ended (``complete``: COMPLETE with a value)."""
+        self.settled |= complete
+        if trial == self.guard:
+            self.guard = None
+
+    def starved(self) -> bool:
+        """A budget whose final model cannot get its target epochs even with the search at its
+        least share, once the pace is known: searching longer only takes final epochs."""
+        if self.budget is None or not self.final_fold_epochs or not self.paces:
+            return False
+        return self.final_s() > self.budget * (1 - self.search_share)
 
     def observe(self, trial: str, seconds: float, fold_epochs: int, images_per_s: float) -> None:
         """Record a trial's pace from its latest report."""
@@ -153,16 +181,27 @@ class Deadline:
 
     def may_start(self, elapsed: float) -> bool:
         """Whether a new trial started now could reach its first rung before the end."""
+        if self.needs_guard():
+            return True
+        if self.settled and self.starved():
+            return False
         end = self.end()
         if end is None:
             return True
         return elapsed + (self.first_rung_s() or 0.0) < end
 
-    def should_cut(self, elapsed: float, fold_epochs: int, seconds: float) -> bool:
+    def should_cut(
+        self, elapsed: float, fold_epochs: int, seconds: float, trial: str | None = None
+    ) -> bool:
         """Whether a running trial, ``fold_epochs`` done in ``seconds``, should stop now: it is
         past its first rung (before it, ASHA may still end it as PRUNED, and it was started
         because it could get there) and its own pace says it cannot train every fold-epoch
-        before the end."""
+        before the end. The guarded trial is never cut; the others are at the end, while the
+        run waits for it."""
+        if trial is not None and trial == self.guard:
+            return False
+        if self.guard is not None and self.expired(elapsed):
+            return True
         if fold_epochs <= 0 or seconds <= 0 or fold_epochs < (self.first_rung or 0):
             return False
         left = (self.full_fold_epochs - fold_epochs) * seconds / fold_epochs
@@ -174,9 +213,15 @@ class Deadline:
         return end is None or elapsed + seconds_left <= end
 
     def expired(self, elapsed: float) -> bool:
+        """Whether the end has passed (or a starved budget's search has its COMPLETE trial)."""
         end = self.end()
-        self.reached |= end is not None and elapsed >= end
-        return end is not None and elapsed >= end
+        over = end is not None and elapsed >= end or (self.settled and self.starved())
+        self.reached |= over
+        return over
+
+    def stop_all(self, elapsed: float) -> bool:
+        """Whether the whole run stops now: expired, and no guarded trial is running."""
+        return self.guard is None and self.expired(elapsed)
 
 
 def final_epochs(seconds_left: float, folds: int, pace: Pace, predict_s: float, cap: int) -> int:

@@ -191,13 +191,13 @@ class _DeadlineStopper(tune.Stopper):
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         done, seconds = int(result.get(TIME_ATTR, 0)), float(result.get("trial_seconds", 0.0))
-        if not self.deadline.should_cut(time.monotonic() - self.t0, done, seconds):
+        if not self.deadline.should_cut(time.monotonic() - self.t0, done, seconds, trial_id):
             return False
         self.deadline.cut.add(trial_id)
         return True
 
     def stop_all(self) -> bool:
-        return self.deadline.expired(time.monotonic() - self.t0)
+        return self.deadline.stop_all(time.monotonic() - self.t0)
 
 
 class _TrialRegistry(tune.Callback):
@@ -290,11 +290,16 @@ class _TruthfulSearch(OptunaSearch):
         return self._ot_study
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        guard = self._deadline.needs_guard()
         if not self._deadline.may_start(time.monotonic() - self._t0):
             self._deadline.not_started += 1
             self._deadline.reached = True
             return self.FINISHED  # Ray starts no further trial and lets running ones end
         config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config
+        if guard:
+            self._deadline.guard = trial_id
         ot = self._ot_trials[trial_id]
         ot.set_user_attr("driver", self._driver)
         ot.set_user_attr("ray_trial_id", trial_id)
@@ -371,6 +376,7 @@ class _TruthfulSearch(OptunaSearch):
             state = TrialState.FAIL
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
+        self._deadline.finished(trial_id, state == TrialState.COMPLETE)
         if result and result.get("models"):
             if state == TrialState.COMPLETE:
                 attrs["models_dir"] = result["models"]

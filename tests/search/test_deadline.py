@@ -139,3 +139,39 @@ def test_pick_final_takes_the_fastest_trial_within_the_tie_of_the_best():
     assert pick_final(trials) == 1
     assert pick_final(trials, tie=0.0) == 2
     assert pick_final([(5, 0.8, 3.0)]) == 5
+
+
+def test_deadline_guard_lets_the_first_budget_trial_finish_past_the_end():
+    d = Deadline(full_fold_epochs=36, first_rung=3, budget=100, search_share=1.0)
+    assert d.needs_guard()
+    d.guard = "start"
+    assert not d.needs_guard()
+    d.observe("start", seconds=30, fold_epochs=3, images_per_s=100)  # far too slow to finish
+    assert not d.should_cut(elapsed=200, fold_epochs=3, seconds=30, trial="start")
+    # at the end every other trial is cut, but the run goes on while the guard runs
+    assert d.should_cut(elapsed=200, fold_epochs=1, seconds=1, trial="other")
+    assert d.expired(200) and not d.stop_all(200)
+    # it ends without a value (e.g. ASHA pruned it): the next trial started is guarded
+    d.finished("start", complete=False)
+    assert d.needs_guard() and d.may_start(10_000) and d.stop_all(200)
+    d.guard = "next"
+    d.finished("next", complete=True)
+    assert not d.needs_guard() and not d.may_start(10_000) and d.stop_all(200)
+
+
+def test_deadline_guard_only_with_a_budget_and_no_complete_trial():
+    assert not Deadline(full_fold_epochs=36, timeout=100).needs_guard()
+    assert not Deadline(full_fold_epochs=36, budget=100, settled=True).needs_guard()
+
+
+def test_deadline_starved_budget_stops_the_search_at_its_first_complete_trial():
+    # final model 72 fold-epochs at 4 s each (x0.6 x1.15) = ~224 s > 75% of 200 s: starved
+    d = Deadline(full_fold_epochs=12, budget=200, search_share=0.25, final_fold_epochs=72)
+    d.observe("t", seconds=40, fold_epochs=10, images_per_s=1e9)
+    assert d.starved()
+    assert not d.expired(1) and d.may_start(1)  # nothing COMPLETE yet: the search goes on
+    d.best = "t"
+    d.finished("t", complete=True)
+    assert d.expired(1) and not d.may_start(1) and d.reached
+    # a budget large enough for the target epochs is not starved
+    assert not replace(d, budget=2000).starved()
