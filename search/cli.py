@@ -421,6 +421,7 @@ def run(
     where = str(folds_file(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy))
     _record_study(study, cfg, space, cache.fingerprint, where, argv)
     data = TrainData.from_cache(cache, folds_df["row"].to_numpy())
+    _check_nodes(data)
     folds = folds_df["fold"].to_numpy(np.int64)
     warn = slide_map_warning(slide_coverage(cache.index["slide"].to_numpy()[folds_df["row"]]))
     if warn and cfg.fold_strategy == "slide":
@@ -480,6 +481,19 @@ def run(
     if cfg.budget is not None:
         return _refit_in_budget(cfg, console, t_cmd, deadline)
     return 0
+
+
+def _check_nodes(data: TrainData) -> None:
+    """Every Ray node that may run a trial reads the same cache file (ValueError if not)."""
+    from search import ray_adapter
+
+    problems = ray_adapter.check_data_on_nodes(data)
+    if problems:
+        raise ValueError(
+            "the data cache is not readable the same on every Ray node (trials map "
+            f"{data.images.path} there):\n  " + "\n  ".join(problems) + "\nuse a --cache-dir "
+            "every node shares, or build the cache on each node from the same files"
+        )
 
 
 def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency, console) -> bool:

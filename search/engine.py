@@ -20,6 +20,7 @@ CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: chann
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import socket
@@ -98,6 +99,9 @@ class TrainParams:
         return p
 
 
+PROBE_BYTES = 1 << 20  # PoolImages.signature reads this much from each end of the file
+
+
 class PoolImages:
     """Rows of a cache's memory-mapped ``images.npy``, never copied as a whole.
 
@@ -144,6 +148,19 @@ class PoolImages:
         out[order] = self._map()[rows[order]]
         return out[(slice(None), *rest)] if rest else out
 
+    def signature(self) -> str:
+        """What says this host's file is the driver's: its size and a hash of its first and
+        last ``PROBE_BYTES`` (the .npy header holds the shape). Raises like ``_map`` when the
+        file is not there."""
+        self._map()
+        size = os.path.getsize(self.path)
+        h = hashlib.sha1(str(size).encode())
+        with open(self.path, "rb") as f:
+            h.update(f.read(PROBE_BYTES))
+            f.seek(max(0, size - PROBE_BYTES))
+            h.update(f.read(PROBE_BYTES))
+        return h.hexdigest()
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self[np.arange(len(self.rows))]
         return out if dtype is None else out.astype(dtype)
@@ -164,7 +181,8 @@ class TrainData:
         copy of the patches is made here (batches gather their rows)."""
         rows = cache.labelled_pool() if rows is None else np.asarray(rows)
         return cls(
-            images=PoolImages(Path(cache.path) / "images.npy", rows),
+            # absolute: Ray workers (other nodes too) run in other folders
+            images=PoolImages(Path(cache.path).resolve() / "images.npy", rows),
             labels=cache.index["label"].to_numpy()[rows].astype(np.int64),
             ids=cache.index["id"].to_numpy()[rows],
         )

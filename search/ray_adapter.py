@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,12 +48,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 import models
 from search.deadline import Deadline
-from search.engine import TrainData, TrainParams, create_model, train_cv
+from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
 from search.ensemble import save_ensemble
 from search.progress import Tally
 
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
 TIME_ATTR = "fold_epochs"  # ASHA's clock: fold-epochs trained (racing makes it != epochs)
+NODE_CHECK_S = 120  # check_data_on_nodes: a node whose worker has not answered by then fails
 
 
 @dataclass(frozen=True)
@@ -450,6 +452,60 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
     else:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     return ray.cluster_resources()
+
+
+def _probe(pool: PoolImages) -> tuple[str, str]:
+    """(host, the pool file's signature there, or the error that reading it gave)."""
+    try:
+        return socket.gethostname(), pool.signature()
+    except Exception as e:  # noqa: BLE001 - any failure is the answer: the node cannot read
+        return socket.gethostname(), f"error: {e}"
+
+
+def check_data_on_nodes(data: TrainData, want: str | None = None) -> list[str]:
+    """Problems (one line per node) where a node that may run trials cannot read the data.
+
+    Trials map the cache's ``images.npy`` at the driver's path (``PoolImages``), so every node
+    needs the same file there (a shared --cache-dir, or the cache built on each node from the
+    same source). One tiny task per alive node with CPUs reads its size and ends; a missing file
+    or other bytes than the driver's is a problem. In-RAM data (not a cache) goes through the
+    object store and needs no check, nor does a one-node instance (the driver's machine).
+    ``want``: the signature to match (default: the driver's file's).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not isinstance(data.images, PoolImages):
+        return []
+    pool = PoolImages(data.images.path, data.images.rows[:0])
+    want = want or pool.signature()
+    probe = ray.remote(num_cpus=0)(_probe)
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) < 2:  # the driver's own machine: it just read the file
+        return []
+    nodes = [n for n in alive if n["Resources"].get("CPU", 0) > 0]
+    refs = [
+        probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(pool)
+        for n in nodes
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=NODE_CHECK_S)
+    problems = []
+    for node, ref in zip(nodes, refs, strict=True):
+        where = f"node {node['NodeID'][:12]} ({node['NodeManagerAddress']})"
+        if ref not in ready:
+            problems.append(f"{where}: did not answer within {NODE_CHECK_S} s")
+            continue
+        host, got = ray.get(ref)
+        where = f"node {node['NodeID'][:12]} ({host}, {node['NodeManagerAddress']})"
+        if got.startswith("error: "):
+            problems.append(f"{where}: {got[7:]}")
+        elif got != want:
+            problems.append(
+                f"{where}: {pool.path} holds other data than the driver's (size or bytes "
+                "differ); build the cache there from the same source, or share the folder"
+            )
+    return problems
 
 
 def cluster_resources() -> dict:

@@ -202,6 +202,19 @@ def test_pool_images_gather_rows_of_the_mapped_cache_without_copying_it(embedded
         gone[idx]
 
 
+def test_pool_images_signature_says_whether_a_hosts_file_holds_the_same_bytes(tmp_path):
+    # what the Ray node check compares: another node's file at the driver's path
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((4, 96, 96, 3), np.uint8))
+    pool = PoolImages(path, np.arange(4))
+    sig = pool.signature()
+    assert PoolImages(path, np.arange(2)).signature() == sig  # rows do not matter
+    np.save(path, np.ones((4, 96, 96, 3), np.uint8))  # same size, other bytes (tail)
+    assert PoolImages(path, np.arange(4)).signature() != sig
+    with pytest.raises(FileNotFoundError, match=r"missing.*not readable on"):
+        PoolImages(tmp_path / "missing.npy", np.arange(4)).signature()
+
+
 def test_train_cv_same_result_from_the_mapped_pool_and_from_ram(embedded):
     # gathering batches from the memory-mapped pool trains exactly as the same rows in RAM
     data, folds = embedded

@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -476,6 +477,37 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
             .splitlines()[-1]
         )
         assert sorted(cpus.values()) == [0, 2], cpus
+        # every node with CPUs reads the cache file: one whose bytes differ, or that has no
+        # file, is named (a node with other data at the driver's path, or none)
+        probe = (
+            "import json, sys, numpy as np, ray\n"
+            "from search.engine import PoolImages, TrainData\n"
+            "from search.ray_adapter import check_data_on_nodes\n"
+            "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "data = TrainData(PoolImages(sys.argv[2], np.arange(2)), np.zeros(2))\n"
+            "ok = check_data_on_nodes(data)\n"
+            "other = check_data_on_nodes(data, want='0' * 40)\n"
+            "import os; os.remove(sys.argv[2])\n"
+            "gone = check_data_on_nodes(data, want='0' * 40)\n"
+            "print(json.dumps([ok, other, gone]))\n"
+        )
+        npy = tmp_path / "probe" / "images.npy"
+        npy.parent.mkdir()
+        np.save(npy, np.zeros((2, 96, 96, 3), np.uint8))
+        ok, other, gone = json.loads(
+            subprocess.run(
+                [sys.executable, "-c", probe, f"127.0.0.1:{port}", str(npy)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            ).stdout.splitlines()[-1]
+        )
+        node_id = next(n for n, c in cpus.items() if c == 2)
+        assert ok == [], ok
+        assert len(other) == 1 and node_id in other[0] and "other data" in other[0], other
+        assert len(gone) == 1 and node_id in gone[0] and "not readable on" in gone[0], gone
         ran_on = {t.user_attrs.get("node") for t in study.trials}
         assert ran_on and all(cpus.get(n) == 2 for n in ran_on), (ran_on, cpus)
         # without --address (or RAY_ADDRESS) a search starts its own Ray, even with a
