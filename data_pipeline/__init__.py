@@ -2,21 +2,30 @@
 
 Public entry points: ``DataConfig`` + ``open_dataset`` (any layout or the embedded dataset),
 ``make_folds`` / ``folds_for_cache``, and the ``pcam-data`` command (``data_pipeline.cli``).
+The names below are imported on first use (PEP 562), so light submodules (``version``,
+``constants``) load without numpy, pandas or scikit-learn: a command's ``--help`` stays fast.
 """
 
-from data_pipeline.cache import Cache, build_cache, load_cache
-from data_pipeline.dataset import DataConfig, open_dataset
-from data_pipeline.folds import folds_for_cache, make_folds
-from data_pipeline.problems import DataError, Problem
+from __future__ import annotations
 
-__all__ = [
-    "Cache",
-    "DataConfig",
-    "DataError",
-    "Problem",
-    "build_cache",
-    "folds_for_cache",
-    "load_cache",
-    "make_folds",
-    "open_dataset",
-]
+import importlib
+
+_EXPORTS = {
+    "Cache": "cache",
+    "build_cache": "cache",
+    "load_cache": "cache",
+    "DataConfig": "dataset",
+    "open_dataset": "dataset",
+    "folds_for_cache": "folds",
+    "make_folds": "folds",
+    "DataError": "problems",
+    "Problem": "problems",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

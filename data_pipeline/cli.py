@@ -26,17 +26,20 @@ from data_pipeline.folds import (
 from data_pipeline.problems import DataError, summarize, to_csv_text
 from data_pipeline.slide_map import build_slide_map
 from data_pipeline.synth import SynthConfig, write
-from data_pipeline.version import add_version
+from data_pipeline.version import DefaultsFormatter, add_version, help_text
 
 
 def _add_data_args(p: argparse.ArgumentParser, optional_dir: bool = True) -> None:
-    p.add_argument(
-        "data",
-        nargs="?" if optional_dir else None,
-        type=Path,
-        default=None,
-        help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
-    )
+    if optional_dir:
+        p.add_argument(
+            "data",
+            nargs="?",
+            type=Path,
+            default=None,
+            help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
+        )
+    else:
+        p.add_argument("data", type=Path, help="Kaggle or PCam folder (required)")
     p.add_argument(
         "--cache-dir",
         type=Path,
@@ -51,7 +54,9 @@ def _add_data_args(p: argparse.ArgumentParser, optional_dir: bool = True) -> Non
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="pcam-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pcam-data",
+        description=help_text(__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(ap)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -59,12 +64,12 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "synth",
         help="write the embedded synthetic dataset in a real layout",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     d = SynthConfig()
     s.add_argument("--out", type=Path, required=True, help="folder to create")
     s.add_argument("--n", type=int, default=d.n, help="train patches")
-    s.add_argument("--n-test", type=int, default=None, help="test patches (default n/4)")
+    s.add_argument("--n-test", type=int, default=None, help="test patches (default: n/4)")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--layout", choices=["kaggle", "pcam"], default="kaggle")
     s.add_argument(
@@ -111,12 +116,12 @@ def parser() -> argparse.ArgumentParser:
     f = sub.add_parser(
         "folds",
         help="make and save the cross-validation folds",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
     )
     _add_data_args(f)
     f.add_argument("--skip-bad", action="store_true")
     f.add_argument("--k", type=int, default=5, help="number of folds")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     f.add_argument(
         "--strategy",
         choices=STRATEGIES,

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-STRATEGIES = ("slide", "random")
+from data_pipeline.constants import STRATEGIES
+
 # Below this share of labelled ids with a slide, "slide" folds are mostly patch folds (the
 # Kaggle zip has no patch_id_wsi.csv: every patch is then its own group, the leak we prevent)
 SLIDE_MAP_MIN = 0.5

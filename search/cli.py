@@ -29,16 +29,15 @@ import models
 from data_pipeline.cache import available_cpus
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import (
-    STRATEGIES,
     folds_file,
     folds_for_cache,
     slide_coverage,
     slide_map_warning,
 )
 from data_pipeline.problems import DataError
-from data_pipeline.version import add_version
 from search import study as studies
-from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY, SearchConfig, for_device
+from search.cli_args import parser
+from search.config import SearchConfig, for_device
 from search.deadline import TIE_AUC, Deadline, Pace, final_epochs, pick_final
 from search.engine import TrainData
 from search.progress import Tally, live
@@ -49,149 +48,6 @@ METRIC_NAME = "mean fold AUC"  # what a trial's value is, as optuna-dashboard la
 EXIT_INTERRUPTED = 130
 # Settings a study keeps for life: trials scored differently are not comparable.
 FROZEN_SETTINGS = ("folds", "fold_strategy", "fold_seed", "max_epochs")
-
-
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="pcam-search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_version(ap)
-    a = ap.add_argument
-    a(
-        "--trials",
-        type=int,
-        default=SearchConfig.trials,
-        help="finished trials wanted in the study, earlier runs included (default: %(default)s)",
-    )
-    a(
-        "--data",
-        type=Path,
-        default=None,
-        help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
-    )
-    a("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
-    a(
-        "--storage",
-        default="",
-        help="sqlite:///PATH or postgresql://user@host/db (default: sqlite:///studies/pcam.db)",
-    )
-    a(
-        "--studies-dir",
-        type=Path,
-        default=DEFAULT_STUDIES_DIR,
-        help="SQLite file and per-study outputs (default: ./studies)",
-    )
-    a(
-        "--space",
-        default=None,
-        help="search space file, a path or a name in studies/ (default: cpu; GPU: default)",
-    )
-    a("--folds", type=int, default=None, help="k of k-fold CV (default: CPU 3, GPU 5)")
-    a(
-        "--fold-strategy",
-        choices=STRATEGIES,
-        default=None,
-        help="slide-grouped folds (default) or random (leaks slides; only to measure that)",
-    )
-    a(
-        "--max-epochs",
-        type=int,
-        default=None,
-        help="epochs of a trial never stopped early (default: CPU 12, GPU 24)",
-    )
-    a(
-        "--grace-period",
-        type=int,
-        default=None,
-        help="ASHA: fold-epochs before a trial may be stopped (default: 3 = fold 0, epoch 3)",
-    )
-    a(
-        "--reduction-factor",
-        type=int,
-        default=None,
-        help="ASHA eta: 1/eta of trials continue at each rung (default: 3)",
-    )
-    a("--no-asha", action="store_true", help="run every trial for --max-epochs")
-    a(
-        "--race-epochs",
-        type=int,
-        default=None,
-        help="fold racing: epochs fold 0 trains alone before the other folds start (default: 3)",
-    )
-    a(
-        "--no-race",
-        action="store_true",
-        help="train all folds of a trial in lockstep from epoch 1 (= --race-epochs 0)",
-    )
-    a(
-        "--timeout",
-        type=float,
-        default=None,
-        help="seconds for this search: no trial starts that could not finish by then; "
-        "trials still running at the end are stopped and re-run on resume",
-    )
-    a(
-        "--budget",
-        type=float,
-        default=None,
-        help="seconds end to end: the search (--search-share of it), then the best params "
-        "trained again on every fold for as many epochs as fit the rest, and the submission",
-    )
-    a(
-        "--search-share",
-        type=float,
-        default=SearchConfig.search_share,
-        help="--budget: the least share of the budget the search gets; the rest is reserved "
-        "for the final model, as much as it needs to train its target epochs (CPU 24, GPU 48) "
-        "at the observed pace (1 = search all of it and submit the best trial's own fold "
-        "models; default: %(default)s)",
-    )
-    a(
-        "--keep-top",
-        type=int,
-        default=SearchConfig.keep_top,
-        help="keep the fold models of this many best COMPLETE trials in studies/<study>/models "
-        "(pcam-refit builds the submission from them without training; default: %(default)s)",
-    )
-    a("--cpus-per-trial", type=float, default=None, help="CPU threads per trial (CPU 1, GPU 2)")
-    a(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help="GPU share per trial, fractions allowed: 0.25 = 4 trials per GPU (GPU default 0.25)",
-    )
-    a(
-        "--concurrency",
-        type=int,
-        default=None,
-        help="trials at once (default: as many as the resources allow)",
-    )
-    a(
-        "--address",
-        default=None,
-        help="join an existing Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS if set, "
-        "else a private local Ray, even when a `ray start` cluster runs on this machine)",
-    )
-    a(
-        "--pretrained",
-        default=None,
-        help="pretrained weights: a file, or 'cache' (local timm/HF/torch caches). "
-        "Enables searching the number of unfrozen ResNet stages",
-    )
-    a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")
-    a(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="dataset cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
-    )
-    a("--skip-bad", action="store_true", help="leave bad data rows out instead of stopping")
-    a("--workers", type=int, default=None, help="decode processes for the cache build")
-    a("--verbose", action="store_true", help="Ray's own logs instead of the live view")
-    a("--no-progress", action="store_true", help="no live view (plain log lines)")
-    return ap
 
 
 def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
@@ -638,9 +494,14 @@ def _fit_concurrency(cfg: SearchConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    t_cmd = time.monotonic()
+    """``pcam-search`` (the entry point is ``search.cli_args.main``, which parses first)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    return run_args(parser().parse_args(argv), argv)
+
+
+def run_args(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the search the parsed command line asks for; the exit code."""
+    t_cmd = time.monotonic()
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
     out = Console(soft_wrap=True)

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from search.defaults import SEARCH_SHARE  # noqa: F401  (the least share, defined once)
+
 # Refit seconds per fold-epoch over a search trial's, measured on 2 cores (benchmarks/anytime.py:
 # 0.59 and 0.68 in two --budget runs): a refit trains alone with every core, a trial with
 # cpus_per_trial beside other trials.
@@ -54,9 +56,6 @@ FINAL_MARGIN = 1.05
 STOP_S = 15.0
 PREDICT_COST = 0.35  # seconds to predict one image / seconds to train on one (no backward)
 REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submission
-# --budget: the least share of the budget the search gets; the final model's reserve (to
-# train its target epochs at the observed pace) takes at most the rest
-SEARCH_SHARE = 0.25
 # --budget: COMPLETE trials within this mean AUC of the best are a tie (per-fold AUCs of one
 # trial spread by ~0.02 on the embedded set); the fastest of them trains the final model: it
 # fits the most epochs into the rest of the budget, and epochs are what pay there

@@ -622,3 +622,43 @@ def _predict(model, batch: _Batcher, rows: np.ndarray, dev, amp, eval_batch: int
             logits = model(batch(rows_t[s : s + eval_batch])).squeeze(1)
         out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def train_full(
+    params: dict | TrainParams,
+    data: TrainData,
+    *,
+    epochs: int,
+    seeds: list[int] | tuple[int, ...] = (0,),
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    pretrained: bool | str = False,
+    on_epoch: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """Train one model per seed on every row of ``data`` for ``epochs``; their CPU state_dicts.
+
+    Nothing is held out, so nothing is scored: these are final models whose quality was
+    estimated by the cross-validation of the same params (the fold models). ``on_epoch(i,
+    epoch)`` is called after epoch ``epoch`` of model ``i``. Raises like ``train_cv``.
+    """
+    p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
+    dev = resolve_device(device)
+    if dev.type != "cuda" and threads:
+        torch.set_num_threads(threads)
+    every = np.ones(len(data.labels), np.int64)  # "fold 0" then trains on every row
+    states, batch, run = [], None, None
+    try:
+        for i, seed in enumerate(seeds):
+            fold = _Fold(0, p, every, epochs, seed, dev, pretrained)
+            if run is None:
+                norm = models.data_config(fold.model, p.arch)
+                batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
+                run = _Run(p, dev, batch, data.labels)
+            for e in range(1, epochs + 1):
+                fold.train_epoch(run)
+                if on_epoch is not None:
+                    on_epoch(i, e)
+            states.append({n: v.detach().cpu() for n, v in fold.model.state_dict().items()})
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrialOutOfMemory(f"CUDA out of memory ({e})", epochs, asdict(p)) from e
+    return states

@@ -21,7 +21,7 @@ from rich.markup import escape
 import models
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.problems import DataError
-from data_pipeline.version import add_version
+from data_pipeline.version import add_version, help_text
 from search import study as studies
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 from search.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
@@ -42,7 +42,7 @@ KAGGLE_COMPETITION = "histopathologic-cancer-detection"
 def refit_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pcam-refit",
-        description=__doc__,
+        description=help_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version(ap)

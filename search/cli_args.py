@@ -1,0 +1,203 @@
+"""The ``pcam-search`` command line: its parser, and the entry point that parses first.
+
+Only the standard library and ``search.defaults`` are imported here, so ``--help``,
+``--version`` and argument errors answer in well under a second; torch, Ray and Optuna are
+imported (by ``search.cli``) once the arguments are known to be good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from data_pipeline.version import add_version, help_text
+from search.defaults import (
+    CPU_DEFAULTS,
+    DEFAULT_KEEP_TOP,
+    DEFAULT_STUDIES_DIR,
+    DEFAULT_STUDY,
+    DEFAULT_TRIALS,
+    FOLD_STRATEGIES,
+    GPU_DEFAULTS,
+    SEARCH_SHARE,
+    cpu_gpu,
+)
+
+DESCRIPTION = """``pcam-search``: a k-fold cross-validated hyperparameter search, Optuna study +
+Ray Tune + ASHA.
+
+pcam-search --budget 600                 # 10 minutes end to end: search, final model, submission
+pcam-search --trials 200                 # embedded data, study "pcam" in studies/pcam.db
+pcam-search --data DIR --storage postgresql://user@host/db --gpus-per-trial 0.25
+pcam-search --address 10.0.0.1:6379      # join a Ray cluster started with `ray start`
+
+Run the same command again to continue: --trials counts every finished trial of the study.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pcam-search",
+        description=help_text(DESCRIPTION),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_version(ap)
+    a = ap.add_argument
+    a(
+        "--trials",
+        type=int,
+        default=DEFAULT_TRIALS,
+        help="finished trials wanted in the study, earlier runs included (default: %(default)s)",
+    )
+    a(
+        "--data",
+        type=Path,
+        default=None,
+        help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
+    )
+    a("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
+    a(
+        "--storage",
+        default="",
+        help="sqlite:///PATH or postgresql://user@host/db (default: sqlite:///studies/pcam.db)",
+    )
+    a(
+        "--studies-dir",
+        type=Path,
+        default=DEFAULT_STUDIES_DIR,
+        help="SQLite file and per-study outputs (default: ./studies)",
+    )
+    a(
+        "--space",
+        default=None,
+        help=f"search space file, a path or a name in studies/ (default: {cpu_gpu('space')})",
+    )
+    a("--folds", type=int, default=None, help=f"k of k-fold CV (default: {cpu_gpu('folds')})")
+    a(
+        "--fold-strategy",
+        choices=FOLD_STRATEGIES,
+        default=None,
+        help="slide-grouped folds (default) or random (leaks slides; only to measure that)",
+    )
+    a(
+        "--max-epochs",
+        type=int,
+        default=None,
+        help="epochs of a trial never stopped early (default: "
+        f"{cpu_gpu('max_epochs')}; with --budget {cpu_gpu('budget_max_epochs')})",
+    )
+    a(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: fold-epochs before a trial may be stopped (default: "
+        f"{CPU_DEFAULTS.grace_period} = fold 0 at epoch {CPU_DEFAULTS.race_epochs})",
+    )
+    a(
+        "--reduction-factor",
+        type=int,
+        default=None,
+        help=f"ASHA eta: 1/eta of trials continue at each rung (default: "
+        f"{CPU_DEFAULTS.reduction_factor})",
+    )
+    a("--no-asha", action="store_true", help="run every trial for --max-epochs")
+    a(
+        "--race-epochs",
+        type=int,
+        default=None,
+        help="fold racing: epochs fold 0 trains alone before the other folds start (default: "
+        f"{CPU_DEFAULTS.race_epochs})",
+    )
+    a(
+        "--no-race",
+        action="store_true",
+        help="train all folds of a trial in lockstep from epoch 1 (= --race-epochs 0)",
+    )
+    a(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds for this search: no trial starts that could not finish by then; "
+        "trials still running at the end are stopped and re-run on resume",
+    )
+    a(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds end to end: the search (--search-share of it), then the best params "
+        "trained again on every fold for as many epochs as fit the rest, and the submission",
+    )
+    a(
+        "--search-share",
+        type=float,
+        default=SEARCH_SHARE,
+        help="--budget: the least share of the budget the search gets; the rest is reserved "
+        "for the final model, as much as it needs to train its target epochs "
+        f"({cpu_gpu('final_target_epochs')}) "
+        "at the observed pace (1 = search all of it and submit the best trial's own fold "
+        "models; default: %(default)s)",
+    )
+    a(
+        "--keep-top",
+        type=int,
+        default=DEFAULT_KEEP_TOP,
+        help="keep the fold models of this many best COMPLETE trials in studies/<study>/models "
+        "(pcam-refit builds the submission from them without training; default: %(default)s)",
+    )
+    a(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help=f"CPU threads per trial (default: {cpu_gpu('cpus_per_trial')})",
+    )
+    a(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPU share per trial, fractions allowed: 0.25 = 4 trials per GPU (default: GPU "
+        f"{GPU_DEFAULTS.gpus_per_trial})",
+    )
+    a(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="trials at once (default: as many as the resources allow)",
+    )
+    a(
+        "--address",
+        default=None,
+        help="join an existing Ray cluster (host:port or 'auto'; default: $RAY_ADDRESS if set, "
+        "else a private local Ray, even when a `ray start` cluster runs on this machine)",
+    )
+    a(
+        "--pretrained",
+        default=None,
+        help="pretrained weights: a file, or 'cache' (local timm/HF/torch caches). "
+        "Enables searching the number of unfrozen ResNet stages",
+    )
+    a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")
+    a(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="dataset cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
+    )
+    a("--skip-bad", action="store_true", help="leave bad data rows out instead of stopping")
+    a("--workers", type=int, default=None, help="decode processes for the cache build")
+    a("--verbose", action="store_true", help="Ray's own logs instead of the live view")
+    a("--no-progress", action="store_true", help="no live view (plain log lines)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``pcam-search`` entry point: parse (fast), then run the search."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    from search.cli import run_args  # torch, Ray, Optuna: only for a command that will run
+
+    return run_args(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Every default a command shows in its help, defined once, with no third-party imports.
+
+The CLIs' parsers (``search.cli_args``) read only this module, so ``pcam-search --help`` and
+argument errors answer without importing torch, Ray or Optuna; ``search.config`` builds the
+run's ``SearchConfig`` from the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_pipeline.constants import STRATEGIES as FOLD_STRATEGIES  # noqa: F401
+
+DEFAULT_STUDY = "pcam"
+DEFAULT_STUDIES_DIR = Path("studies")  # relative to where the user runs the command
+DEFAULT_TRIALS = 200  # finished trials wanted in the study, earlier runs included
+DEFAULT_KEEP_TOP = 10  # COMPLETE trials whose fold models stay on disk
+DEFAULT_TTA = 8  # dihedral test views of a submission
+# --budget: the least share of the budget the search gets; the final model's reserve (to
+# train its target epochs at the observed pace) takes at most the rest
+SEARCH_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What changes between a CPU-only machine and one with a GPU."""
+
+    space: str  # space file in studies/
+    folds: int
+    max_epochs: int
+    budget_max_epochs: int  # --budget: trials are short complete runs; the winner trains long
+    final_target_epochs: int  # --budget: epochs the final model's reserve is sized for
+    final_max_epochs: int  # --budget: the most epochs the final model trains
+    grace_period: int  # ASHA: fold-epochs every trial gets before it can be stopped
+    reduction_factor: int  # ASHA eta
+    race_epochs: int  # fold racing: epochs fold 0 trains alone before the others start
+    cpus_per_trial: float
+    gpus_per_trial: float
+
+
+# CPU: k = 3, 12 epochs, fold 0 races alone for 3 epochs, so ASHA's rungs (grace 3 fold-epochs,
+# eta 3) fall at 3, 9 and 27 fold-epochs = fold 0 at epoch 3, all folds at epoch 3, epoch 9;
+# the winners train 12 epochs (36 fold-epochs). Epoch 1 ranks warm-up schedules wrongly
+# (README, "Choosing the CPU defaults"), so the first rung is at epoch 3, on fold 0 alone.
+# With --budget the trials are complete 4-epoch runs (12 fold-epochs, rungs at 3 and 9): a
+# 12-epoch trial costs ~3 minutes on 2 cores, so a 5-minute search finished one (measured,
+# README); the winner's params then train for as many epochs as the rest of the budget fits.
+CPU_DEFAULTS = DeviceDefaults(
+    "cpu",
+    folds=3,
+    max_epochs=12,
+    budget_max_epochs=4,
+    final_target_epochs=24,
+    final_max_epochs=48,
+    grace_period=3,
+    reduction_factor=3,
+    race_epochs=3,
+    cpus_per_trial=1,
+    gpus_per_trial=0,
+)
+# GPU: k = 5, 24 epochs (120 fold-epochs): rungs at 3, 9, 27 and 81 fold-epochs = fold 0 at
+# epoch 3, folds 0-2 at epoch 3, then epochs 6 and 17. 4 trials share a GPU: a 96x96 ResNet
+# trial rarely fills an H100 on its own.
+GPU_DEFAULTS = DeviceDefaults(
+    "default",
+    folds=5,
+    max_epochs=24,
+    budget_max_epochs=8,
+    final_target_epochs=48,
+    final_max_epochs=96,
+    grace_period=3,
+    reduction_factor=3,
+    race_epochs=3,
+    cpus_per_trial=2,
+    gpus_per_trial=0.25,
+)
+
+
+def for_device(cuda: bool) -> DeviceDefaults:
+    return GPU_DEFAULTS if cuda else CPU_DEFAULTS
+
+
+def cpu_gpu(name: str) -> str:
+    """'CPU x, GPU y' for a ``DeviceDefaults`` field: what help strings say."""
+    return f"CPU {getattr(CPU_DEFAULTS, name)}, GPU {getattr(GPU_DEFAULTS, name)}"

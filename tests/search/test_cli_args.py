@@ -1,0 +1,66 @@
+"""The command lines' help: fast (no torch before the arguments are good) and plain text."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "ray", "optuna", "timm", "sklearn", "pandas")
+
+PROBE = """
+import sys
+from search.cli_args import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["--trials", "many"]])
+def test_search_cli_args_answer_without_importing_torch(argv):
+    # --help took 12.5 s because torch and timm were imported before argparse ran
+    code = PROBE.format(argv=argv, heavy=HEAVY)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    want = "2" if argv[0] == "--trials" else "0"
+    assert f"EXIT {want} HEAVY []" in out, out
+
+
+def _helps() -> dict[str, str]:
+    from data_pipeline.cli import parser as data_parser
+    from search.cli_args import parser as search_parser
+    from search.refit_cli import predict_parser, refit_parser
+    from search.report import main as report_main
+
+    out = {"pcam-search": search_parser().format_help()}
+    out["pcam-refit"] = refit_parser().format_help()
+    out["pcam-predict"] = predict_parser().format_help()
+    data = data_parser()
+    out["pcam-data"] = data.format_help()
+    sub = next(a for a in data._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        out[f"pcam-data {name}"] = p.format_help()
+    with pytest.raises(SystemExit):
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            report_main(["--help"])
+    out["pcam-report"] = buf.getvalue()
+    return out
+
+
+def test_cli_help_has_no_raw_rst_or_empty_defaults():
+    for name, text in _helps().items():
+        assert "``" not in text, name
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+
+
+def test_cli_help_data_check_says_its_folder_is_required():
+    text = _helps()["pcam-data check"]
+    assert "required" in text and "embedded" not in text
