@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import shlex
 import sys
 import time
@@ -513,8 +514,13 @@ def run_args(args: argparse.Namespace, argv: list[str]) -> int:
         from search import ray_adapter
 
         if args.address is None:
-            ray_adapter.init_ray(None, available_cpus(), torch.cuda.device_count(), args.verbose)
+            cpus, gpus = available_cpus(), torch.cuda.device_count()
+            env = os.environ.get("RAY_ADDRESS")  # init_ray joins it, as Ray's scripts do
+            say = f"joining the Ray cluster at {env}" if env else f"starting a private Ray ({cpus}"
+            console.print(say + ("" if env else f" CPUs, {gpus} GPUs)") + " ...", highlight=False)
+            ray_adapter.init_ray(None, cpus, gpus, args.verbose)
         else:
+            console.print(f"joining the Ray cluster at {args.address} ...", highlight=False)
             ray_adapter.init_ray(args.address, None, None, args.verbose)
         has_gpu = ray_adapter.cluster_resources().get("GPU", 0) > 0
         cfg = build_config(args, has_gpu)

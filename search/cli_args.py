@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     """The ``pcam-search`` entry point: parse (fast), then run the search."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    # the imports and Ray's start take ~20 s on 2 cores: say what is happening meanwhile
+    print("pcam-search: loading torch, Ray and Optuna ...", file=sys.stderr, flush=True)
     from search.cli import run_args  # torch, Ray, Optuna: only for a command that will run
 
     return run_args(args, argv)

@@ -64,3 +64,19 @@ def test_cli_help_has_no_raw_rst_or_empty_defaults():
 def test_cli_help_data_check_says_its_folder_is_required():
     text = _helps()["pcam-data check"]
     assert "required" in text and "embedded" not in text
+
+
+def test_search_cli_args_says_what_is_starting_before_the_slow_imports(tmp_path):
+    # nothing was shown for the first ~20 s of a search (imports, Ray's start)
+    not_db = tmp_path / "x.db"
+    not_db.write_text("not a database")
+    r = subprocess.run(
+        [sys.executable, "-m", "search.cli_args", "--storage", f"sqlite:///{not_db}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("pcam-search: loading torch"), r.stderr
+    assert str(not_db) in r.stderr  # the storage is checked before Ray starts
