@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,7 +120,10 @@ def _spill_files() -> int:
     return sum(1 for r in roots if r.is_dir() for f in r.rglob("*") if f.is_file())
 
 
-def one_crop(data: Path, crop: int, n: int) -> dict:
+def one_crop(data: Path, crop: int, limit: float | None) -> dict:
+    """The 2-trial search at ``crop``; Ctrl-C (SIGINT) after ``limit`` s when given (a 96 px
+    epoch of 147k patches runs for most of an hour on 2 cores; memory peaks in its first
+    minute, when both trials have mapped the pool and started training)."""
     space = OUT / f"space-{crop}.toml"
     space.write_text(
         f'[fixed]\narch = "simple_cnn"\nwidth = 16\ncrop = {crop}\nbatch_size = 128\n\n'
@@ -155,18 +159,25 @@ def one_crop(data: Path, crop: int, n: int) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     s = Sampler(proc.pid, idle)
     s.start()
+    timer = None
+    if limit is not None:
+        timer = threading.Timer(limit, lambda: proc.send_signal(signal.SIGINT))
+        timer.start()
     first, lines = None, []
     for line in proc.stdout:
         lines.append(line)
         if first is None and "trial" in line and "after" in line:
             first = time.perf_counter() - t0
     proc.wait()
+    if timer is not None:
+        timer.cancel()
     s.stop.set()
     s.join()
     spilled = _spill_files() > spill_before
     return {
         "crop": crop,
         "rc": proc.returncode,
+        "stopped": limit is not None and proc.returncode == 130,
         "wall": time.perf_counter() - t0,
         "first_report": first,
         "peak_machine": s.peak_machine,
@@ -177,11 +188,134 @@ def one_crop(data: Path, crop: int, n: int) -> dict:
     }
 
 
+def timed(cmd: list[str], limit: float | None = None) -> dict:
+    """Run ``cmd``, sampling memory; SIGINT it after ``limit`` seconds (None: to the end)."""
+    idle = mem_in_use()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    s = Sampler(proc.pid, idle)
+    s.start()
+    timer = None
+    if limit is not None:
+        timer = threading.Timer(limit, lambda: proc.send_signal(signal.SIGINT))
+        timer.start()
+    out = proc.communicate()[0]
+    if timer is not None:
+        timer.cancel()
+    s.stop.set()
+    s.join()
+    return {
+        "rc": proc.returncode,
+        "wall": time.perf_counter() - t0,
+        "peak_machine": s.peak_machine,
+        "peak_tree_pss": s.peak_tree,
+        "tail": out[-2000:],
+    }
+
+
+# Folds over the whole pool with a slide map covering only part of the ids (the community map
+# misses some Kaggle ids): patches without a slide become their own groups
+PARTIAL_FOLDS = """
+import sys, time, numpy as np
+from data_pipeline.dataset import DataConfig, open_dataset
+from data_pipeline.folds import make_folds, slide_coverage
+cache = open_dataset(DataConfig(data=sys.argv[1], cache_dir=sys.argv[2]), progress=False)
+pool = cache.index.iloc[cache.labelled_pool()]
+slides = pool["slide"].to_numpy(object).copy()
+slides[np.random.default_rng(0).random(len(slides)) < float(sys.argv[3])] = None
+t = time.perf_counter()
+folds = make_folds(pool["label"].to_numpy(), slides, pool["hash"].to_numpy(), 3, 0)
+print(f"{len(folds)} rows, coverage {slide_coverage(slides):.2f}: "
+      f"{time.perf_counter() - t:.1f} s in make_folds, sizes {np.bincount(folds).tolist()}")
+"""
+
+# An ensemble of k = 3 untrained fold models (prediction cost and memory do not depend on the
+# weights): what pcam-predict loads, with the data's fingerprint
+MAKE_ENSEMBLE = """
+import sys
+from dataclasses import asdict
+import models
+from search.engine import TrainParams, create_model
+from search.ensemble import save_ensemble
+p = TrainParams.from_dict({"arch": "simple_cnn", "width": 16, "crop": int(sys.argv[2])})
+norm = models.data_config(create_model(p), p.arch)
+states = [create_model(p).state_dict() for _ in range(3)]
+meta = {"arch": p.arch, "params": asdict(p), "crop": p.crop, "k": 3, "epochs": 0,
+        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])}}
+print(save_ensemble(sys.argv[1], states, meta))
+"""
+
+
+def other_steps(data: Path) -> None:
+    """Folds (full and partial slide map), prediction of the test set with 8x TTA, the report
+    of a study whose trials saw every patch: wall time and peak memory above idle."""
+    cache = ["--cache-dir", str(OUT / "cache")]
+    py = str(BIN / "python")
+    steps = [
+        (
+            "pcam-data folds (k 3, full slide map)",
+            [str(BIN / "pcam-data"), "folds", str(data), *cache, "--k", "3"],
+        ),
+        (
+            "make_folds, 30% of ids without a slide",
+            [py, "-c", PARTIAL_FOLDS, str(data), cache[1], "0.3"],
+        ),
+        (
+            "ensemble of 3 fold models (48 px)",
+            [py, "-c", MAKE_ENSEMBLE, str(OUT / "ensemble"), "48"],
+        ),
+        (
+            "pcam-predict, 8x TTA",
+            [
+                str(BIN / "pcam-predict"),
+                str(data),
+                *cache,
+                "--ensemble",
+                str(OUT / "ensemble"),
+                "--out",
+                str(OUT / "preds.csv"),
+                "--tta",
+                "8",
+                "--force",
+            ],
+        ),
+        (
+            "pcam-report (crop-32 study)",
+            [
+                str(BIN / "pcam-report"),
+                "--studies-dir",
+                str(OUT / "studies-32"),
+                "--out",
+                str(OUT / "report.html"),
+            ],
+        ),
+    ]
+    print("\n| step | wall s | peak above idle | tree PSS | rc |")
+    print("|---|---:|---:|---:|---:|")
+    for name, cmd in steps:
+        r = timed(cmd)
+        print(
+            f"| {name} | {r['wall']:.0f} | {r['peak_machine'] / 1e9:.2f} GB | "
+            f"{r['peak_tree_pss'] / 1e9:.2f} GB | {r['rc']} |",
+            flush=True,
+        )
+        last = [ln for ln in r["tail"].splitlines() if ln.strip()][-1:]
+        if r["rc"] != 0 or name.startswith("make_folds"):
+            print(f"    {last[0] if last else ''}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=220_000)
     ap.add_argument("--n-test", type=int, default=57_000)
     ap.add_argument("--crops", type=int, nargs="+", default=[32, 96])
+    ap.add_argument(
+        "--limit",
+        type=float,
+        default=300,
+        help="Ctrl-C a search at a crop above 32 after this many seconds (0: run to the end)",
+    )
+    ap.add_argument("--skip-steps", action="store_true", help="only the searches")
     args = ap.parse_args()
     data = dataset(args.n, args.n_test)
     train_gb = args.n * PATCH_BYTES / 1e9
@@ -192,14 +326,16 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---|---:|---:|")
     for crop in args.crops:
-        r = one_crop(data, crop, args.n)
-        if r["rc"] != 0:
+        limit = args.limit if crop > 32 and args.limit > 0 else None
+        r = one_crop(data, crop, limit)
+        if r["rc"] != 0 and not r["stopped"]:
             sys.exit(f"crop {crop} failed:\n{r['tail']}")
         print(
             f"| {crop} | {r['peak_machine'] / 1e9:.2f} GB | "
             f"{r['peak_machine'] / 1e9 / train_gb:.2f} | {r['peak_tree_pss'] / 1e9:.2f} GB | "
             f"{r['peak_proc_pss'] / 1e9:.2f} GB | {'yes' if r['spilled'] else 'no'} | "
-            f"{r['first_report'] or float('nan'):.0f} | {r['wall']:.0f} |",
+            f"{r['first_report'] or float('nan'):.0f} | {r['wall']:.0f}"
+            f"{' (Ctrl-C at the limit)' if r['stopped'] else ''} |",
             flush=True,
         )
     for crop in args.crops:
@@ -211,6 +347,8 @@ def main() -> None:
             f"({train_gb:.2f} GB per machine) and one batch"
         )
     print(f"(machine: {os.cpu_count()} CPUs)")
+    if not args.skip_steps:
+        other_steps(data)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import math
 import os
 import shlex
 import sys
@@ -37,9 +38,28 @@ from data_pipeline.folds import (
 )
 from data_pipeline.problems import DataError
 from search import study as studies
+from search.attrs import (
+    AUC_FOLDS,
+    COMMAND,
+    CONFIG,
+    DATASET_FINGERPRINT,
+    FOLD_EPOCHS,
+    FOLDS_FILE,
+    RUNS,
+    SPACE,
+    VERSION,
+)
 from search.cli_args import parser
 from search.config import SearchConfig, for_device
-from search.deadline import TIE_AUC, Deadline, Pace, final_epochs, pick_final
+from search.deadline import (
+    TIE_AUC,
+    Deadline,
+    Pace,
+    final_epochs,
+    full_fit_plan,
+    full_fold_epochs,
+    pick_final,
+)
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
@@ -76,6 +96,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         search_share=args.search_share,
         final_target_epochs=d.final_target_epochs,
         final_max_epochs=d.final_max_epochs,
+        final_fit=args.final_fit,
         keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
         gpus_per_trial=pick(args.gpus_per_trial, d.gpus_per_trial if has_gpu else 0),
@@ -145,7 +166,7 @@ def _resume_settings(
 ) -> SearchConfig:
     """An existing study's frozen settings (folds, epochs, ...) that the user did not give on
     this command line are the study's own: resuming needs only ``--trials``."""
-    prev = study.user_attrs.get("config") or {}
+    prev = study.user_attrs.get(CONFIG) or {}
     take = {
         k: prev[k]
         for k in FROZEN_SETTINGS
@@ -168,9 +189,9 @@ def _record_study(
     """Study user attrs: what the trials were scored on. A mismatch with an earlier run is an
     error (trials would not be comparable)."""
     attrs = study.user_attrs
-    prev = attrs.get("config")
+    prev = attrs.get(CONFIG)
     if prev:
-        if attrs.get("dataset_fingerprint") != fingerprint:
+        if attrs.get(DATASET_FINGERPRINT) != fingerprint:
             raise ValueError(
                 f"study {cfg.study!r} was searched on dataset {attrs.get('dataset_fingerprint')}, "
                 f"this run reads {fingerprint}: use another --study"
@@ -183,15 +204,15 @@ def _record_study(
                 "use the same flags or another --study"
             )
     else:
-        study.set_user_attr("dataset_fingerprint", fingerprint)
-        study.set_user_attr("folds_file", folds_file)
-    study.set_user_attr("config", cfg.to_dict())
-    study.set_user_attr("space", space.to_dict())
-    study.set_user_attr("version", importlib.metadata.version("pcam-search"))
-    runs = list(attrs.get("runs", []))
+        study.set_user_attr(DATASET_FINGERPRINT, fingerprint)
+        study.set_user_attr(FOLDS_FILE, folds_file)
+    study.set_user_attr(CONFIG, cfg.to_dict())
+    study.set_user_attr(SPACE, space.to_dict())
+    study.set_user_attr(VERSION, importlib.metadata.version("pcam-search"))
+    runs = list(attrs.get(RUNS, []))
     runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": safe_argv(argv)})
-    study.set_user_attr("runs", runs[-50:])
-    study.set_user_attr("command", safe_argv(argv))
+    study.set_user_attr(RUNS, runs[-50:])
+    study.set_user_attr(COMMAND, safe_argv(argv))
 
 
 def next_commands(cfg: SearchConfig) -> list[str]:
@@ -218,7 +239,7 @@ def _summary(console: Console, study: optuna.Study, cfg: SearchConfig, tally: Ta
     )
     best = studies.best_trial(study)
     if best is not None:
-        folds = best.user_attrs.get("auc_folds", [])
+        folds = best.user_attrs.get(AUC_FOLDS, [])
         console.print(
             f"best mean {cfg.folds}-fold AUC [bold green]{best.value:.4f}[/] "
             f"(trial {best.number}; folds {', '.join(f'{a:.4f}' for a in folds)})"
@@ -303,7 +324,7 @@ def run(
         predict_images=len(cache.rows("test")) * cfg.tta,
         retrain=cfg.keep_top < 1,
         search_share=cfg.search_share,
-        final_fold_epochs=cfg.folds * cfg.final_target_epochs if cfg.search_share < 1 else 0,
+        final_fold_epochs=_final_fold_epochs(cfg) if cfg.search_share < 1 else 0,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
     if not study.trials:  # a new study starts from the space's known-good recipes
@@ -320,7 +341,8 @@ def run(
     if deadline.reached and deadline.settled and deadline.starved():
         console.print(
             f"[yellow]budget too small to search: the final model needs ~"
-            f"{deadline.final_s():.0f} s for {cfg.final_target_epochs} epochs on every fold, "
+            f"{deadline.final_s():.0f} s for {cfg.final_target_epochs} epochs "
+            f"({cfg.final_fit} fit), "
             f"more than {1 - cfg.search_share:.0%} of the budget; the search stopped at its "
             "first COMPLETE trial and the rest trains the final model[/]"
         )
@@ -404,11 +426,18 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     return False
 
 
+def _final_fold_epochs(cfg: SearchConfig) -> int:
+    """Fold-epochs of the final model's target epochs (what --budget reserves time for)."""
+    per_epoch = full_fold_epochs(cfg.folds) if cfg.final_fit == "full" else cfg.folds
+    return math.ceil(per_epoch * cfg.final_target_epochs)
+
+
 def _final_plan(
     cfg: SearchConfig, study: optuna.Study, t_cmd: float, deadline: Deadline, console: Console
-) -> tuple[int | None, int]:
-    """--budget: (trial, epochs) of the final model: the fastest trial within ``TIE_AUC`` of
-    the best, trained for as many epochs as fit what is left; (None, 0) = the best trial's own
+) -> tuple[int | None, int, int]:
+    """--budget: (trial, epochs, full-data models) of the final model: the fastest trial
+    within ``TIE_AUC`` of the best, trained for as many epochs as fit what is left (on every
+    labelled row, or on each fold: 0 full-data models); (None, 0, 0) = the best trial's own
     fold models. Said on the console."""
     best = deadline.best_pace()
     left = cfg.budget - (time.monotonic() - t_cmd)
@@ -416,32 +445,38 @@ def _final_plan(
     paced = [
         (t.number, t.value, (t.datetime_complete - t.datetime_start).total_seconds() / fe)
         for t in done
-        if (fe := t.user_attrs.get("fold_epochs")) and t.datetime_complete and t.datetime_start
+        if (fe := t.user_attrs.get(FOLD_EPOCHS)) and t.datetime_complete and t.datetime_start
     ]
     if best is None or cfg.search_share >= 1 or not paced:
-        return None, 0
+        return None, 0, 0
     number = pick_final(paced)
     top = max(paced, key=lambda t: t[1])
     chosen = next(t for t in paced if t[0] == number)
     ratio = chosen[2] / top[2]  # its pace against the best trial's
     pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
-    epochs = final_epochs(left, cfg.folds, pace, deadline.predict_s(pace), cfg.final_max_epochs)
+    predict_s, cap = deadline.predict_s(pace), cfg.final_max_epochs
+    if cfg.final_fit == "full":
+        n, epochs = full_fit_plan(left, cfg.folds, pace, predict_s, cap)
+        how = f"{n} model(s) on all labelled patches" if n > 1 else "all labelled patches"
+    else:
+        n, epochs = 0, final_epochs(left, cfg.folds, pace, predict_s, cap)
+        how = f"{cfg.folds} folds"
     if epochs <= cfg.max_epochs:
         console.print(
             f"{left:.0f} s left: no more than the search's {cfg.max_epochs} epochs fit; "
             "submitting the best trial's own fold models"
         )
-        return None, 0
+        return None, 0, 0
     why = (
         ""
         if number == top[0]
         else (f" (within {TIE_AUC} of the best, trial {top[0]}, and {1 / ratio:.1f}x as fast)")
     )
     console.print(
-        f"{left:.0f} s left: training trial {number}'s params{why} again on {cfg.folds} folds "
+        f"{left:.0f} s left: training trial {number}'s params{why} again on {how} "
         f"for {epochs} epochs (the search's trials: {cfg.max_epochs})"
     )
-    return number, epochs
+    return number, epochs, n
 
 
 def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline) -> int:
@@ -452,11 +487,12 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
 
     ray_adapter.shutdown_ray()  # free the cores for the refit
     study = optuna.load_study(study_name=cfg.study, storage=studies.make_storage(cfg.storage_url))
-    trial, epochs = _final_plan(cfg, study, t_cmd, deadline, console)
+    trial, epochs, full_models = _final_plan(cfg, study, t_cmd, deadline, console)
     rcfg = RefitConfig(
         trial=trial,
         epochs=epochs or None,
-        retrain=epochs > 0,
+        retrain=epochs > 0 and not full_models,
+        full_models=full_models,
         study=cfg.study,
         storage=cfg.storage,
         studies_dir=cfg.studies_dir,

@@ -18,6 +18,7 @@ from search.defaults import (
     DEFAULT_STUDIES_DIR,
     DEFAULT_STUDY,
     DEFAULT_TRIALS,
+    FINAL_FITS,
     FOLD_STRATEGIES,
     GPU_DEFAULTS,
     SEARCH_SHARE,
@@ -137,6 +138,14 @@ def parser() -> argparse.ArgumentParser:
         f"({cpu_gpu('final_target_epochs')}) "
         "at the observed pace (1 = search all of it and submit the best trial's own fold "
         "models; default: %(default)s)",
+    )
+    a(
+        "--final-fit",
+        choices=FINAL_FITS,
+        default=FINAL_FITS[0],
+        help="--budget: the final model is the best params trained on every labelled patch "
+        "(full: one model, more seeds once one has its epoch cap) or on each fold (folds: k "
+        "models, whose out-of-fold AUC is their own); default: %(default)s",
     )
     a(
         "--keep-top",

@@ -19,6 +19,7 @@ from search.defaults import (  # noqa: F401  (re-exported: what callers import f
     DEFAULT_STUDY,
     DEFAULT_TRIALS,
     DEFAULT_TTA,
+    FINAL_FITS,
     FOLD_STRATEGIES,
     GPU_DEFAULTS,
     SEARCH_SHARE,
@@ -52,6 +53,7 @@ class SearchConfig:
     search_share: float = SEARCH_SHARE  # --budget: least share the search gets (1: all)
     final_target_epochs: int = C.final_target_epochs  # --budget: the final model's reserve
     final_max_epochs: int = C.final_max_epochs  # --budget: most epochs of the final model
+    final_fit: str = FINAL_FITS[0]  # --budget: "full" (every labelled row) or "folds" (k models)
     tta: int = DEFAULT_TTA  # dihedral test views of the refit that --budget runs
     keep_top: int = DEFAULT_KEEP_TOP  # COMPLETE trials whose fold models stay (0: none)
     cpus_per_trial: float = C.cpus_per_trial  # CPU threads per trial

@@ -223,14 +223,38 @@ class Deadline:
         return self.guard is None and self.expired(elapsed)
 
 
-def final_epochs(seconds_left: float, folds: int, pace: Pace, predict_s: float, cap: int) -> int:
-    """Epochs of the final model (the best params on every fold) that fit ``seconds_left``,
-    after the test predictions and fixed costs, at most ``cap``. No more than the search's
-    own epochs means: reuse the best trial's fold models."""
+def final_epochs(seconds_left: float, folds: float, pace: Pace, predict_s: float, cap: int) -> int:
+    """Epochs of the final model that fit ``seconds_left``, after the test predictions and
+    fixed costs, at most ``cap``. ``folds``: fold-epochs one of its epochs costs (k for k
+    fold models; k/(k-1) for one model on every labelled row). No more than the search's own
+    epochs means: reuse the best trial's fold models."""
     train_s = seconds_left - predict_s * MARGIN - REFIT_FIXED_S
     per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * FINAL_MARGIN
     epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
     return max(0, min(epochs, cap))
+
+
+# A full-data final model: one epoch passes over every labelled row, k/(k-1) fold-epochs
+def full_fold_epochs(k: int) -> float:
+    """Fold-epochs one epoch of a model on every labelled row costs (k-fold CV)."""
+    return k / (k - 1)
+
+
+MAX_FULL_MODELS = 3  # full-data final models (seeds) once one has its cap of epochs
+
+
+def full_fit_plan(
+    seconds_left: float, k: int, pace: Pace, predict_s: float, cap: int
+) -> tuple[int, int]:
+    """(models, epochs) of a full-data final model: epochs first (they pay most, measured:
+    README, "the final model"), up to ``cap``; when more than one model's ``cap`` fits, the
+    time goes to more seeds (up to ``MAX_FULL_MODELS``), each trained for an equal share."""
+    for n in range(MAX_FULL_MODELS, 0, -1):  # n models: n epochs and n predictions per step
+        left = seconds_left - (n - 1) * predict_s * MARGIN
+        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap)
+        if epochs >= cap or n == 1:
+            return n, epochs
+    raise AssertionError("unreachable")
 
 
 def pick_final(trials: list[tuple[int, float, float]], tie: float = TIE_AUC) -> int:

@@ -47,6 +47,26 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 import models
+from search.attrs import (
+    AUC_FOLDS,
+    DEVICE,
+    DRIVER,
+    EARLY_STOPPED,
+    EPOCHS_RUN,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    FAIL_REASON,
+    FOLD_EPOCHS,
+    IMAGES_PER_S,
+    INTERMEDIATE_FOLDS,
+    INTERRUPTED,
+    LOSS_CURVE,
+    MODELS_DIR,
+    NODE,
+    RAY_TRIAL_ID,
+    SECONDS,
+    VAL_LOSS,
+)
 from search.deadline import Deadline
 from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
 from search.ensemble import save_ensemble
@@ -212,6 +232,12 @@ class _TrialRegistry(tune.Callback):
         self.trials[trial.trial_id] = trial
 
 
+def _finite(v) -> float | None:
+    """A loss for JSON user attrs: None when missing or not finite (JSON has no NaN)."""
+    v = None if v is None else float(v)
+    return v if v is not None and math.isfinite(v) else None
+
+
 def _error_of(trial) -> tuple[str, str]:
     """(type name, message) of the exception that ended a Ray trial.
 
@@ -260,15 +286,16 @@ class _TruthfulSearch(OptunaSearch):
         self._keep_top = keep_top
         # COMPLETE trials whose fold models are on disk: path -> value (earlier runs included)
         self._kept: dict[str, float] = {
-            t.user_attrs["models_dir"]: t.value
+            t.user_attrs[MODELS_DIR]: t.value
             for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("models_dir")
+            if t.user_attrs.get(MODELS_DIR)
         }
         self._max_epochs = max_epochs
         self._full = full_fold_epochs
         self._deadline, self._t0 = deadline, t0
         self._best_value = -math.inf
         self._folds_at: dict[str, dict[str, int]] = {}  # trial -> {step: folds averaged}
+        self._losses: dict[str, dict[str, list]] = {}  # trial -> {step: [train, val] loss}
         self._stopped_early = stopped_early
         self._registry = registry
         self._tally = tally
@@ -303,8 +330,8 @@ class _TruthfulSearch(OptunaSearch):
         if guard:
             self._deadline.guard = trial_id
         ot = self._ot_trials[trial_id]
-        ot.set_user_attr("driver", self._driver)
-        ot.set_user_attr("ray_trial_id", trial_id)
+        ot.set_user_attr(DRIVER, self._driver)
+        ot.set_user_attr(RAY_TRIAL_ID, trial_id)
         self._reported[trial_id] = set()
         self._tally.running[ot.number] = 0
         return config
@@ -324,7 +351,11 @@ class _TruthfulSearch(OptunaSearch):
             # a step's value averages this many folds: 1, 2, .., k while racing, then k
             folds_at = self._folds_at.setdefault(trial_id, {})
             folds_at[str(step)] = int(result.get("folds", 0))
-            ot.set_user_attr("intermediate_folds", folds_at)
+            ot.set_user_attr(INTERMEDIATE_FOLDS, folds_at)
+            # the report's loss curves: mean train and held-out loss of the folds so far
+            losses = self._losses.setdefault(trial_id, {})
+            losses[str(step)] = [_finite(result.get(k)) for k in ("train_loss", "val_loss")]
+            ot.set_user_attr(LOSS_CURVE, losses)
         self._deadline.observe(
             trial_id,
             float(result.get("trial_seconds", 0.0)),
@@ -342,31 +373,33 @@ class _TruthfulSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         epochs = int(result["epoch"]) if result and "epoch" in result else 0
         fold_epochs = max(self._reported.get(trial_id, ()), default=0)
-        attrs: dict = {"epochs_run": epochs, "fold_epochs": fold_epochs}
+        attrs: dict = {EPOCHS_RUN: epochs, FOLD_EPOCHS: fold_epochs}
         if result and METRIC in result:
             attrs.update(
-                auc_folds=[float(a) for a in result.get("auc_folds", [])],
-                seconds=round(float(result.get("trial_seconds", 0.0)), 2),
-                device=result.get("device", ""),
-                node=result.get("node", ""),
-                val_loss=float(result.get("val_loss", float("nan"))),
-                images_per_s=round(float(result.get("images_per_s", 0.0)), 1),
+                {
+                    AUC_FOLDS: [float(a) for a in result.get("auc_folds", [])],
+                    SECONDS: round(float(result.get("trial_seconds", 0.0)), 2),
+                    DEVICE: result.get("device", ""),
+                    NODE: result.get("node", ""),
+                    VAL_LOSS: float(result.get("val_loss", float("nan"))),
+                    IMAGES_PER_S: round(float(result.get("images_per_s", 0.0)), 1),
+                }
             )
         value = float(result[METRIC]) if result and METRIC in result else float("nan")
 
         error_text = ""
         if error:
             etype, msg = _error_of(self._registry.trials.get(trial_id))
-            attrs.update(error_type=etype, error_message=msg)
+            attrs.update({ERROR_TYPE: etype, ERROR_MESSAGE: msg})
             state, error_text = TrialState.FAIL, f"{etype}: {msg}"
         elif fold_epochs >= self._full and math.isfinite(value):
             state = TrialState.COMPLETE  # every fold trained every epoch: the mean over k
         elif result and result.get("self_stopped") and math.isfinite(value):
             # early stopping (patience) ended every fold: finished on its own terms
-            attrs.update(early_stopped=True)
+            attrs[EARLY_STOPPED] = True
             state = TrialState.COMPLETE
         elif fold_epochs >= self._full:
-            attrs.update(error_type="NonFiniteAUC", error_message=f"final mean AUC is {value}")
+            attrs.update({ERROR_TYPE: "NonFiniteAUC", ERROR_MESSAGE: f"final mean AUC is {value}"})
             state, error_text = TrialState.FAIL, f"NonFiniteAUC: final mean AUC is {value}"
         elif trial_id in self._stopped_early:
             state = TrialState.PRUNED
@@ -374,18 +407,18 @@ class _TruthfulSearch(OptunaSearch):
             reason = self.interrupted_reason
             if trial_id in self._deadline.cut:
                 reason = "at its pace it could not finish before the deadline"
-            attrs.update(interrupted=True, fail_reason=reason)
+            attrs.update({INTERRUPTED: True, FAIL_REASON: reason})
             state = TrialState.FAIL
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
         self._deadline.finished(trial_id, state == TrialState.COMPLETE)
         if result and result.get("models"):
             if state == TrialState.COMPLETE:
-                attrs["models_dir"] = result["models"]
+                attrs[MODELS_DIR] = result["models"]
             self._keep(result["models"], value if state == TrialState.COMPLETE else None)
         self._tally.record(
             ot.number,
-            "INTERRUPTED" if attrs.get("interrupted") else state.name,
+            "INTERRUPTED" if attrs.get(INTERRUPTED) else state.name,
             value if math.isfinite(value) else None,
             ot.params,
             epochs,

@@ -32,7 +32,15 @@ from data_pipeline.folds import folds_file, folds_for_cache
 from data_pipeline.kaggle import SUBMISSION_CSV
 from data_pipeline.synth import SynthConfig
 from search import study as studies
-from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
+from search.attrs import AUC_FOLDS, CONFIG, DATASET_FINGERPRINT, MODELS_DIR, REFIT, SPACE
+from search.engine import (
+    PoolImages,
+    TrainData,
+    TrainParams,
+    create_model,
+    train_cv,
+    train_full,
+)
 from search.ensemble import Ensemble, load_ensemble, load_oof, save_ensemble
 
 
@@ -55,6 +63,10 @@ class RefitConfig:
     out: Path | None = None  # submission path; None = <refit folder>/submission.csv
     force: bool = False  # overwrite an existing submission
     retrain: bool = False  # train the fold models again instead of reusing the search's
+    # > 0: instead of k fold models, this many models (seeds) trained on every labelled row
+    # (no held-out part: the CV estimate is the search's, of the same params). At one cost,
+    # one full-data model trains 2x the epochs of k = 3 fold models (README, "final model")
+    full_models: int = 0
     other_data: bool = False  # allow data whose fingerprint differs from the study's
     device: str | None = None  # None = CUDA when present
     seed: int = 0
@@ -80,7 +92,7 @@ class RefitResult:
     # validation flatters (> 0) or undersells (< 0) the same models on unseen slides
     validation_gap: float | None
     ensemble_dir: Path
-    oof_csv: Path
+    oof_csv: Path | None
     submission: Path | None
     seconds: dict = field(default_factory=dict)
     layout: str | None = None  # the data's layout ("kaggle": the submission is for Kaggle)
@@ -104,7 +116,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 def trial_params(study: optuna.Study, trial: FrozenTrial) -> dict:
     """The full training params of a trial: the space's fixed values + the trial's params."""
-    space = study.user_attrs.get("space", {})
+    space = study.user_attrs.get(SPACE, {})
     params = {**space.get("fixed", {}), **trial.params}
     TrainParams.from_dict(params)  # a clear error if the study holds params we cannot train
     return params
@@ -198,11 +210,12 @@ class _FoldModels:
     oof_best: np.ndarray | None  # at each fold's best epoch (restore_best / patience)
     best_epochs: list[int] | None
     trained: bool  # False: the search's own fold models, no training
+    full: bool = False  # full-data models: ``oof`` is the search's fold models' (or NaN)
 
 
 def saved_models(trial: FrozenTrial, cache: Cache, epochs: int, search_epochs: int) -> Path | None:
     """The trial's fold models saved by the search, if they are there and fit this refit."""
-    path = trial.user_attrs.get("models_dir")
+    path = trial.user_attrs.get(MODELS_DIR)
     if not path or not (Path(path) / "ensemble.json").is_file() or epochs != search_epochs:
         return None
     meta = json.loads((Path(path) / "ensemble.json").read_text())
@@ -267,6 +280,43 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
     return _FoldModels(ens_dir, saved, res.oof, oof_best, res.best_epochs, trained=True)
 
 
+def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _FoldModels:
+    """Train ``cfg.full_models`` models (seeds) on every labelled row, one bar each, and save
+    them. ``oof``: the search's own fold models' held-out probabilities of the same params
+    (NaN when they were not kept): the only honest estimate, since nothing is held out."""
+    n = cfg.full_models
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("epoch {task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not cfg.progress,
+        console=Console(stderr=True),
+    ) as bar:
+        tasks = [bar.add_task(f"full-data model {i}", total=epochs) for i in range(n)]
+        pretrained = search_cfg.get("pretrained") or False
+        states = train_full(
+            params,
+            data,
+            epochs=epochs,
+            seeds=[cfg.seed + i for i in range(n)],
+            device=cfg.device,
+            pretrained=True if pretrained == "cache" else pretrained,
+            on_epoch=lambda i, e: bar.update(tasks[i], completed=e),
+        )
+    # no OOF saved with them: ensemble selection must not score them on folds they trained on
+    ens_dir = save_ensemble(out_dir / "ensemble", states, {**meta, "k": n, "full_fit": True})
+    return _FoldModels(ens_dir, oof, oof, None, None, trained=True, full=True)
+
+
+def _search_oof(trial: FrozenTrial, cache: Cache, n: int) -> np.ndarray:
+    """The trial's kept fold models' out-of-fold probabilities, or NaN (not kept)."""
+    path = trial.user_attrs.get(MODELS_DIR)
+    saved = saved_models(trial, cache, 0, 0) if path else None
+    oof = load_oof(saved) if saved else None
+    return oof if oof is not None and len(oof) == n else np.full(n, np.nan, np.float32)
+
+
 @dataclass
 class Setup:
     """What every refit starts from: the study, its search config, and the same data and
@@ -292,10 +342,10 @@ def open_setup(cfg: RefitConfig) -> Setup:
         raise RefitError(
             f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
         ) from None
-    search_cfg = study.user_attrs.get("config", {})
+    search_cfg = study.user_attrs.get(CONFIG, {})
     k = int(search_cfg.get("folds", 3))
     cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
-    want_fp = study.user_attrs.get("dataset_fingerprint")
+    want_fp = study.user_attrs.get(DATASET_FINGERPRINT)
     differs = bool(want_fp) and cache.fingerprint != want_fp
     if differs and not cfg.other_data:  # the same check with or without --data
         raise RefitError(
@@ -332,9 +382,13 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     sub_path = cfg.out or out_dir / "submission.csv"
     if sub_path.exists() and not cfg.force:  # before any work: never a half-replaced folder
         raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
-    saved = None if cfg.retrain else saved_models(trial, cache, epochs, search_epochs)
+    full = cfg.full_models > 0
+    saved = None if cfg.retrain or full else saved_models(trial, cache, epochs, search_epochs)
     how = (
-        "its own fold models from the search, no training"
+        f"{cfg.full_models} model(s) trained on all {len(data.labels)} labelled patches x "
+        f"{epochs} epochs (CV estimate: the search's {k} folds)"
+        if full
+        else "its own fold models from the search, no training"
         if saved
         else f"retrained: {k} folds x {epochs} epochs"
         + ("" if cfg.retrain else " (the search kept no fold models for it)")
@@ -357,7 +411,10 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "folds_file": su.folds_file,
         "dataset_fingerprint": cache.fingerprint,
     }
-    if saved:
+    if full:
+        oof = _search_oof(trial, cache, len(data.labels))
+        fm = _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof)
+    elif saved:
         fm = _reuse(saved, out_dir, trial.number)
     else:
         fm = _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta)
@@ -365,14 +422,20 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     ens_dir = fm.ens_dir
 
     oof = fm.oof_final
-    oof_auc = _auc(data.labels, oof)
-    oof_folds = [_auc(data.labels[folds == f], oof[folds == f]) for f in range(k)]
+    if np.isnan(oof).all():  # full-data models whose trial kept no fold models
+        oof_auc = float(trial.value)
+        oof_folds = [float(a) for a in trial.user_attrs.get(AUC_FOLDS, [])]
+    else:
+        oof_auc = _auc(data.labels, oof)
+        oof_folds = [_auc(data.labels[folds == f], oof[folds == f]) for f in range(k)]
     # With early stopping / restore_best the kept weights are each fold's best epoch, chosen on
     # that same held-out fold: an optimistic OOF. Report it beside the final-epoch OOF.
     oof_best_auc = _auc(data.labels, fm.oof_best) if fm.oof_best is not None else None
     saved = fm.oof  # predictions of the weights that were saved
-    oof_df = pd.DataFrame({"id": data.ids, "label": data.labels, "fold": folds, "prob": saved})
-    oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
+    oof_csv = None
+    if np.isfinite(saved).all():  # full-data models of an unkept trial: no OOF to write
+        oof_df = pd.DataFrame({"id": data.ids, "label": data.labels, "fold": folds, "prob": saved})
+        oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
 
     # ---- test predictions with TTA -> submission
     t1 = time.perf_counter()
@@ -390,9 +453,10 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
             # view: score each fold model alone, untransformed, for the like-for-like gap.
             single = ens.predict(pool_images(cache, rows), tta=1, per_model=True)
             test_auc_folds = [_auc(y_test, pm) for pm in single]
-            # held-out AUC of the weights that were saved (best epoch with restore_best)
-            saved_folds = [_auc(data.labels[folds == f], saved[folds == f]) for f in range(k)]
-            gap = float(np.mean(saved_folds) - np.mean(test_auc_folds))
+            if not fm.full:  # full-data models have no held-out part to compare with
+                # held-out AUC of the saved weights (best epoch with restore_best)
+                saved_folds = [_auc(data.labels[folds == f], saved[folds == f]) for f in range(k)]
+                gap = float(np.mean(saved_folds) - np.mean(test_auc_folds))
 
     result = RefitResult(
         trial=trial.number,
@@ -419,6 +483,9 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "oof_auc_best_epochs": oof_best_auc,
         "best_epochs": fm.best_epochs,
         "trained": fm.trained,
+        # full-data models: oof_auc is the search's k-fold estimate of these params (at its
+        # epochs), not of these models, which saw every labelled patch
+        "full_fit": cfg.full_models if fm.full else 0,
         "test_auc": test_auc,
         "test_auc_folds": test_auc_folds,
         "validation_minus_test": result.validation_gap,
@@ -427,11 +494,11 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "other_data": su.other_data,
         "layout": cache.meta.get("layout"),
         "ensemble": str(ens_dir),
-        "oof_csv": str(oof_csv),
+        "oof_csv": str(oof_csv) if oof_csv else None,
         "submission": str(submission) if submission else None,
         "seconds": result.seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    study.set_user_attr("refit", json.loads(json.dumps(record)))
+    study.set_user_attr(REFIT, json.loads(json.dumps(record)))
     (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
     return result

@@ -80,10 +80,21 @@ def refit_parser() -> argparse.ArgumentParser:
         "no training; retrains when it kept none)",
     )
     ap.add_argument(
+        "--full",
+        type=int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="instead of k fold models, train N models (seeds; default 1) on every labelled "
+        "patch for --epochs: more data per model and k/(k-1)x fewer passes per epoch; the CV "
+        "estimate is then the search's own (its fold models of the same params)",
+    )
+    ap.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="epochs per fold when retraining (default: the search's --max-epochs; another "
+        help="epochs per model when training (default: the search's --max-epochs; another "
         "value retrains)",
     )
     ap.add_argument(
@@ -115,10 +126,17 @@ def refit_main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
-    if args.ensemble is not None and (args.ensemble < 1 or args.retrain or args.epochs):
+    if args.full < 0 or (args.full and args.retrain):
         err.print(
-            "[red]error:[/] --ensemble N needs N >= 1 and trains nothing (no --retrain "
-            "or --epochs)",
+            "[red]error:[/] --full N needs N >= 1 (it trains; no --retrain)", highlight=False
+        )
+        return EXIT_BAD_INPUT
+    if args.ensemble is not None and (
+        args.ensemble < 1 or args.retrain or args.epochs or args.full
+    ):
+        err.print(
+            "[red]error:[/] --ensemble N needs N >= 1 and trains nothing (no --retrain, "
+            "--epochs or --full)",
             highlight=False,
         )
         return EXIT_BAD_INPUT
@@ -134,6 +152,7 @@ def refit_main(argv: list[str] | None = None) -> int:
         out=args.out,
         force=args.force,
         retrain=args.retrain,
+        full_models=args.full,
         other_data=args.other_data,
         device=args.device,
         seed=args.seed,
@@ -154,14 +173,18 @@ def refit_main(argv: list[str] | None = None) -> int:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
     folds = ", ".join(f"{a:.4f}" for a in r.oof_auc_folds)
-    out.print(f"OOF AUC {r.oof_auc:.4f} (folds {folds})", highlight=False)
+    what = "CV AUC of these params, the search's fold models" if cfg.full_models else "OOF AUC"
+    out.print(f"{what} {r.oof_auc:.4f} (folds {folds})", highlight=False)
     if r.test_auc is not None:
+        n = len(r.test_auc_folds or r.oof_auc_folds)
         out.print(
-            f"test AUC {r.test_auc:.4f} (ensemble of {len(r.oof_auc_folds)}, TTA; true test "
-            f"labels present)",
+            f"test AUC {r.test_auc:.4f} (ensemble of {n}, TTA; true test labels present)",
             highlight=False,
         )
-    if r.test_auc_folds is not None:
+    if r.test_auc_folds is not None and r.validation_gap is None:
+        tf = ", ".join(f"{a:.4f}" for a in r.test_auc_folds)
+        out.print(f"test AUC of each full-data model alone, 1 view: {tf}", highlight=False)
+    elif r.test_auc_folds is not None:
         # like for like: fold model f on its held-out fold vs the same model on the test set
         tf = ", ".join(f"{a:.4f}" for a in r.test_auc_folds)
         out.print(

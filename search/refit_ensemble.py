@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
+from search.attrs import MODELS_DIR, REFIT
 from search.ensemble import Ensemble, load_ensemble, load_oof, save_members
 from search.refit import (
     RefitConfig,
@@ -76,7 +77,7 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
     done = [t for t in su.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     kept: list[Candidate] = []
     for t in sorted(done, key=lambda t: t.value, reverse=True):
-        path = t.user_attrs.get("models_dir")
+        path = t.user_attrs.get(MODELS_DIR)
         c = _candidate(Path(path), f"trial {t.number}", t.number, su) if path else None
         if c is not None and len(kept) < n:
             kept.append(c)
@@ -196,7 +197,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         frame = submission_frame(su.cache, test["probs"], test["rows"])
         submission = write_csv_atomic(frame, sub_path, cfg.force)
         record["submission"] = str(submission)
-    su.study.set_user_attr("refit", json.loads(json.dumps(record)))
+    su.study.set_user_attr(REFIT, json.loads(json.dumps(record)))
     (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
     return EnsembleResult(record, submission)
 

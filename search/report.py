@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import math
 import os
 import sys
 import webbrowser
@@ -22,13 +23,29 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 from optuna.trial import TrialState
+from plotly.subplots import make_subplots
 from rich.console import Console
 from rich.markup import escape
-from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from data_pipeline.version import add_version
 from search import study as studies
+from search.attrs import (
+    AUC_FOLDS,
+    COMMAND,
+    DATASET_FINGERPRINT,
+    EPOCHS_RUN,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    FOLD_EPOCHS,
+    FOLDS_FILE,
+    INTERMEDIATE_FOLDS,
+    LOSS_CURVE,
+    REFIT,
+    SECONDS,
+    SPACE,
+    VERSION,
+)
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 
 STATE_COLOURS = {
@@ -45,10 +62,28 @@ def _trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
+def _valued(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """COMPLETE and PRUNED trials with a value (a PRUNED one's is its last mean AUC)."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if t.value is not None]
+
+
 def fig_history(study: optuna.Study) -> go.Figure | str:
+    """Optuna's history of COMPLETE trials, plus the PRUNED ones at their last mean AUC
+    (Optuna's plot leaves them out: a study of mostly pruned trials looked nearly empty)."""
     if not studies.best_trial(study):
         return "No COMPLETE trial yet: nothing to plot as a best-so-far line."
-    return optuna.visualization.plot_optimization_history(study, target_name="mean fold AUC")
+    fig = optuna.visualization.plot_optimization_history(study, target_name="mean fold AUC")
+    pruned = [t for t in _valued(study) if t.state == TrialState.PRUNED]
+    if pruned:
+        fig.add_scatter(
+            x=[t.number for t in pruned],
+            y=[t.value for t in pruned],
+            mode="markers",
+            marker={"color": STATE_COLOURS["PRUNED"], "symbol": "x", "size": 6},
+            name="PRUNED (last mean AUC)",
+        )
+    return fig
 
 
 def fig_timeline(study: optuna.Study) -> go.Figure | str:
@@ -63,8 +98,8 @@ def fig_compute_per_state(study: optuna.Study) -> go.Figure | str:
     rows = [
         (
             t.state.name,
-            float(t.user_attrs.get("seconds", 0.0)),
-            int(t.user_attrs.get("fold_epochs", t.user_attrs.get("epochs_run", 0))),
+            float(t.user_attrs.get(SECONDS, 0.0)),
+            int(t.user_attrs.get(FOLD_EPOCHS, t.user_attrs.get(EPOCHS_RUN, 0))),
         )
         for t in _trials(study)
     ]
@@ -99,7 +134,7 @@ def fig_intermediate(study: optuna.Study) -> go.Figure | str:
         if not t.intermediate_values:
             continue
         steps = sorted(t.intermediate_values)
-        folds = t.user_attrs.get("intermediate_folds", {})
+        folds = t.user_attrs.get(INTERMEDIATE_FOLDS, {})
         s = t.state.name
         fig.add_scatter(
             x=steps,
@@ -121,6 +156,39 @@ def fig_intermediate(study: optuna.Study) -> go.Figure | str:
     fig.update_layout(
         xaxis_title="fold-epochs trained", yaxis_title="mean held-out AUC of the folds so far"
     )
+    _integer_axis(fig, max(max(t.intermediate_values, default=1) for t in _trials(study)))
+    return fig
+
+
+def _integer_axis(fig: go.Figure, top: int) -> None:
+    """Whole-number ticks on x (fold-epochs are counts: no 1.2, 1.4 ...), about 12 of them."""
+    fig.update_xaxes(tickformat="d", tick0=0, dtick=max(1, math.ceil(top / 12)))
+
+
+def fig_losses(study: optuna.Study) -> go.Figure | str:
+    """Mean train (dashed) and held-out (solid) loss per fold-epochs of the best 10 trials by
+    value (COMPLETE and PRUNED): over- or under-fitting shows as the two curves part."""
+    got = [t for t in _valued(study) if t.user_attrs.get(LOSS_CURVE)]
+    if not got:
+        return "No trial recorded loss curves (studies from before this report version)."
+    fig = go.Figure()
+    top = 1
+    for i, t in enumerate(sorted(got, key=lambda t: t.value, reverse=True)[:10]):
+        curve = t.user_attrs[LOSS_CURVE]
+        steps = sorted(int(k) for k in curve)
+        top = max(top, steps[-1])
+        colour = pio.templates["plotly"].layout.colorway[i % 10]
+        for j, (name, dash) in enumerate((("train", "dash"), ("held-out", "solid"))):
+            fig.add_scatter(
+                x=steps,
+                y=[curve[str(k)][j] for k in steps],
+                mode="lines+markers",
+                line={"color": colour, "dash": dash, "width": 1},
+                marker={"size": 4},
+                name=f"trial {t.number} {name} ({t.state.name.lower()})",
+            )
+    fig.update_layout(xaxis_title="fold-epochs trained", yaxis_title="mean loss (BCE)")
+    _integer_axis(fig, top)
     return fig
 
 
@@ -146,7 +214,7 @@ def fig_contour(study: optuna.Study) -> go.Figure | str:
 
 def fig_architectures(study: optuna.Study) -> go.Figure | str:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    fixed = study.user_attrs.get("space", {}).get("fixed", {})
+    fixed = study.user_attrs.get(SPACE, {}).get("fixed", {})
     archs = {t.params.get("arch", fixed.get("arch", "?")) for t in done}
     if len(archs) < 2:
         return f"Only one architecture was searched ({', '.join(sorted(archs)) or 'none'})."
@@ -170,19 +238,124 @@ def fig_fold_spread(study: optuna.Study) -> go.Figure | str:
     """Each COMPLETE trial's held-out AUC per fold (best 20 by mean): how much of a gap
     between two trials is fold noise."""
     done = [t for t in _trials(study) if t.state == TrialState.COMPLETE]
-    done = [t for t in done if t.user_attrs.get("auc_folds")]
+    done = [t for t in done if t.user_attrs.get(AUC_FOLDS)]
     if not done:
         return "No COMPLETE trial with per-fold AUCs yet."
     fig = go.Figure()
     for t in sorted(done, key=lambda t: t.value, reverse=True)[:20]:
         fig.add_box(
-            y=t.user_attrs["auc_folds"],
+            y=t.user_attrs[AUC_FOLDS],
             name=f"#{t.number}",
             boxpoints="all",
             jitter=0.3,
             showlegend=False,
         )
     fig.update_layout(xaxis_title="trial (best mean first)", yaxis_title="held-out AUC per fold")
+    return fig
+
+
+def _param_columns(trials) -> list[tuple[str, list, bool]]:
+    """(name, values per trial (None where not asked), log scale) for every param."""
+    names = sorted({k for t in trials for k in t.params})
+    out = []
+    for n in names:
+        dist = next(t.distributions[n] for t in trials if n in t.distributions)
+        out.append((n, [t.params.get(n) for t in trials], bool(getattr(dist, "log", False))))
+    return out
+
+
+def _numeric(values: list) -> bool:
+    return all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values if v is not None
+    )
+
+
+def fig_parallel(study: optuna.Study) -> go.Figure | str:
+    """Parallel coordinates of COMPLETE *and* PRUNED trials (Optuna's own plot shows only
+    COMPLETE ones), a state axis first, coloured by mean fold AUC (a PRUNED trial's: its last
+    one). A param a trial was not asked (conditional) sits at "n/a" below its axis."""
+    trials = _valued(study)
+    if len(trials) < 2:
+        return f"Needs at least 2 COMPLETE or PRUNED trials (the study has {len(trials)})."
+    dims = [
+        {
+            "label": "state",
+            "values": [1 if t.state == TrialState.COMPLETE else 0 for t in trials],
+            "tickvals": [0, 1],
+            "ticktext": ["PRUNED", "COMPLETE"],
+        }
+    ]
+    for name, vals, log in _param_columns(trials):
+        if _numeric(vals):
+            xs = [
+                None if v is None else (math.log10(v) if log and v > 0 else float(v)) for v in vals
+            ]
+            known = [x for x in xs if x is not None]
+            lo, hi = min(known), max(known)
+            na = lo - 0.1 * (hi - lo or 1.0)
+            d = {
+                "label": f"log10 {name}" if log else name,
+                "values": [na if x is None else x for x in xs],
+            }
+            if any(x is None for x in xs):
+                ticks = list(np.linspace(lo, hi, 4))
+                d.update(tickvals=[na, *ticks], ticktext=["n/a", *(f"{x:.3g}" for x in ticks)])
+        else:
+            cats = sorted({str(v) for v in vals if v is not None})
+            cats = (["n/a"] if any(v is None for v in vals) else []) + cats
+            d = {
+                "label": name,
+                "values": [cats.index("n/a" if v is None else str(v)) for v in vals],
+                "tickvals": list(range(len(cats))),
+                "ticktext": cats,
+            }
+        dims.append(d)
+    values = [t.value for t in trials]
+    dims.append({"label": "mean fold AUC", "values": values})
+    fig = go.Figure(
+        go.Parcoords(
+            line={"color": values, "colorscale": "Viridis", "showscale": True},
+            dimensions=dims,
+        )
+    )
+    return fig
+
+
+def fig_slices(study: optuna.Study) -> go.Figure | str:
+    """Mean fold AUC against each param, one panel per param in rows of 3 (Optuna's slice
+    plot is one row 300 px per param: 3,000 px for the CPU space), PRUNED trials included."""
+    trials = _valued(study)
+    if not trials:
+        return "No COMPLETE or PRUNED trial yet."
+    cols = _param_columns(trials)
+    if not cols:
+        return "No searched params."
+    ncol = min(3, len(cols))
+    nrow = math.ceil(len(cols) / ncol)
+    fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=[c[0] for c in cols])
+    for i, (_, vals, log) in enumerate(cols):
+        r, c = i // ncol + 1, i % ncol + 1
+        for state in ("COMPLETE", "PRUNED"):
+            pts = [
+                (v, t)
+                for v, t in zip(vals, trials, strict=True)
+                if v is not None and t.state.name == state
+            ]
+            fig.add_scatter(
+                x=[v if _numeric(vals) else str(v) for v, _ in pts],
+                y=[t.value for _, t in pts],
+                mode="markers",
+                marker={"color": STATE_COLOURS[state], "size": 5, "opacity": 0.7},
+                name=state,
+                legendgroup=state,
+                showlegend=i == 0,
+                hovertext=[f"trial {t.number}" for _, t in pts],
+                row=r,
+                col=c,
+            )
+        if log and _numeric(vals):
+            fig.update_xaxes(type="log", row=r, col=c)
+    fig.update_layout(height=max(420, 260 * nrow), yaxis_title="mean fold AUC")
     return fig
 
 
@@ -215,7 +388,7 @@ def trials_table(study: optuna.Study) -> str:
             if t.datetime_complete and t.datetime_start
             else None
         )
-        vals = [t.number, t.state.name, t.value, t.user_attrs.get("fold_epochs"), secs]
+        vals = [t.number, t.state.name, t.value, t.user_attrs.get(FOLD_EPOCHS), secs]
         rows.append("<tr>" + "".join(cell(v) for v in vals + [t.params.get(n) for n in names]))
     ths = "".join(f"<th onclick='srt(this)'>{html.escape(h)}</th>" for h in head)
     return (
@@ -243,10 +416,15 @@ def _members_line(rec: dict) -> str:
 
 
 def _refit_record(study: optuna.Study) -> tuple[dict, pd.DataFrame] | str:
-    rec = study.user_attrs.get("refit")
+    rec = study.user_attrs.get(REFIT)
     if not rec:
         return "No refit yet: run `pcam-refit --best` to add ROC curves and calibration."
-    path = Path(rec.get("oof_csv", ""))
+    if not rec.get("oof_csv"):
+        return (
+            "The refit's models were trained on every labelled patch and the search kept no "
+            "fold models of its params: no out-of-fold predictions to plot."
+        )
+    path = Path(rec["oof_csv"])
     if not path.is_file():
         return f"The refit's out-of-fold file {path} is missing."
     return rec, pd.read_csv(path)
@@ -297,14 +475,54 @@ def fig_calibration(study: optuna.Study) -> go.Figure | str:
     if isinstance(got, str):
         return got
     _, oof = got
-    frac, mean_p = calibration_curve(oof["label"], oof["prob"], n_bins=10, strategy="quantile")
+    mean_p, frac, count = calibration_bins(oof["label"].to_numpy(), oof["prob"].to_numpy())
     fig = go.Figure()
-    fig.add_scatter(x=mean_p, y=frac, mode="lines+markers", name="out-of-fold")
+    fig.add_histogram(
+        x=oof["prob"], nbinsx=50, name="predictions", yaxis="y2", marker_color="#ccc", opacity=0.6
+    )
+    fig.add_scatter(
+        x=mean_p,
+        y=frac,
+        mode="lines+markers",
+        name="out-of-fold",
+        marker={"size": 5 + 15 * np.sqrt(count / count.max())},
+        hovertext=[f"{n} predictions" for n in count],
+    )
     fig.add_scatter(
         x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "#999"}, name="perfect"
     )
-    fig.update_layout(xaxis_title="mean predicted probability", yaxis_title="fraction positive")
+    fig.update_layout(
+        xaxis_title="mean predicted probability",
+        yaxis_title="fraction positive",
+        yaxis2={"overlaying": "y", "side": "right", "title": "predictions", "showgrid": False},
+    )
     return fig
+
+
+CAL_BINS = 10  # equal-width probability bins of the calibration curve
+CAL_MIN_SHARE = 0.02  # a bin with fewer of the predictions merges into its neighbour
+
+
+def calibration_bins(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted probability, fraction positive, count) per bin: equal-width bins, each
+    holding at least ``CAL_MIN_SHARE`` of the predictions (thin bins merge into the next).
+    Quantile bins zig-zagged where predictions bunch up: many bins a hair apart in mean
+    probability, each too small for its fraction positive to mean anything."""
+    edges = np.linspace(0, 1, CAL_BINS + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, CAL_BINS - 1)
+    groups, cur = [], []
+    need = max(1, int(np.ceil(CAL_MIN_SHARE * len(p))))
+    for b in range(CAL_BINS):
+        cur.append(b)
+        if np.isin(idx, cur).sum() >= need:
+            groups.append(cur)
+            cur = []
+    if cur and groups:
+        groups[-1] += cur
+    elif cur:
+        groups.append(cur)
+    out = [(p[m].mean(), y[m].mean(), m.sum()) for g in groups if (m := np.isin(idx, g)).any()]
+    return tuple(np.array(c, dtype=float) for c in zip(*out, strict=True))
 
 
 def fig_confusion(study: optuna.Study) -> go.Figure | str:
@@ -339,15 +557,13 @@ SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
     ("Compute per final state", fig_compute_per_state),
     ("Mean fold AUC per fold-epochs trained, by final state", fig_intermediate),
     ("Per-fold AUC spread of the best COMPLETE trials", fig_fold_spread),
+    ("Train and held-out loss of the best trials", fig_losses),
     (
         "Parameter importances",
         _needs_complete(2, lambda s: optuna.visualization.plot_param_importances(s)),
     ),
-    (
-        "Parallel coordinates",
-        _needs_complete(2, lambda s: optuna.visualization.plot_parallel_coordinate(s)),
-    ),
-    ("Slices", _needs_complete(1, lambda s: optuna.visualization.plot_slice(s))),
+    ("Parallel coordinates (COMPLETE and PRUNED trials)", fig_parallel),
+    ("Slices: mean fold AUC by param (COMPLETE and PRUNED trials)", fig_slices),
     ("lr x batch size", fig_contour),
     ("Architectures", fig_architectures),
     ("Refit: ROC curves per fold and out-of-fold", fig_roc),
@@ -356,10 +572,38 @@ SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
 ]
 
 
+# sections that draw for any trials; the others need a COMPLETE or PRUNED trial's values
+ANY_STATE = ("Trial states over time", "Compute per final state")
+
+
+def all_failed(study: optuna.Study) -> str | None:
+    """The sentence for a study whose every finished trial FAILED (no value to plot, and
+    no refit possible), naming the commonest error; None otherwise."""
+    trials = _trials(study)
+    fails = [t for t in trials if t.state == TrialState.FAIL]
+    if not fails or _valued(study) or any(t.state == TrialState.RUNNING for t in trials):
+        return None
+    errors = pd.Series(
+        [
+            f"{t.user_attrs.get(ERROR_TYPE, '?')}: {t.user_attrs.get(ERROR_MESSAGE, '')}"
+            for t in fails
+        ]
+    ).value_counts()
+    return (
+        f"All {len(fails)} trials FAILED, so there is nothing to plot and nothing to refit; "
+        f"commonest error ({errors.iloc[0]} of {len(fails)}): {errors.index[0][:300]} "
+        "(every trial's error: the table below, or optuna-dashboard)."
+    )
+
+
 def sections(study: optuna.Study) -> list[Section]:
     """Every section's figure, or the sentence saying why it is not drawn."""
     out: list[Section] = []
+    failed = all_failed(study)
     for title, draw in SECTIONS:
+        if failed and title not in ANY_STATE:
+            out.append((title, failed))
+            continue
         try:
             out.append((title, draw(study)))
         except Exception as e:  # a plot that cannot be drawn must not sink the report
@@ -374,15 +618,15 @@ def _header(study: optuna.Study) -> str:
     rows = [
         ("study", study.study_name),
         ("trials", ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())) or "none"),
-        ("dataset fingerprint", attrs.get("dataset_fingerprint", "?")),
-        ("folds", attrs.get("folds_file", "?")),
-        ("package version", attrs.get("version", "?")),
-        ("reproduce", attrs.get("command", "?")),
+        ("dataset fingerprint", attrs.get(DATASET_FINGERPRINT, "?")),
+        ("folds", attrs.get(FOLDS_FILE, "?")),
+        ("package version", attrs.get(VERSION, "?")),
+        ("reproduce", attrs.get(COMMAND, "?")),
     ]
     if best is not None:
         rows.insert(2, ("best mean fold AUC", f"{best.value:.4f} (trial {best.number})"))
         rows.insert(3, ("best params", ", ".join(f"{k}={v}" for k, v in best.params.items())))
-    folds_name = Path(attrs.get("folds_file", "")).name
+    folds_name = Path(attrs.get(FOLDS_FILE, "")).name
     if folds_name.startswith(("patch-no-slide-map", "slide-partial-map")):
         rows.insert(
             1,
@@ -393,7 +637,7 @@ def _header(study: optuna.Study) -> str:
                 "map (patch_id_wsi.csv)",
             ),
         )
-    rec = attrs.get("refit")
+    rec = attrs.get(REFIT)
     if rec:
         folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
         line = f"{_refit_label(rec)}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"
@@ -427,7 +671,10 @@ def render(study: optuna.Study) -> str:
         if isinstance(fig, str):
             parts.append(f"<p class='note'>{html.escape(fig)}</p>")
             continue
-        fig.update_layout(height=420, margin={"t": 50, "b": 40})
+        # no fixed width: every figure fits the page; a figure that sets its height keeps it
+        fig.update_layout(width=None, autosize=True, margin={"t": 50, "b": 40})
+        if fig.layout.height is None:
+            fig.update_layout(height=420)
         parts.append(
             pio.to_html(
                 fig,

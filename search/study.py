@@ -20,6 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from data_pipeline.cache import pid_alive
+from search.attrs import DRIVER, FAIL_REASON, INTERRUPTED
 
 SQLITE_TIMEOUT_S = 60  # seconds a writer waits for a lock before "database is locked"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -155,16 +156,16 @@ def fail_zombies(study: optuna.Study) -> list[int]:
     host = socket.gethostname()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        drv = t.user_attrs.get("driver", {})
+        drv = t.user_attrs.get(DRIVER, {})
         pid = drv.get("pid")
         if drv.get("host") == host and pid not in (None, os.getpid()) and pid_alive(int(pid)):
             raise StudyBusyError(
                 f"study {study.study_name!r} is being searched by pcam-search pid "
                 f"{drv['pid']} on this machine; wait for it or stop it first"
             )
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
         study._storage.set_trial_user_attr(
-            t._trial_id, "fail_reason", "left RUNNING by a search that was stopped or killed"
+            t._trial_id, FAIL_REASON, "left RUNNING by a search that was stopped or killed"
         )
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         failed.append(t.number)
@@ -177,7 +178,7 @@ def count_finished(study: optuna.Study) -> int:
     return sum(
         1
         for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if not t.user_attrs.get("interrupted")
+        if not t.user_attrs.get(INTERRUPTED)
     )
 
 

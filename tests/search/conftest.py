@@ -29,8 +29,11 @@ def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) 
         t.suggest_categorical("batch_size", [64, 128])
         t.suggest_categorical("arch", ["simple_cnn", "resnet18"])
         epochs = 3 if i < n_complete else 1
+        losses = {}
         for e in range(1, epochs + 1):
             t.report(0.8 + 0.02 * e + 0.01 * np.log10(lr) + 0.01 * rng.random(), e)
+            losses[str(e)] = [0.6 - 0.1 * e, 0.62 - 0.08 * e]
+        t.set_user_attr("loss_curve", losses)
         t.set_user_attr("seconds", 3.0 * epochs)
         t.set_user_attr("epochs_run", epochs)
         if i < n_complete:
@@ -40,6 +43,8 @@ def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) 
         elif i < n_complete + n_pruned:
             st.tell(t, state=TrialState.PRUNED)
         else:
+            t.set_user_attr("error_type", "TrialDiverged")
+            t.set_user_attr("error_message", "training loss is nan (fold 0) at epoch 1")
             st.tell(t, state=TrialState.FAIL)
     return st
 

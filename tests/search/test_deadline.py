@@ -175,3 +175,18 @@ def test_deadline_starved_budget_stops_the_search_at_its_first_complete_trial():
     assert d.expired(1) and not d.may_start(1) and d.reached
     # a budget large enough for the target epochs is not starved
     assert not replace(d, budget=2000).starved()
+
+
+def test_full_fit_plan_gives_epochs_first_then_more_models():
+    from search.deadline import MAX_FULL_MODELS, full_fit_plan
+
+    pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
+    # one full-data epoch of k = 3 costs 1.5 fold-epochs: about half of 3 fold models' epoch
+    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=1000)
+    assert n == 1 and e == final_epochs(300, 1.5, pace, predict_s=20, cap=1000)
+    assert e >= 2 * final_epochs(300, 3, pace, predict_s=20, cap=1000) - 1
+    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=20)  # ~300 epochs fit: 3 x 20
+    assert (n, e) == (MAX_FULL_MODELS, 20)
+    n, e = full_fit_plan(40, 3, pace, predict_s=5, cap=20)  # between one and two caps
+    assert n == 1 and e == 20
+    assert full_fit_plan(5, 3, pace, predict_s=20, cap=20) == (1, 0)

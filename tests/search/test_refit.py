@@ -298,3 +298,40 @@ def test_search_keeps_only_the_top_trials_models(_kaggle_master, tmp_path):
     # one folder left, the best trial's; no half-written temp folder
     assert kept == [Path(study.best_trial.user_attrs["models_dir"])]
     assert not list((tmp_path / "studies/pcam/models").glob(".*"))
+
+
+def test_refit_full_trains_models_on_every_labelled_patch(refitted, tmp_path):
+    # --full N: N models (seeds) on all labelled rows; no OOF of their own (nothing held
+    # out), so the CV estimate written is the search's fold models' OOF of the same params.
+    # A copy of the study: the module's fixture is not changed for the tests after this one
+    root, data = refitted
+    shutil.copytree(root / "studies", tmp_path / "studies")
+    common = ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(root / "cache")]
+    args = ["--best", "--full", "2", "--epochs", "1", "--tta", "1", "--force", "--no-progress"]
+    args += common
+    assert refit_main(args) == 0
+    (d,) = (tmp_path / "studies" / "pcam" / "refit").glob("trial-*")
+    rec = json.loads((d / "refit.json").read_text())
+    assert rec["full_fit"] == 2 and rec["trained"] and rec["validation_minus_test"] is None
+    meta = json.loads((d / "ensemble" / "ensemble.json").read_text())
+    assert meta["full_fit"] and len(meta["folds"]) == 2 and not meta.get("oof")
+    study = optuna.load_study(
+        study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
+    )
+    saved = Path(study.trials[rec["trial"]].user_attrs["models_dir"])
+    from search.ensemble import load_oof
+
+    oof = pd.read_csv(d / "oof.csv")
+    assert np.allclose(oof["prob"].to_numpy(), load_oof(saved), atol=1e-6)
+    # pcam-predict loads the full-data models like any ensemble: the same submission
+    out = tmp_path / "preds.csv"
+    cmd = [str(data), "--ensemble", str(d / "ensemble"), "--out", str(out), "--tta", "1"]
+    assert predict_main([*cmd, "--cache-dir", str(root / "cache")]) == 0
+    a = pd.read_csv(out, dtype={"id": str})
+    b = pd.read_csv(d / "submission.csv", dtype={"id": str})
+    assert a["id"].tolist() == b["id"].tolist() and np.allclose(a["label"], b["label"], atol=1e-6)
+
+
+def test_refit_full_and_retrain_together_is_refused(capsys):
+    assert refit_main(["--best", "--full", "--retrain"]) == 2
+    assert "--full" in capsys.readouterr().err

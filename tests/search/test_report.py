@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optuna
 import pytest
 
@@ -110,3 +111,57 @@ def test_report_fold_spread_shows_each_complete_trials_folds(made_up_study):
     assert len(fig.data) == 3
     assert all(len(b.y) == 3 for b in fig.data)  # 3 folds each
     assert isinstance(report.fig_fold_spread(made_up_study(0, 2)), str)
+
+
+def test_report_history_and_parallel_coordinates_show_pruned_trials(made_up_study):
+    st = made_up_study(2, 3)
+    hist = report.fig_history(st)
+    pruned = [tr for tr in hist.data if tr.name == "PRUNED (last mean AUC)"]
+    assert len(pruned) == 1 and len(pruned[0].x) == 3
+    par = report.fig_parallel(st)
+    state_axis = par.data[0].dimensions[0]
+    assert state_axis.label == "state" and sorted(state_axis.values) == [0, 0, 0, 1, 1]
+
+
+def test_report_slices_wrap_into_rows_that_fit_the_page(made_up_study):
+    st = made_up_study(4, 2)
+    fig = report.fig_slices(st)
+    # 3 params -> one row of 3 panels; no fixed width (optuna's: 300 px per param)
+    assert fig.layout.width is None
+    xaxes = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
+    assert len(xaxes) == 3
+    assert {tr.name for tr in fig.data} == {"COMPLETE", "PRUNED"}
+    html = report.render(st)
+    assert '"width":' not in html.split("Slices")[1].split("<h2>")[0]
+
+
+def test_report_intermediate_axis_has_whole_number_ticks(made_up_study):
+    fig = report.fig_intermediate(made_up_study(2, 1))
+    assert fig.layout.xaxis.tickformat == "d" and fig.layout.xaxis.dtick >= 1
+
+
+def test_calibration_bins_hold_enough_predictions_when_they_bunch_up():
+    # 2,000 predictions bunched in 0.40-0.47: quantile bins gave 10 points 0.007 apart
+    rng = np.random.default_rng(0)
+    p = np.concatenate([0.40 + 0.07 * rng.random(1960), rng.random(40)])
+    y = (rng.random(len(p)) < p).astype(int)
+    mean_p, frac, count = report.calibration_bins(y, p)
+    assert count.sum() == len(p)
+    assert (count >= 0.02 * len(p)).all()
+    assert (np.diff(mean_p) > 0).all()
+    assert np.isclose((frac * count).sum(), y.sum())  # every positive counted once
+
+
+def test_report_study_with_only_failed_trials_says_so(made_up_study):
+    st = made_up_study(0, 0, 3)
+    got = dict(report.sections(st))
+    sentence = got["Refit: calibration"]
+    assert "All 3 trials FAILED" in sentence and "TrialDiverged" in sentence
+    assert "pcam-refit" not in sentence  # a refit needs a COMPLETE trial
+    assert not isinstance(got["Trial states over time"], str)
+
+
+def test_report_loss_curves_of_the_best_trials(made_up_study):
+    fig = report.fig_losses(made_up_study(3, 2))
+    assert len(fig.data) == 2 * 5  # train + held-out per trial
+    assert {tr.line.dash for tr in fig.data} == {"dash", "solid"}

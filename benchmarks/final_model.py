@@ -1,0 +1,73 @@
+"""What to train as the final model, at the same compute: k fold models or full-data models.
+
+    python benchmarks/final_model.py [--settings embedded hard stain] [--epochs 12 24]
+
+The budget's final model is the search's best params trained again. With k = 3, the k fold
+models cost k x (k-1)/k = 2 passes over the labelled pool per epoch, and each sees 2/3 of it.
+At the same cost, two models trained on the whole pool (two seeds) each see all of it. Side by
+side on each generator setting (benchmarks/anytime.py's), the hand-tuned recipe, E epochs:
+
+  (i)   k fold models (what (d) and the refit train): test AUC of their 8-view TTA ensemble;
+  (ii)  2 full-data models, E epochs each (same passes as (i));
+  (iii) 1 full-data model, 2E epochs (same passes).
+
+Test AUC on the generator's held-out test slides; wall seconds of the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from anytime import FIXED, SETTINGS, TTA, K, _load, dataset  # noqa: E402
+
+import models  # noqa: E402
+from search.engine import TrainParams, train_cv, train_full  # noqa: E402
+from search.ensemble import Ensemble  # noqa: E402
+
+
+def test_auc(p: TrainParams, states: list[dict], cache) -> float:
+    ms = []
+    for sd in states:
+        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
+        m.load_state_dict(sd)
+        ms.append(m.eval())
+    norm = models.data_config(ms[0], p.arch)
+    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
+    rows = cache.rows("test")
+    probs = Ensemble(ms, meta, torch.device("cpu")).predict(cache.images[rows], tta=TTA)
+    return float(roc_auc_score(cache.index["label"].to_numpy()[rows], probs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--epochs", type=int, nargs="+", default=[12, 24])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    p = TrainParams.from_dict(FIXED)
+    print("| setting | epochs E | (i) k fold models | (ii) 2 full-data x E | (iii) 1 full x 2E |")
+    print("|---|---:|---:|---:|---:|")
+    for name in args.settings:
+        cache, data, folds = _load(dataset(name))
+        for e in args.epochs:
+            cells = []
+            t = time.perf_counter()
+            r = train_cv(p, data, folds, epochs=e, keep_states=True, threads=2)
+            cells.append((test_auc(p, r.states, cache), time.perf_counter() - t))
+            for n, ep in ((K - 1, e), (1, (K - 1) * e)):
+                t = time.perf_counter()
+                states = train_full(p, data, epochs=ep, seeds=list(range(n)), threads=2)
+                cells.append((test_auc(p, states, cache), time.perf_counter() - t))
+            row = " | ".join(f"{a:.4f} ({s:.0f} s)" for a, s in cells)
+            print(f"| {name} | {e} | {row} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

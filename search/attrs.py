@@ -1,0 +1,35 @@
+"""The study's and trials' user-attr keys: written by the search and the refit, read by the
+refit, the report, resume and the benchmarks. One definition each, so a rename touches one
+line. (optuna-dashboard shows them as they are named here.)"""
+
+from __future__ import annotations
+
+# --- study attrs (search.cli._record_study, search.refit*) ---
+DATASET_FINGERPRINT = "dataset_fingerprint"  # content hash of the data searched on
+FOLDS_FILE = "folds_file"  # the cache's folds CSV every trial and refit used
+CONFIG = "config"  # the last run's SearchConfig.to_dict() (password masked)
+SPACE = "space"  # the search space, as Space.to_dict()
+VERSION = "version"  # pcam-search package version
+RUNS = "runs"  # the last 50 command lines that ran this study
+COMMAND = "command"  # the last command line
+REFIT = "refit"  # the latest refit's record (refit.json)
+
+# --- trial attrs (search.ray_adapter) ---
+DRIVER = "driver"  # host:pid of the driver that ran it (resume: is it still alive?)
+RAY_TRIAL_ID = "ray_trial_id"
+INTERMEDIATE_FOLDS = "intermediate_folds"  # {step: folds the step's mean averages}
+LOSS_CURVE = "loss_curve"  # {step: [mean train loss, mean held-out loss]}
+EPOCHS_RUN = "epochs_run"
+FOLD_EPOCHS = "fold_epochs"  # fold-epochs trained (ASHA's clock)
+AUC_FOLDS = "auc_folds"  # held-out AUC per fold at the last epoch
+SECONDS = "seconds"  # training seconds of the trial
+DEVICE = "device"  # what it trained on (a GPU's name, or "cpu")
+NODE = "node"  # the Ray node's host
+VAL_LOSS = "val_loss"  # mean held-out loss at the last epoch
+IMAGES_PER_S = "images_per_s"  # training throughput
+EARLY_STOPPED = "early_stopped"  # early stopping (patience) ended every fold: COMPLETE
+MODELS_DIR = "models_dir"  # its kept fold models (--keep-top), while kept
+INTERRUPTED = "interrupted"  # stopped by a deadline or Ctrl-C: re-run on resume
+FAIL_REASON = "fail_reason"
+ERROR_TYPE = "error_type"
+ERROR_MESSAGE = "error_message"
