@@ -546,7 +546,7 @@ def run_args(args: argparse.Namespace, argv: list[str]) -> int:
         # the storage first: a bad URL or file fails in a second, not after Ray's ~20 s start
         studies.check_study_name(args.study)
         url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
-        studies.check_storage(url)
+        studies.check_storage(url, write=True)
         from search import ray_adapter
 
         if args.address is None:

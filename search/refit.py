@@ -332,6 +332,15 @@ class Setup:
     other_data: bool = False  # the data differs from the study's (--other-data)
 
 
+def check_outputs_writable(cfg: RefitConfig) -> None:
+    """Before any work: the study (its ``refit`` attr) and the refit's folders can be written;
+    a ``StorageError`` naming the read-only folder otherwise."""
+    studies.check_storage(cfg.storage_url, write=True)
+    studies.check_writable(Path(cfg.studies_dir) / cfg.study / "refit", "pcam-refit")
+    if cfg.out is not None:
+        studies.check_writable(Path(cfg.out).parent, "the submission")
+
+
 def open_setup(cfg: RefitConfig) -> Setup:
     """Load the study and its data (its content fingerprint must be the study's, unless
     ``cfg.other_data`` says different data is meant) and rebuild its folds."""
@@ -365,6 +374,7 @@ def open_setup(cfg: RefitConfig) -> Setup:
 def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     """Reuse (or retrain), save, predict, write and record (see the module docstring)."""
     t0 = time.perf_counter()
+    check_outputs_writable(cfg)
     su = open_setup(cfg)
     study, search_cfg, cache, data, folds, k = (
         su.study,

@@ -33,6 +33,7 @@ from search.refit import (
     RefitConfig,
     RefitError,
     Setup,
+    check_outputs_writable,
     open_setup,
     pool_images,
     submission_frame,
@@ -128,6 +129,7 @@ class EnsembleResult:
 def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult:
     """Select, save, predict, write and record (see the module docstring)."""
     t0 = time.perf_counter()
+    check_outputs_writable(cfg)
     su = open_setup(cfg)
     out_dir = (cfg.studies_dir / cfg.study / "refit" / ENSEMBLE_DIR).resolve()
     sub_path = cfg.out or out_dir / "submission.csv"

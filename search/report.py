@@ -760,7 +760,13 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             err.print("[red]error:[/] --png needs the kaleido package: pip install kaleido")
             return 2
-    path = write_report(study, args.out or args.studies_dir / args.study / "report", args.png)
+    out = args.out or args.studies_dir / args.study / "report"
+    try:
+        studies.check_writable(out, "pcam-report")  # e.g. a read-only studies folder: --out
+    except studies.StorageError as e:
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
+    path = write_report(study, out, args.png)
     print(path.resolve())
     if args.open:
         webbrowser.open(path.resolve().as_uri())

@@ -91,13 +91,50 @@ def _enable_wal(url: str) -> None:
         raise StorageError(f"cannot open study storage {path}: {e}{hint}") from None
 
 
+def writable_root(path: Path) -> Path | None:
+    """The nearest existing folder at or above ``path`` if nothing can be written there (a
+    read-only mount or folder), else None. (``os.access`` sees read-only mounts even as root.)"""
+    here = Path(path).resolve()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return None if os.access(here, os.W_OK) else here
+
+
+def check_writable(path: Path, what: str) -> None:
+    """A ``StorageError`` naming the read-only folder when ``path`` (a folder, existing or
+    not) cannot be written: said before any work, never a traceback half-way."""
+    ro = writable_root(path)
+    if ro is not None:
+        raise StorageError(
+            f"{ro} is read-only: {what} writes to {path}; use a writable folder "
+            "(--studies-dir, --out) or --storage"
+        )
+
+
+def _read_only_sqlite(url: str) -> str | None:
+    """For an existing SQLite file in a folder nothing can be written to: the URL that opens
+    it read-only and immutable (WAL needs a writable folder for its -shm file even to read;
+    nothing can change the file there, so immutable is true). None otherwise."""
+    db = make_url(url).database
+    if not db or db == ":memory:" or not Path(db).is_file():
+        return None
+    if writable_root(Path(db).parent) is None:
+        return None
+    return f"sqlite:///file:{Path(db).resolve()}?mode=ro&immutable=1&uri=true"
+
+
 def make_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` (any SQLAlchemy URL).
+    """An RDB storage for ``sqlite:///...`` or ``postgresql://...`` (any SQLAlchemy URL). An
+    existing SQLite study in a read-only folder opens read-only (reports, refits that write
+    elsewhere); writing to it then fails naming the file.
 
     Errors name the URL without its password.
     """
     kwargs: dict = {}
-    if url.startswith("sqlite"):
+    ro = _read_only_sqlite(url) if url.startswith("sqlite") else None
+    if ro:
+        url = ro
+    elif url.startswith("sqlite"):
         _enable_wal(url)
         kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
@@ -116,12 +153,14 @@ def make_storage(url: str) -> optuna.storages.RDBStorage:
     raise StorageError(f"cannot open study storage {safe_url(url)}: {_clean(err, url)}")
 
 
-def check_storage(url: str) -> None:
+def check_storage(url: str, write: bool = False) -> None:
     """Open an existing storage to fail fast on a bad URL or file (a ``StorageError``); a
     SQLite file that does not exist yet is left uncreated (nothing is written before the run's
-    other checks pass)."""
+    other checks pass). ``write``: the SQLite file's folder must be writable too (a search)."""
     if url.startswith("sqlite"):
         db = make_url(url).database
+        if write and db and db != ":memory:":
+            check_writable(Path(db).parent, "the study database")
         if not db or db == ":memory:" or not Path(db).exists():
             return
     make_storage(url)

@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sqlite3
@@ -140,14 +141,19 @@ def test_search_study_attrs_describe_the_run(searched):
     assert _load(searched).metric_names == ["mean fold AUC"]
 
 
-def test_search_resume_counts_earlier_trials(searched, _kaggle_master):
-    # --trials is the total of finished trials: 12 exist, so 2 more run
-    assert main(_args(searched, _kaggle_master, 14)) == 0
-    study = _load(searched)
+def test_search_resume_counts_earlier_trials(searched, _kaggle_master, tmp_path):
+    # --trials is the total of finished trials: 12 exist, so 2 more run. On a copy of the
+    # module's study (the other tests read it as the 12-trial search); --keep-top above the
+    # trial count, so no kept model of the original folder is deleted from the copy's run
+    root = Path(shutil.copytree(searched, tmp_path / "copy"))
+    keep = ["--keep-top", "100"]
+    assert main(_args(root, _kaggle_master, 14, *keep)) == 0
+    study = _load(root)
     assert studies.count_finished(study) == 14
     # asking again for 14 runs nothing
-    assert main(_args(searched, _kaggle_master, 14)) == 0
-    assert len(_load(searched).trials) == 14
+    assert main(_args(root, _kaggle_master, 14, *keep)) == 0
+    assert len(_load(root).trials) == 14
+    assert len(_load(searched).trials) == 12  # the original is untouched
 
 
 def test_search_refuses_changed_folds_for_same_study(searched, _kaggle_master, capsys):
