@@ -225,10 +225,12 @@ def test_pick_trial_refuses_pruned(tmp_path):
 def test_dihedral_views_are_the_8_symmetries():
     x = torch_arange()
     views = dihedral_views(x, 8)
-    # 8 distinct images of an asymmetric patch, each a permutation of the same pixels
-    flat = {tuple(v.flatten().tolist()) for v in views}
-    assert len(flat) == 8
-    assert all(sorted(v.flatten().tolist()) == sorted(x.flatten().tolist()) for v in views)
+    # exactly the 8 symmetries of the square (numpy's rotations and their mirror images),
+    # each once: a sorted-pixels check would pass for any shuffle of the pixels
+    a = x[0, 0].numpy()
+    want = {tuple(np.rot90(m, k).flatten().tolist()) for m in (a, a.T) for k in range(4)}
+    flat = [tuple(v[0, 0].flatten().tolist()) for v in views]
+    assert len(set(flat)) == 8 and set(flat) == want
     assert len(dihedral_views(x, 4)) == 4 and len(dihedral_views(x, 1)) == 1
 
 
