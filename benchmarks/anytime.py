@@ -6,9 +6,9 @@
 On each dataset setting (the embedded set and harder generator settings, all with known test
 labels) and the same end-to-end wall budget (search + building the submission), side by side:
 
-  (a) ``pcam-search --budget B``: the new CPU defaults (fold racing, 12-epoch trials, cpu.toml,
-      half the budget searching, the other half training the best params again for as many
-      epochs as fit);
+  (a) ``pcam-search --budget B``: the CPU defaults (cpu.toml, fold racing, short complete
+      trials, then the best params trained on every labelled patch for as many epochs as fit
+      the rest of the budget);
   (b) the v0.1 CPU defaults under the same budget: ``--space cpu-v1 --max-epochs 2 --no-race
       --grace-period 3`` (rung at epoch 1, as before);
   (c) a plain Optuna script (below): TPE + SuccessiveHalvingPruner over the same space, folds
@@ -46,6 +46,7 @@ import models
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import folds_for_cache
 from data_pipeline.synth import SynthConfig, write
+from search.attrs import get_record
 from search.engine import (
     TrainData,
     TrainParams,
@@ -157,8 +158,8 @@ def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
-    refit = s.user_attrs["refit"]
-    cfg = s.user_attrs["config"]
+    refit = get_record(s, "refit")
+    cfg = get_record(s, "config")
     done = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
     return {
         "test_auc": refit["test_auc"],

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import optuna
 
+from search.attrs import get_record
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import OUT, SETTINGS, dataset  # noqa: E402  same data as the anytime benchmark
 
@@ -61,9 +63,10 @@ def one_setting(name: str, search_s: float, top: int, max_epochs: int | None) ->
         ("iii", ["--ensemble", str(top)]),
     ):
         wall = _run([*refit, *extra])
-        rec = optuna.load_study(
-            study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}"
-        ).user_attrs["refit"]
+        rec = get_record(
+            optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}"),
+            "refit",
+        )
         rows[key] = {
             "test_auc": rec["test_auc"],
             "oof_auc": rec["oof_auc"],

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import optuna
 
+from search.attrs import get_record
+
 TARGET_S = 600.0
 
 
@@ -53,7 +55,7 @@ def main() -> None:
             s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")
         }
         epochs = sum(t.user_attrs.get("epochs_run", 0) for t in trials)
-        cfg = study.user_attrs["config"]
+        cfg = get_record(study, "config")
     print(
         f"pcam-search --trials {args.trials} {' '.join(args.extra)}  "
         f"({os.cpu_count()} CPUs, torch threads per trial {cfg['cpus_per_trial']})"

@@ -33,3 +33,33 @@ INTERRUPTED = "interrupted"  # stopped by a deadline or Ctrl-C: re-run on resume
 FAIL_REASON = "fail_reason"
 ERROR_TYPE = "error_type"
 ERROR_MESSAGE = "error_message"
+
+# The big records (the run's config, the space, the runs, the refit) live in the study's
+# *system* attrs: the same database, so on a cluster or with PostgreSQL they travel with the
+# study, while the user attrs stay a few short fields (``optuna studies`` printed one
+# 2,824-character row; optuna-dashboard lists every user attr). The study's ``refit`` user
+# attr is a summary pointing to refit.json. Studies written before read from the user attrs.
+RECORD_PREFIX = "pcam:"
+REFIT_SUMMARY = ("kind", "trial", "oof_auc", "test_auc", "full_fit", "record")
+
+
+def set_record(study, key: str, value) -> None:
+    """Store a big JSON record of ``study`` under ``key`` (see above)."""
+    study._storage.set_study_system_attr(study._study_id, RECORD_PREFIX + key, value)
+
+
+def get_record(study, key: str, default=None):
+    """The record ``key`` of ``study``: its system attr, else (older studies, in-memory test
+    studies) its user attr of that name, else ``default``."""
+    sys_attrs = study._storage.get_study_system_attrs(study._study_id)
+    if RECORD_PREFIX + key in sys_attrs:
+        return sys_attrs[RECORD_PREFIX + key]
+    return study.user_attrs.get(key, default)
+
+
+def set_refit(study, record: dict, path) -> None:
+    """The refit's full record as a system attr; its summary (and where refit.json lies) as
+    the short ``refit`` user attr that optuna-dashboard shows."""
+    set_record(study, REFIT, record)
+    summary = {k: record.get(k) for k in REFIT_SUMMARY if record.get(k) is not None}
+    study.set_user_attr(REFIT, {**summary, "record": str(path)})

@@ -48,6 +48,8 @@ from search.attrs import (
     RUNS,
     SPACE,
     VERSION,
+    get_record,
+    set_record,
 )
 from search.cli_args import parser
 from search.config import SearchConfig, for_device
@@ -166,7 +168,7 @@ def _resume_settings(
 ) -> SearchConfig:
     """An existing study's frozen settings (folds, epochs, ...) that the user did not give on
     this command line are the study's own: resuming needs only ``--trials``."""
-    prev = study.user_attrs.get(CONFIG) or {}
+    prev = get_record(study, CONFIG) or {}
     take = {
         k: prev[k]
         for k in FROZEN_SETTINGS
@@ -189,7 +191,7 @@ def _record_study(
     """Study user attrs: what the trials were scored on. A mismatch with an earlier run is an
     error (trials would not be comparable)."""
     attrs = study.user_attrs
-    prev = attrs.get(CONFIG)
+    prev = get_record(study, CONFIG)
     if prev:
         if attrs.get(DATASET_FINGERPRINT) != fingerprint:
             raise ValueError(
@@ -206,12 +208,12 @@ def _record_study(
     else:
         study.set_user_attr(DATASET_FINGERPRINT, fingerprint)
         study.set_user_attr(FOLDS_FILE, folds_file)
-    study.set_user_attr(CONFIG, cfg.to_dict())
-    study.set_user_attr(SPACE, space.to_dict())
+    set_record(study, CONFIG, cfg.to_dict())
+    set_record(study, SPACE, space.to_dict())
     study.set_user_attr(VERSION, importlib.metadata.version("pcam-search"))
-    runs = list(attrs.get(RUNS, []))
+    runs = list(get_record(study, RUNS, []))
     runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": safe_argv(argv)})
-    study.set_user_attr(RUNS, runs[-50:])
+    set_record(study, RUNS, runs[-50:])
     study.set_user_attr(COMMAND, safe_argv(argv))
 
 

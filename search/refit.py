@@ -32,7 +32,15 @@ from data_pipeline.folds import folds_file, folds_for_cache
 from data_pipeline.kaggle import SUBMISSION_CSV
 from data_pipeline.synth import SynthConfig
 from search import study as studies
-from search.attrs import AUC_FOLDS, CONFIG, DATASET_FINGERPRINT, MODELS_DIR, REFIT, SPACE
+from search.attrs import (
+    AUC_FOLDS,
+    CONFIG,
+    DATASET_FINGERPRINT,
+    MODELS_DIR,
+    SPACE,
+    get_record,
+    set_refit,
+)
 from search.engine import (
     PoolImages,
     TrainData,
@@ -116,7 +124,7 @@ def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 
 def trial_params(study: optuna.Study, trial: FrozenTrial) -> dict:
     """The full training params of a trial: the space's fixed values + the trial's params."""
-    space = study.user_attrs.get(SPACE, {})
+    space = get_record(study, SPACE, {})
     params = {**space.get("fixed", {}), **trial.params}
     TrainParams.from_dict(params)  # a clear error if the study holds params we cannot train
     return params
@@ -351,7 +359,7 @@ def open_setup(cfg: RefitConfig) -> Setup:
         raise RefitError(
             f"no study {cfg.study!r} in {studies.safe_url(cfg.storage_url)}; run pcam-search first"
         ) from None
-    search_cfg = study.user_attrs.get(CONFIG, {})
+    search_cfg = get_record(study, CONFIG, {})
     k = int(search_cfg.get("folds", 3))
     cache = open_dataset(data_config(search_cfg, cfg), progress=cfg.progress)
     want_fp = study.user_attrs.get(DATASET_FINGERPRINT)
@@ -509,6 +517,6 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "seconds": result.seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    study.set_user_attr(REFIT, json.loads(json.dumps(record)))
     (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
+    set_refit(study, json.loads(json.dumps(record)), out_dir / "refit.json")
     return result

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
-from search.attrs import MODELS_DIR, REFIT
+from search.attrs import MODELS_DIR, set_refit
 from search.ensemble import Ensemble, load_ensemble, load_oof, save_members
 from search.refit import (
     RefitConfig,
@@ -199,8 +199,8 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         frame = submission_frame(su.cache, test["probs"], test["rows"])
         submission = write_csv_atomic(frame, sub_path, cfg.force)
         record["submission"] = str(submission)
-    su.study.set_user_attr(REFIT, json.loads(json.dumps(record)))
     (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
+    set_refit(su.study, json.loads(json.dumps(record)), out_dir / "refit.json")
     return EnsembleResult(record, submission)
 
 

@@ -45,6 +45,7 @@ from search.attrs import (
     SECONDS,
     SPACE,
     VERSION,
+    get_record,
 )
 from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 
@@ -214,7 +215,7 @@ def fig_contour(study: optuna.Study) -> go.Figure | str:
 
 def fig_architectures(study: optuna.Study) -> go.Figure | str:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    fixed = study.user_attrs.get(SPACE, {}).get("fixed", {})
+    fixed = get_record(study, SPACE, {}).get("fixed", {})
     archs = {t.params.get("arch", fixed.get("arch", "?")) for t in done}
     if len(archs) < 2:
         return f"Only one architecture was searched ({', '.join(sorted(archs)) or 'none'})."
@@ -416,7 +417,7 @@ def _members_line(rec: dict) -> str:
 
 
 def _refit_record(study: optuna.Study) -> tuple[dict, pd.DataFrame] | str:
-    rec = study.user_attrs.get(REFIT)
+    rec = get_record(study, REFIT)
     if not rec:
         return "No refit yet: run `pcam-refit --best` to add ROC curves and calibration."
     if not rec.get("oof_csv"):
@@ -637,7 +638,7 @@ def _header(study: optuna.Study) -> str:
                 "map (patch_id_wsi.csv)",
             ),
         )
-    rec = attrs.get(REFIT)
+    rec = get_record(study, REFIT)
     if rec:
         folds = ", ".join(f"{a:.4f}" for a in rec.get("oof_auc_folds", []))
         line = f"{_refit_label(rec)}: OOF AUC {rec['oof_auc']:.4f} (folds {folds})"

@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from data_pipeline import DataConfig, open_dataset
 from search import study as studies
+from search.attrs import get_record
 from search.cli import main as search_main
 from search.ensemble import EnsembleError, dihedral_views, load_ensemble
 from search.refit import RefitError, pick_trial, submission_frame, write_csv_atomic
@@ -88,7 +89,7 @@ def test_refit_uses_best_complete_trial_and_records_it(refitted):
     study = optuna.load_study(
         study_name="pcam", storage=studies.sqlite_url(root / "studies" / "pcam.db")
     )
-    rec = study.user_attrs["refit"]
+    rec = get_record(study, "refit")
     assert rec["trial"] == studies.best_trial(study).number
     assert len(rec["oof_auc_folds"]) == 2
     # the embedded data has true test labels: the honesty gap can be measured
@@ -278,7 +279,7 @@ def test_refit_best_reuses_the_searchs_fold_models_without_training(refitted):
     root, _ = refitted
     study = optuna.load_study(study_name="pcam", storage=f"sqlite:///{root / 'studies/pcam.db'}")
     best = study.best_trial
-    rec = study.user_attrs["refit"]
+    rec = get_record(study, "refit")
     assert rec["trained"] is False and rec["trial"] == best.number
     saved = Path(best.user_attrs["models_dir"])
     copied = _refit_dir(root) / "ensemble"
@@ -337,3 +338,26 @@ def test_refit_full_trains_models_on_every_labelled_patch(refitted, tmp_path):
 def test_refit_full_and_retrain_together_is_refused(capsys):
     assert refit_main(["--best", "--full", "--retrain"]) == 2
     assert "--full" in capsys.readouterr().err
+
+
+def test_study_user_attrs_stay_short_big_records_elsewhere(refitted):
+    # `optuna studies` printed one 2,824-character row: the config, space, runs and refit
+    # records now live in the study's system attrs; the refit user attr is a short summary
+    root, _ = refitted
+    import subprocess
+    import sys
+
+    url = studies.sqlite_url(root / "studies" / "pcam.db")
+    optuna_cli = Path(sys.executable).parent / "optuna"
+    out = subprocess.run(
+        [str(optuna_cli), "studies", "--storage", url], capture_output=True, text=True
+    ).stdout
+    rows = [ln for ln in out.splitlines() if "pcam" in ln]
+    assert rows and max(len(r) for r in rows) < 1000, max(len(r) for r in rows)
+    study = optuna.load_study(study_name="pcam", storage=url)
+    summary = {"kind", "trial", "oof_auc", "test_auc", "full_fit", "record"}
+    assert set(study.user_attrs["refit"]) <= summary
+    assert Path(study.user_attrs["refit"]["record"]).name == "refit.json"
+    assert get_record(study, "config")["folds"] == 2
+    assert "fixed" in get_record(study, "space") and get_record(study, "runs")
+    assert get_record(study, "refit")["test_auc_folds"]

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from search.attrs import get_record
 from search.cli import main as search_main
 from search.ensemble import Ensemble, EnsembleError, WeightedEnsemble, load_ensemble
 from search.refit_cli import predict_main, refit_main
@@ -49,7 +50,7 @@ def selected(_kaggle_master, tmp_path_factory):
     assert refit_main(retrain) == 0
     assert refit_main(["--ensemble", "4", "--tta", "4", "--no-progress", *common]) == 0
     study = optuna.load_study(study_name="pcam", storage=f"sqlite:///{root / 'studies/pcam.db'}")
-    return root, common, study.user_attrs["refit"]
+    return root, common, get_record(study, "refit")
 
 
 def test_refit_ensemble_selects_weighted_members_that_beat_the_best_alone(selected):
@@ -165,7 +166,7 @@ def test_refit_on_flipped_labels_is_refused_unless_other_data_is_said(
     study = optuna.load_study(
         study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
     )
-    assert study.user_attrs["refit"]["other_data"] is True
+    assert get_record(study, "refit")["other_data"] is True
 
 
 def test_refit_prints_the_report_and_kaggle_submit_commands(selected, capsys):

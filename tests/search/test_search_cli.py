@@ -24,6 +24,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import study as studies
+from search.attrs import get_record
 from search.cli import main
 from search.config import CPU_DEFAULTS
 from search.deadline import TIE_AUC
@@ -274,7 +275,7 @@ def test_search_budget_trains_the_final_model_in_the_rest_and_submits(
     t0 = time.monotonic()
     assert main(args) == 0
     study = _load(tmp_path)
-    refit = study.user_attrs["refit"]
+    refit = get_record(study, "refit")
     assert Path(refit["submission"]).is_file()
     # the best trial, or a faster one within TIE_AUC of it
     chosen = study.trials[refit["trial"]]
@@ -644,4 +645,4 @@ def test_search_resume_takes_unset_frozen_settings_from_the_study(
     assert "best mean 2-fold AUC" in out
     study = _load(tmp_path)
     assert studies.count_finished(study) == 2
-    assert study.user_attrs["config"]["max_epochs"] == MAX_EPOCHS
+    assert get_record(study, "config")["max_epochs"] == MAX_EPOCHS
