@@ -154,7 +154,20 @@ def one_crop(data: Path, crop: int, limit: float | None) -> dict:
         "--keep-top",
         "0",
     ]
-    idle, spill_before = mem_in_use(), _spill_files()
+    spill_before = _spill_files()
+    r = timed(cmd, limit, first_marker=("trial", "after"))
+    return {
+        **r,
+        "crop": crop,
+        "stopped": limit is not None and r["rc"] == 130,
+        "spilled": _spill_files() > spill_before,
+    }
+
+
+def timed(cmd: list[str], limit: float | None = None, first_marker: tuple = ()) -> dict:
+    """Run ``cmd``, sampling memory; SIGINT it after ``limit`` seconds (None: to the end).
+    ``first_report``: seconds to the first output line holding every ``first_marker`` word."""
+    idle = mem_in_use()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     s = Sampler(proc.pid, idle)
@@ -166,50 +179,21 @@ def one_crop(data: Path, crop: int, limit: float | None) -> dict:
     first, lines = None, []
     for line in proc.stdout:
         lines.append(line)
-        if first is None and "trial" in line and "after" in line:
+        if first is None and first_marker and all(w in line for w in first_marker):
             first = time.perf_counter() - t0
     proc.wait()
     if timer is not None:
         timer.cancel()
     s.stop.set()
     s.join()
-    spilled = _spill_files() > spill_before
     return {
-        "crop": crop,
         "rc": proc.returncode,
-        "stopped": limit is not None and proc.returncode == 130,
         "wall": time.perf_counter() - t0,
         "first_report": first,
         "peak_machine": s.peak_machine,
         "peak_tree_pss": s.peak_tree,
         "peak_proc_pss": s.peak_proc,
-        "spilled": spilled,
-        "tail": "".join(lines[-5:]),
-    }
-
-
-def timed(cmd: list[str], limit: float | None = None) -> dict:
-    """Run ``cmd``, sampling memory; SIGINT it after ``limit`` seconds (None: to the end)."""
-    idle = mem_in_use()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    s = Sampler(proc.pid, idle)
-    s.start()
-    timer = None
-    if limit is not None:
-        timer = threading.Timer(limit, lambda: proc.send_signal(signal.SIGINT))
-        timer.start()
-    out = proc.communicate()[0]
-    if timer is not None:
-        timer.cancel()
-    s.stop.set()
-    s.join()
-    return {
-        "rc": proc.returncode,
-        "wall": time.perf_counter() - t0,
-        "peak_machine": s.peak_machine,
-        "peak_tree_pss": s.peak_tree,
-        "tail": out[-2000:],
+        "tail": "".join(lines)[-2000:],
     }
 
 

@@ -248,16 +248,21 @@ def _reuse(saved: Path, out_dir: Path, trial: int) -> _FoldModels:
     return _FoldModels(dest, oof, oof, None, None, trained=False)
 
 
-def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> _FoldModels:
-    """Train every fold for the full budget (lockstep), one bar per fold, and save them."""
-    with Progress(
+def _bars(cfg: RefitConfig, extra: str = "") -> Progress:
+    """One progress bar per model trained: "fold 0  [bar]  epoch 3/12 ..." on stderr."""
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("epoch {task.completed}/{task.total}  {task.fields[auc]}"),
+        TextColumn("epoch {task.completed}/{task.total}" + extra),
         TimeElapsedColumn(),
         disable=not cfg.progress,
         console=Console(stderr=True),
-    ) as bar:
+    )
+
+
+def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> _FoldModels:
+    """Train every fold for the full budget (lockstep), one bar per fold, and save them."""
+    with _bars(cfg, "  {task.fields[auc]}") as bar:
         tasks = [bar.add_task(f"fold {f}", total=epochs, auc="") for f in range(k)]
 
         def on_epoch(epoch: int, m: dict) -> bool:
@@ -293,14 +298,7 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
     them. ``oof``: the search's own fold models' held-out probabilities of the same params
     (NaN when they were not kept): the only honest estimate, since nothing is held out."""
     n = cfg.full_models
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("epoch {task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        disable=not cfg.progress,
-        console=Console(stderr=True),
-    ) as bar:
+    with _bars(cfg) as bar:
         tasks = [bar.add_task(f"full-data model {i}", total=epochs) for i in range(n)]
         pretrained = search_cfg.get("pretrained") or False
         states = train_full(
