@@ -109,7 +109,7 @@ def test_refit_uses_best_complete_trial_and_records_it(refitted):
         assert a == pytest.approx(roc_auc_score(d["label"], d["prob"]))
 
 
-def test_ensemble_reload_gives_identical_predictions(refitted):
+def test_ensemble_reload_gives_identical_predictions(refitted, tmp_path):
     root, data = refitted
     ens_dir = _refit_dir(root) / "ensemble"
     meta = json.loads((ens_dir / "ensemble.json").read_text())
@@ -122,7 +122,7 @@ def test_ensemble_reload_gives_identical_predictions(refitted):
         "dataset_fingerprint",
         "version",
     } <= set(meta)
-    out = root / "preds.csv"
+    out = tmp_path / "preds.csv"  # not in the module's folder: other tests read it
     assert (
         predict_main(
             [

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from search import study as studies
@@ -120,7 +121,9 @@ def test_search_states_are_truthful(searched):
             assert t.value == pytest.approx(sum(t.user_attrs["auc_folds"]) / K)
             # the first values are fold 0 alone, then every value averages both folds
             assert t.user_attrs["intermediate_folds"] == {"1": 1, "2": 1, "4": 2, "6": 2}
-            assert t.user_attrs["device"] == "cpu" and t.user_attrs["seconds"] > 0
+            # what it trained on: the GPU's name on a CUDA host, else "cpu"
+            want = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+            assert t.user_attrs["device"] == want and t.user_attrs["seconds"] > 0
         else:  # ASHA stopped it early: PRUNED, with the fold-epochs it did run
             assert t.state == TrialState.PRUNED
             assert 1 <= t.user_attrs["fold_epochs"] < K * MAX_EPOCHS
