@@ -135,12 +135,16 @@ def test_search_states_are_truthful(searched):
 
 
 def test_search_study_attrs_describe_the_run(searched):
-    attrs = _load(searched).user_attrs
+    study = _load(searched)
+    attrs = study.user_attrs
     assert len(attrs["dataset_fingerprint"]) >= 8
     assert Path(attrs["folds_file"]).is_file()
-    assert attrs["space"]["params"]["lr"]["choices"] == [1e-4, 0.003, 1e30]
-    assert attrs["config"]["folds"] == 2 and attrs["config"]["max_epochs"] == MAX_EPOCHS
     assert attrs["version"] and attrs["command"].startswith("pcam-search ")
+    # the big records are the study's system attrs: the user attrs stay short
+    assert not {"space", "config", "runs"} & set(attrs)
+    space, cfg = get_record(study, "space"), get_record(study, "config")
+    assert space["params"]["lr"]["choices"] == [1e-4, 0.003, 1e30]
+    assert cfg["folds"] == 2 and cfg["max_epochs"] == MAX_EPOCHS
     # optuna-dashboard names the value "mean fold AUC", not "Objective 0"
     assert _load(searched).metric_names == ["mean fold AUC"]
 
@@ -399,6 +403,9 @@ def test_search_on_postgres(_kaggle_master, tmp_path, capsys):
         assert "s3cret-pw" not in out.out + out.err
         study = optuna.load_study(study_name=name, storage=PG_URL)
         assert "s3cret-pw" not in json.dumps(study.user_attrs)
+        # nor in the records kept as system attrs (the config holds the storage URL)
+        sys_attrs = study._storage.get_study_system_attrs(study._study_id)
+        assert "***" in json.dumps(sys_attrs) and "s3cret-pw" not in json.dumps(sys_attrs)
         for f in (tmp_path / "studies").rglob("*"):
             if f.is_file():
                 assert b"s3cret-pw" not in f.read_bytes(), f
