@@ -249,12 +249,11 @@ def full_fit_plan(
     """(models, epochs) of a full-data final model: epochs first (they pay most, measured:
     README, "the final model"), up to ``cap``; when more than one model's ``cap`` fits, the
     time goes to more seeds (up to ``MAX_FULL_MODELS``), each trained for an equal share."""
-    for n in range(MAX_FULL_MODELS, 0, -1):  # n models: n epochs and n predictions per step
+    for n in range(MAX_FULL_MODELS, 1, -1):  # n models: n epochs and n predictions per step
         left = seconds_left - (n - 1) * predict_s * MARGIN
-        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap)
-        if epochs >= cap or n == 1:
-            return n, epochs
-    raise AssertionError("unreachable")
+        if final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap) >= cap:
+            return n, cap
+    return 1, final_epochs(seconds_left, full_fold_epochs(k), pace, predict_s, cap)
 
 
 def pick_final(trials: list[tuple[int, float, float]], tie: float = TIE_AUC) -> int:

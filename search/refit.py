@@ -317,8 +317,7 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
 
 def _search_oof(trial: FrozenTrial, cache: Cache, n: int) -> np.ndarray:
     """The trial's kept fold models' out-of-fold probabilities, or NaN (not kept)."""
-    path = trial.user_attrs.get(MODELS_DIR)
-    saved = saved_models(trial, cache, 0, 0) if path else None
+    saved = saved_models(trial, cache, 0, 0)  # None when not kept (or for other data)
     oof = load_oof(saved) if saved else None
     return oof if oof is not None and len(oof) == n else np.full(n, np.nan, np.float32)
 
