@@ -155,6 +155,7 @@ def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     wall = time.perf_counter() - t0
+    (studies / "console.log").write_text(proc.stdout + proc.stderr)  # why it split as it did
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")

@@ -96,6 +96,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         search_share=args.search_share,
         final_target_epochs=d.final_target_epochs,
         final_max_epochs=d.final_max_epochs,
+        final_seed_epochs=d.final_seed_epochs,
         final_fit=args.final_fit,
         keep_top=args.keep_top,
         cpus_per_trial=pick(args.cpus_per_trial, d.cpus_per_trial),
@@ -459,7 +460,7 @@ def _final_plan(
     pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
     predict_s, cap = deadline.predict_s(pace), cfg.final_max_epochs
     if cfg.final_fit == "full":
-        n, epochs = full_fit_plan(left, cfg.folds, pace, predict_s, cap)
+        n, epochs = full_fit_plan(left, cfg.folds, pace, predict_s, cap, cfg.final_seed_epochs)
         how = f"{n} model(s) on all labelled patches" if n > 1 else "all labelled patches"
     else:
         n, epochs = 0, final_epochs(left, cfg.folds, pace, predict_s, cap)
@@ -511,8 +512,10 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
         return EXIT_BAD_INPUT
     total = time.monotonic() - t_cmd
     test = f", test AUC {res.test_auc:.4f}" if res.test_auc is not None else ""
+    # a full-data model has no held-out part: its estimate is the search's k-fold CV
+    est = "search's CV AUC" if full_models else "OOF AUC"
     console.print(
-        f"refit trial {res.trial}: OOF AUC {res.oof_auc:.4f}{test}; submission "
+        f"refit trial {res.trial}: {est} {res.oof_auc:.4f}{test}; submission "
         f"{res.submission}; {total:.0f} s of the {cfg.budget:.0f} s budget"
     )
     return 0

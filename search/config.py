@@ -52,7 +52,8 @@ class SearchConfig:
     budget: float | None = None  # seconds for search + refit (submission); refit reserved
     search_share: float = SEARCH_SHARE  # --budget: least share the search gets (1: all)
     final_target_epochs: int = C.final_target_epochs  # --budget: the final model's reserve
-    final_max_epochs: int = C.final_max_epochs  # --budget: most epochs of the final model
+    final_max_epochs: int = C.final_max_epochs  # --budget: most epochs of one final model
+    final_seed_epochs: int = C.final_seed_epochs  # --budget: more seeds once each gets this
     final_fit: str = FINAL_FITS[0]  # --budget: "full" (every labelled row) or "folds" (k models)
     tta: int = DEFAULT_TTA  # dihedral test views of the refit that --budget runs
     keep_top: int = DEFAULT_KEEP_TOP  # COMPLETE trials whose fold models stay (0: none)

@@ -240,19 +240,22 @@ def full_fold_epochs(k: int) -> float:
     return k / (k - 1)
 
 
-MAX_FULL_MODELS = 3  # full-data final models (seeds) once one has its cap of epochs
+MAX_FULL_MODELS = 3  # full-data final models (seeds) at the most
 
 
 def full_fit_plan(
-    seconds_left: float, k: int, pace: Pace, predict_s: float, cap: int
+    seconds_left: float, k: int, pace: Pace, predict_s: float, cap: int, seed_epochs: int
 ) -> tuple[int, int]:
-    """(models, epochs) of a full-data final model: epochs first (they pay most, measured:
-    README, "the final model"), up to ``cap``; when more than one model's ``cap`` fits, the
-    time goes to more seeds (up to ``MAX_FULL_MODELS``), each trained for an equal share."""
+    """(models, epochs each) of a full-data final model: the most seeds (up to
+    ``MAX_FULL_MODELS``) of which each still trains ``seed_epochs`` in an equal share of the
+    time, each at most ``cap`` epochs; below two such shares, one model takes all of it.
+    Epochs pay first, then seeds: one model's test AUC stops rising at about
+    ``seed_epochs`` (measured: README, "the final model"), an average of seeds does not."""
     for n in range(MAX_FULL_MODELS, 1, -1):  # n models: n epochs and n predictions per step
         left = seconds_left - (n - 1) * predict_s * MARGIN
-        if final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap) >= cap:
-            return n, cap
+        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap)
+        if epochs >= seed_epochs:
+            return n, epochs
     return 1, final_epochs(seconds_left, full_fold_epochs(k), pace, predict_s, cap)
 
 

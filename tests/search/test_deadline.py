@@ -182,11 +182,26 @@ def test_full_fit_plan_gives_epochs_first_then_more_models():
 
     pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
     # one full-data epoch of k = 3 costs 1.5 fold-epochs: about half of 3 fold models' epoch
-    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=1000)
+    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=1000, seed_epochs=1000)
     assert n == 1 and e == final_epochs(300, 1.5, pace, predict_s=20, cap=1000)
     assert e >= 2 * final_epochs(300, 3, pace, predict_s=20, cap=1000) - 1
-    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=20)  # ~300 epochs fit: 3 x 20
+    n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=20, seed_epochs=20)  # 3 x 20 fit
     assert (n, e) == (MAX_FULL_MODELS, 20)
-    n, e = full_fit_plan(40, 3, pace, predict_s=5, cap=20)  # between one and two caps
+    n, e = full_fit_plan(40, 3, pace, predict_s=5, cap=20, seed_epochs=20)  # 1 < caps < 2
     assert n == 1 and e == 20
-    assert full_fit_plan(5, 3, pace, predict_s=20, cap=20) == (1, 0)
+    assert full_fit_plan(5, 3, pace, predict_s=20, cap=20, seed_epochs=20) == (1, 0)
+
+
+def test_full_fit_plan_shares_the_time_once_each_seed_gets_its_epochs():
+    from search.deadline import full_fit_plan
+
+    pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
+    # ~57 full-data epochs of one model fit (1.5 fold-epochs x REFIT_FACTOR 0.6 x FINAL_MARGIN
+    # 1.05 ~ 0.95 s each); two seeds pay a second prediction, three would get 15 epochs each
+    one = final_epochs(70, 1.5, pace, predict_s=5, cap=1000)
+    n, e = full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=24)
+    assert n == 2 and 24 <= e and 2 * e <= one and 2 * (e + 1) > one - 8  # no time left over
+    # fewer than two shares of seed_epochs: one model takes every epoch that fits
+    assert full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=30) == (1, one)
+    # the cap per model still holds, and an idle remainder is better than a 4th model
+    assert full_fit_plan(1000, 3, pace, predict_s=5, cap=30, seed_epochs=24) == (3, 30)

@@ -289,7 +289,10 @@ def test_search_budget_trains_the_final_model_in_the_rest_and_submits(
     assert chosen.state.name == "COMPLETE"
     assert chosen.value >= studies.best_trial(study).value - TIE_AUC
     assert refit["trained"] and refit["epochs"] > MAX_EPOCHS
-    assert f"for {refit['epochs']} epochs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"for {refit['epochs']} epochs" in out
+    # a full-data final model (the default) has no OOF of its own: the line says whose it is
+    assert refit["full_fit"] >= 1 and "search's CV AUC" in out and "OOF AUC" not in out
     # the search stopped at about half the budget: the final model had the rest
     assert time.monotonic() - t0 > 30
     assert studies.tally(study).get("RUNNING", 0) == 0
