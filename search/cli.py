@@ -53,11 +53,14 @@ from search.attrs import (
 from search.cli_args import parser
 from search.config import SearchConfig, for_device
 from search.deadline import (
+    FULL_FIT_FACTOR,
+    REFIT_FACTOR,
     TIE_AUC,
     Deadline,
     Pace,
     final_epochs,
     full_fit_plan,
+    full_fold_epochs,
     pick_final,
 )
 from search.engine import TrainData
@@ -326,6 +329,7 @@ def run(
         retrain=cfg.keep_top < 1,
         search_share=cfg.search_share,
         final_fold_epochs=_final_fold_epochs(cfg) if cfg.search_share < 1 else 0,
+        final_factor=FULL_FIT_FACTOR if cfg.final_fit == "full" else REFIT_FACTOR,
     )
     tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
     if not study.trials:  # a new study starts from the space's known-good recipes
@@ -340,10 +344,12 @@ def run(
     # deadline having ended the run means interrupted
     interrupted |= tally.finished < tally.target and not deadline.reached
     if deadline.reached and deadline.settled and deadline.starved():
+        target = cfg.final_target_epochs  # k fold models; one full-data model: k-1 times more
+        if cfg.final_fit == "full":
+            target = round(_final_fold_epochs(cfg) / full_fold_epochs(cfg.folds))
         console.print(
             f"[yellow]budget too small to search: the final model needs ~"
-            f"{deadline.final_s():.0f} s for {cfg.final_target_epochs} epochs "
-            f"({cfg.final_fit} fit), "
+            f"{deadline.final_s():.0f} s for {target} epochs ({cfg.final_fit} fit), "
             f"more than {1 - cfg.search_share:.0%} of the budget; the search stopped at its "
             "first COMPLETE trial and the rest trains the final model[/]"
         )

@@ -47,6 +47,11 @@ from search.defaults import SEARCH_SHARE  # noqa: F401  (the least share, define
 # 0.59 and 0.68 in two --budget runs): a refit trains alone with every core, a trial with
 # cpus_per_trial beside other trials.
 REFIT_FACTOR = 0.6
+# The same for a full-data final model, per fold-epoch (one of its epochs is k/(k-1) of them):
+# it has no held-out pass either. Measured 0.40 (embedded, --budget 600, 2 cores: 48 epochs =
+# 72 fold-epochs in 290 s after the best trial's 10.0 s per fold-epoch); sizing it at 0.6
+# over-reserved by 1.7x, ended the search at its first trial and left 180 s unused.
+FULL_FIT_FACTOR = 0.40
 MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
 # The final model's epochs are sized at the measured factor with a smaller margin: it trains
 # alone, so its pace varies little, and every unused second is a lost epoch
@@ -81,6 +86,7 @@ class Deadline:
     budget: float | None = None  # search + refit
     predict_images: int = 0  # test patches x TTA views the refit predicts
     refit_factor: float = REFIT_FACTOR
+    final_factor: float = REFIT_FACTOR  # the final model's (FULL_FIT_FACTOR for a full fit)
     retrain: bool = False  # the refit trains the best params again (else reuses its models)
     search_share: float = 1.0  # with a budget: the least share the search gets
     final_fold_epochs: int = 0  # with a budget: k x the final model's target epochs (0: none)
@@ -161,7 +167,7 @@ class Deadline:
         pace = self.best_pace() or self._typical_pace()
         if pace is None:
             return self.budget
-        train = pace.seconds_per_fold_epoch * self.final_fold_epochs * self.refit_factor
+        train = pace.seconds_per_fold_epoch * self.final_fold_epochs * self.final_factor
         return (train + self.predict_s(pace)) * MARGIN + REFIT_FIXED_S + STOP_S
 
     def _typical_pace(self) -> Pace | None:
@@ -223,13 +229,21 @@ class Deadline:
         return self.guard is None and self.expired(elapsed)
 
 
-def final_epochs(seconds_left: float, folds: float, pace: Pace, predict_s: float, cap: int) -> int:
+def final_epochs(
+    seconds_left: float,
+    folds: float,
+    pace: Pace,
+    predict_s: float,
+    cap: int,
+    factor: float = REFIT_FACTOR,
+) -> int:
     """Epochs of the final model that fit ``seconds_left``, after the test predictions and
     fixed costs, at most ``cap``. ``folds``: fold-epochs one of its epochs costs (k for k
-    fold models; k/(k-1) for one model on every labelled row). No more than the search's own
-    epochs means: reuse the best trial's fold models."""
+    fold models; k/(k-1) for one model on every labelled row); ``factor``: its seconds per
+    fold-epoch over ``pace``'s. No more than the search's own epochs means: reuse the best
+    trial's fold models."""
     train_s = seconds_left - predict_s * MARGIN - REFIT_FIXED_S
-    per_epoch = folds * pace.seconds_per_fold_epoch * REFIT_FACTOR * FINAL_MARGIN
+    per_epoch = folds * pace.seconds_per_fold_epoch * factor * FINAL_MARGIN
     epochs = int(train_s // per_epoch) if per_epoch > 0 else 0
     return max(0, min(epochs, cap))
 
@@ -253,10 +267,12 @@ def full_fit_plan(
     ``seed_epochs`` (measured: README, "the final model"), an average of seeds does not."""
     for n in range(MAX_FULL_MODELS, 1, -1):  # n models: n epochs and n predictions per step
         left = seconds_left - (n - 1) * predict_s * MARGIN
-        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap)
+        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap, FULL_FIT_FACTOR)
         if epochs >= seed_epochs:
             return n, epochs
-    return 1, final_epochs(seconds_left, full_fold_epochs(k), pace, predict_s, cap)
+    return 1, final_epochs(
+        seconds_left, full_fold_epochs(k), pace, predict_s, cap, FULL_FIT_FACTOR
+    )
 
 
 def pick_final(trials: list[tuple[int, float, float]], tie: float = TIE_AUC) -> int:

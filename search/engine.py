@@ -333,8 +333,24 @@ class _Batcher:
         xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
         if aug > 0:
             xb = augment(xb, aug, gen)
-        xb = (xb - self.mean) / self.std
-        return xb.contiguous(memory_format=torch.channels_last)  # a no-op: NHWC already
+        return normalise(xb, self.mean, self.std)
+
+
+def normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, c, c) floats in [0, 1] -> the model's input: standardised, channels_last (a
+    no-op for a permuted NHWC batch). Training, OOF and test predictions all go through it."""
+    return ((xb - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def probabilities(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 sigmoid probabilities of a binary ``model`` on input ``x``, under the
+    device's autocast rule (``_amp_dtype``: bf16 where supported, else fp16, fp32 on CPU).
+    The one inference step: OOF scoring in training and the saved ensemble's test
+    predictions share it, so both see the same numerics."""
+    amp = _amp_dtype(x.device)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        logits = model(x).squeeze(1)
+    return torch.sigmoid(logits.float())
 
 
 def _free_gpu(device: torch.device) -> int:
@@ -435,7 +451,7 @@ class _Fold:
     def score(self, run: _Run, eval_batch: int) -> None:
         """Held-out AUC, loss and accuracy; updates the best epoch and early stopping."""
         p = run.p
-        probs = _predict(self.model, run.batch, self.val_idx, run.dev, run.amp, eval_batch)
+        probs = _predict(self.model, run.batch, self.val_idx, eval_batch)
         if not np.isfinite(probs).all():
             raise TrialDiverged(f"non-finite predictions (fold {self.f})", self.epoch, asdict(p))
         yv = run.labels[self.val_idx]
@@ -612,15 +628,14 @@ def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_s
 
 
 @torch.no_grad()
-def _predict(model, batch: _Batcher, rows: np.ndarray, dev, amp, eval_batch: int) -> np.ndarray:
+def _predict(model, batch: _Batcher, rows: np.ndarray, eval_batch: int) -> np.ndarray:
     """Probabilities for ``rows`` (no augmentation), in chunks of ``eval_batch``."""
     model.eval()
-    out = []
     rows_t = torch.from_numpy(rows)
-    for s in range(0, len(rows), eval_batch):
-        with torch.autocast(dev.type, dtype=amp, enabled=dev.type == "cuda"):
-            logits = model(batch(rows_t[s : s + eval_batch])).squeeze(1)
-        out.append(torch.sigmoid(logits.float()).cpu())
+    out = [
+        probabilities(model, batch(rows_t[s : s + eval_batch])).cpu()
+        for s in range(0, len(rows), eval_batch)
+    ]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 

@@ -17,9 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from search.engine import TrainParams, create_model, crop_batch, resolve_device
+from search.engine import (
+    TrainParams,
+    create_model,
+    crop_batch,
+    normalise,
+    probabilities,
+    resolve_device,
+)
 from search.selection import blend
 
 TTA_CHOICES = (1, 4, 8)
@@ -81,15 +88,10 @@ class Ensemble:
         out = np.empty((len(self.models), len(x)), np.float32)  # (M, N)
         for s in range(0, len(x), batch):
             xb = crop_batch(x[s : s + batch], p.crop).to(self.device, non_blocking=cuda)
-            xb = (xb.permute(0, 3, 1, 2).float().div_(255) - mean) / std
-            views = [
-                v.contiguous(memory_format=torch.channels_last) for v in dihedral_views(xb, tta)
-            ]
+            xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
+            views = [normalise(v, mean, std) for v in dihedral_views(xb, tta)]
             for i, m in enumerate(self.models):
-                acc = torch.zeros(len(xb), device=self.device)
-                for v in views:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                        acc += torch.sigmoid(m(v).squeeze(1).float())
+                acc = sum(probabilities(m, v) for v in views)
                 out[i, s : s + len(xb)] = (acc / len(views)).cpu().numpy()
             if progress is not None:
                 progress(len(xb))
@@ -99,31 +101,50 @@ class Ensemble:
 OOF_FILE = "oof.safetensors"  # out-of-fold probabilities saved beside the fold weights
 
 
-def save_ensemble(
-    folder: Path, states: list[dict], meta: dict, oof: np.ndarray | None = None
-) -> Path:
-    """Write fold weights + ``ensemble.json`` into ``folder`` atomically (temp folder, rename).
+def ensemble_files(states: list[dict], meta: dict, oof: np.ndarray | None = None) -> dict:
+    """The files of a fold ensemble, in memory: ``{name: bytes}`` (fold weights as
+    safetensors, ``oof.safetensors``, ``ensemble.json`` with their hashes), so they can be
+    written here or sent to another node whole (``write_files``).
 
     ``meta`` needs ``params`` (TrainParams dict) and ``norm``; file names, hashes and the
     package version are added. ``oof``: (N,) held-out probabilities of the labelled pool in
-    fold-file order, saved as ``oof.safetensors``. An existing folder is replaced only after
-    the new one is whole.
+    fold-file order.
     """
+    files: dict[str, bytes] = {}
+    folds = []
+    for f, sd in enumerate(states):
+        name = f"fold{f}.safetensors"
+        files[name] = save({k: v.contiguous() for k, v in sd.items()})
+        folds.append({"file": name, "sha256": hashlib.sha256(files[name]).hexdigest()})
+    meta = {**meta, "folds": folds, "version": importlib.metadata.version("pcam-search")}
+    if oof is not None:
+        files[OOF_FILE] = save({"prob": torch.from_numpy(np.asarray(oof, np.float32))})
+        meta["oof"] = {"file": OOF_FILE, "sha256": hashlib.sha256(files[OOF_FILE]).hexdigest()}
+    files["ensemble.json"] = json.dumps(meta, indent=2, default=str).encode()
+    return files
+
+
+def write_files(folder: Path, files: dict) -> Path:
+    """Write ``{name: bytes}`` as ``folder`` atomically: a temp folder, then a rename; an
+    existing folder is replaced only after the new one is whole, so a killed writer leaves
+    no half-written ensemble that loads."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     tmp.mkdir()
-    files = []
-    for f, sd in enumerate(states):
-        name = f"fold{f}.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / name))
-        files.append({"file": name, "sha256": _sha256(tmp / name)})
-    meta = {**meta, "folds": files, "version": importlib.metadata.version("pcam-search")}
-    if oof is not None:
-        save_file({"prob": torch.from_numpy(np.asarray(oof, np.float32))}, str(tmp / OOF_FILE))
-        meta["oof"] = {"file": OOF_FILE, "sha256": _sha256(tmp / OOF_FILE)}
-    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+    for name, data in files.items():
+        if Path(name).name != name:  # only plain names: nothing lands outside the folder
+            raise EnsembleError(f"refusing to write {name!r} into {folder}")
+        (tmp / name).write_bytes(data)
     return _swap_in(tmp, folder)
+
+
+def save_ensemble(
+    folder: Path, states: list[dict], meta: dict, oof: np.ndarray | None = None
+) -> Path:
+    """Write fold weights + ``ensemble.json`` (+ ``oof.safetensors``) into ``folder``
+    atomically: ``ensemble_files`` then ``write_files``."""
+    return write_files(folder, ensemble_files(states, meta, oof))
 
 
 def _swap_in(tmp: Path, folder: Path) -> Path:

@@ -34,7 +34,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ from search.attrs import (
 )
 from search.deadline import Deadline
 from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
-from search.ensemble import save_ensemble
+from search.ensemble import ensemble_files, write_files
 from search.progress import Tally
 
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
@@ -88,6 +88,8 @@ class TrialSettings:
     race_epochs: int = 3  # fold racing: fold 0 alone for this many epochs (0: lockstep)
     models_dir: str | None = None  # COMPLETE trials save their fold models + OOF here
     model_meta: dict | None = None  # saved with them: dataset fingerprint, folds file, ...
+    # run_trials sets it: the actor that writes them on the driver's node (see ModelSink)
+    sink: object | None = None
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,41 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         tune.report(last)
 
 
+class ModelSink:
+    """Writes the kept fold models under ``models_dir`` on the driver's node (a Ray actor).
+
+    A trial may run on any node of a cluster; its files travel to this actor whole, as bytes
+    through Ray's object store, and are written atomically where the driver (and pcam-refit)
+    reads them. So the models folder needs no filesystem shared by the nodes: Ray >= 2.7 no
+    longer syncs trial folders to the head node (checkpoints need NFS or cloud storage), and
+    Optuna's artifact store needs a store every worker can reach (a file store on the driver's
+    disk is not). The study database gets only the folder's path.
+    """
+
+    def __init__(self, models_dir: str) -> None:
+        self.models_dir = Path(models_dir)
+
+    def put(self, trial_id: str, files: dict) -> str:
+        """Write one trial's ``{name: bytes}`` as ``models_dir/<trial_id>``; its path."""
+        if Path(trial_id).name != trial_id:
+            raise ValueError(f"bad trial id {trial_id!r}")
+        return str(write_files(self.models_dir / trial_id, files))
+
+
+def start_sink(models_dir: str):
+    """A ``ModelSink`` actor pinned to this (the driver's) node, using no CPU."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    actor = ray.remote(num_cpus=0)(ModelSink)
+    return actor.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)
+    ).remote(models_dir)
+
+
 def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> str:
-    """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>``."""
+    """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>`` on
+    the driver's node (through ``settings.sink``; written here when there is none)."""
     p = TrainParams.from_dict(config)
     norm = models.data_config(create_model(p), p.arch)
     meta = {
@@ -165,9 +200,10 @@ def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> s
         "device": res.device,
         "ray_trial_id": trial_id,
     }
-    folder = Path(settings.models_dir) / trial_id
-    save_ensemble(folder, res.states, meta, oof=res.oof_best if p.restore_best else res.oof)
-    return str(folder)
+    files = ensemble_files(res.states, meta, oof=res.oof_best if p.restore_best else res.oof)
+    if settings.sink is None:
+        return str(write_files(Path(settings.models_dir) / trial_id, files))
+    return ray.get(settings.sink.put.remote(trial_id, files))
 
 
 def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
@@ -609,6 +645,10 @@ def run_trials(
         )
     else:
         scheduler = FIFOScheduler()
+    sink = None
+    if settings.models_dir is not None:  # kept models are written on this node, by the sink
+        sink = start_sink(str(Path(settings.models_dir).resolve()))
+        settings = replace(settings, sink=sink)
     trainable = tune.with_resources(
         tune.with_parameters(trainable, data=data, folds=folds, settings=settings),
         {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
@@ -636,6 +676,8 @@ def run_trials(
     try:
         tuner.fit()
     finally:
+        if sink is not None:  # every trial has ended: no write is in flight
+            ray.kill(sink)
         searcher.close_open_trials(
             "the run reached its deadline before the trial finished"
             if deadline.active and deadline.expired(time.monotonic() - t0)

@@ -376,42 +376,29 @@ def open_setup(cfg: RefitConfig) -> Setup:
     return Setup(study, search_cfg, cache, data, fold, k, where, differs)
 
 
-def refit(cfg: RefitConfig, console: Console) -> RefitResult:
-    """Reuse (or retrain), save, predict, write and record (see the module docstring)."""
-    t0 = time.perf_counter()
-    check_outputs_writable(cfg)
-    su = open_setup(cfg)
-    study, search_cfg, cache, data, folds, k = (
-        su.study,
-        su.search_cfg,
-        su.cache,
-        su.data,
-        su.folds,
-        su.k,
-    )
-    trial = pick_trial(study, cfg.trial)
-    params = trial_params(study, trial)
-    search_epochs = int(search_cfg.get("max_epochs", 1))
+@dataclass
+class _Plan:
+    """Step 1 of a refit: which trial, with what params and epochs, written where."""
+
+    trial: FrozenTrial
+    params: dict
+    epochs: int
+    search_epochs: int
+    out_dir: Path
+    sub_path: Path
+    meta: dict  # saved with the ensemble
+
+
+def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
+    """Pick the trial and its output paths; refuse an existing submission before any work."""
+    trial = pick_trial(su.study, cfg.trial)
+    params = trial_params(su.study, trial)
+    search_epochs = int(su.search_cfg.get("max_epochs", 1))
     epochs = cfg.epochs or search_epochs
     out_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
     sub_path = cfg.out or out_dir / "submission.csv"
     if sub_path.exists() and not cfg.force:  # before any work: never a half-replaced folder
         raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
-    full = cfg.full_models > 0
-    saved = None if cfg.retrain or full else saved_models(trial, cache, epochs, search_epochs)
-    how = (
-        f"{cfg.full_models} model(s) trained on all {len(data.labels)} labelled patches x "
-        f"{epochs} epochs (CV estimate: the search's {k} folds)"
-        if full
-        else "its own fold models from the search, no training"
-        if saved
-        else f"retrained: {k} folds x {epochs} epochs"
-        + ("" if cfg.retrain else " (the search kept no fold models for it)")
-    )
-    console.print(
-        f"refit trial {trial.number} of study {cfg.study!r} (search mean AUC "
-        f"{trial.value:.4f}): {how}, TTA x{cfg.tta}"
-    )
     p = TrainParams.from_dict(params)
     norm = models.data_config(create_model(p), p.arch)
     meta = {
@@ -422,98 +409,162 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
         "crop": p.crop,
         "epochs": epochs,
-        "k": k,
+        "k": su.k,
         "folds_file": su.folds_file,
-        "dataset_fingerprint": cache.fingerprint,
+        "dataset_fingerprint": su.cache.fingerprint,
     }
-    if full:
-        oof = _search_oof(trial, cache, len(data.labels))
-        fm = _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof)
-    elif saved:
-        fm = _reuse(saved, out_dir, trial.number)
-    else:
-        fm = _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta)
-    t_train = time.perf_counter() - t0
-    ens_dir = fm.ens_dir
+    return _Plan(trial, params, epochs, search_epochs, out_dir, sub_path, meta)
 
+
+def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldModels:
+    """Step 2: the models to submit: full-data models trained now, the search's own fold
+    models (no training), or fold models trained again; saved under the refit folder."""
+    full = cfg.full_models > 0
+    saved = None
+    if not (cfg.retrain or full):
+        saved = saved_models(pl.trial, su.cache, pl.epochs, pl.search_epochs)
+    how = (
+        f"{cfg.full_models} model(s) trained on all {len(su.data.labels)} labelled patches x "
+        f"{pl.epochs} epochs (CV estimate: the search's {su.k} folds)"
+        if full
+        else "its own fold models from the search, no training"
+        if saved
+        else f"retrained: {su.k} folds x {pl.epochs} epochs"
+        + ("" if cfg.retrain else " (the search kept no fold models for it)")
+    )
+    console.print(
+        f"refit trial {pl.trial.number} of study {cfg.study!r} (search mean AUC "
+        f"{pl.trial.value:.4f}): {how}, TTA x{cfg.tta}"
+    )
+    args = (cfg, pl.params, su.data)
+    if full:
+        oof = _search_oof(pl.trial, su.cache, len(su.data.labels))
+        return _full_fit(*args, pl.epochs, su.search_cfg, pl.out_dir, pl.meta, oof)
+    if saved:
+        return _reuse(saved, pl.out_dir, pl.trial.number)
+    return _retrain(*args, su.folds, pl.epochs, su.k, su.search_cfg, pl.out_dir, pl.meta)
+
+
+@dataclass
+class _OOF:
+    auc: float
+    auc_folds: list[float]
+    auc_best: float | None  # at each fold's best epoch (restore_best / patience)
+    csv: Path | None
+
+
+def _score_oof(su: Setup, pl: _Plan, fm: _FoldModels) -> _OOF:
+    """Step 3: out-of-fold AUC of the models (the search's CV for full-data models, which
+    hold nothing out) and ``oof.csv`` beside them."""
+    y, folds, k = su.data.labels, su.folds, su.k
     oof = fm.oof_final
     if np.isnan(oof).all():  # full-data models whose trial kept no fold models
-        oof_auc = float(trial.value)
-        oof_folds = [float(a) for a in trial.user_attrs.get(AUC_FOLDS, [])]
+        auc = float(pl.trial.value)
+        auc_folds = [float(a) for a in pl.trial.user_attrs.get(AUC_FOLDS, [])]
     else:
-        oof_auc = _auc(data.labels, oof)
-        oof_folds = [_auc(data.labels[folds == f], oof[folds == f]) for f in range(k)]
+        auc = _auc(y, oof)
+        auc_folds = [_auc(y[folds == f], oof[folds == f]) for f in range(k)]
     # With early stopping / restore_best the kept weights are each fold's best epoch, chosen on
     # that same held-out fold: an optimistic OOF. Report it beside the final-epoch OOF.
-    oof_best_auc = _auc(data.labels, fm.oof_best) if fm.oof_best is not None else None
-    saved = fm.oof  # predictions of the weights that were saved
-    oof_csv = None
-    if np.isfinite(saved).all():  # full-data models of an unkept trial: no OOF to write
-        oof_df = pd.DataFrame({"id": data.ids, "label": data.labels, "fold": folds, "prob": saved})
-        oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
+    best = _auc(y, fm.oof_best) if fm.oof_best is not None else None
+    csv = None
+    if np.isfinite(fm.oof).all():  # full-data models of an unkept trial: no OOF to write
+        df = pd.DataFrame({"id": su.data.ids, "label": y, "fold": folds, "prob": fm.oof})
+        csv = write_csv_atomic(df, pl.out_dir / "oof.csv", force=True)
+    return _OOF(auc, auc_folds, best, csv)
 
-    # ---- test predictions with TTA -> submission
-    t1 = time.perf_counter()
-    ens = load_ensemble(ens_dir, cfg.device)  # what pcam-predict loads: test the saved files
-    rows, probs = predict_test(ens, cache, cfg.tta, cfg.progress)
-    t_pred = time.perf_counter() - t1
-    submission, test_auc, test_auc_folds, gap = None, None, None, None
+
+@dataclass
+class _Test:
+    submission: Path | None = None
+    auc: float | None = None
+    auc_folds: list[float] | None = None  # each saved model alone, one view
+    gap: float | None = None  # validation - test of the same models (fold models only)
+    seconds: float = 0.0
+
+
+def _predict(cfg: RefitConfig, su: Setup, pl: _Plan, fm: _FoldModels) -> _Test:
+    """Step 4: the saved ensemble (loaded as pcam-predict loads it) on the test set with TTA
+    -> ``submission.csv``; with test labels, its AUC and the like-for-like gap."""
+    t0 = time.perf_counter()
+    ens = load_ensemble(fm.ens_dir, cfg.device)  # what pcam-predict loads: test the saved files
+    rows, probs = predict_test(ens, su.cache, cfg.tta, cfg.progress)
+    out = _Test()
     if len(rows):
-        sub = submission_frame(cache, probs, rows)
-        submission = write_csv_atomic(sub, sub_path, cfg.force)
-        y_test = cache.index["label"].to_numpy()[rows]
+        sub = submission_frame(su.cache, probs, rows)
+        out.submission = write_csv_atomic(sub, pl.sub_path, cfg.force)
+        y_test = su.cache.index["label"].to_numpy()[rows]
         if (y_test >= 0).all():
-            test_auc = _auc(y_test, probs)
+            out.auc = _auc(y_test, probs)
             # The ensemble + TTA score is not comparable with OOF, which is one model on one
             # view: score each fold model alone, untransformed, for the like-for-like gap.
-            single = ens.predict(pool_images(cache, rows), tta=1, per_model=True)
-            test_auc_folds = [_auc(y_test, pm) for pm in single]
+            single = ens.predict(pool_images(su.cache, rows), tta=1, per_model=True)
+            out.auc_folds = [_auc(y_test, pm) for pm in single]
             if not fm.full:  # full-data models have no held-out part to compare with
-                # held-out AUC of the saved weights (best epoch with restore_best)
-                saved_folds = [_auc(data.labels[folds == f], saved[folds == f]) for f in range(k)]
-                gap = float(np.mean(saved_folds) - np.mean(test_auc_folds))
+                y, folds = su.data.labels, su.folds
+                held = [_auc(y[folds == f], fm.oof[folds == f]) for f in range(su.k)]
+                out.gap = float(np.mean(held) - np.mean(out.auc_folds))
+    out.seconds = time.perf_counter() - t0
+    return out
 
-    result = RefitResult(
-        trial=trial.number,
-        params=params,
-        oof_auc=oof_auc,
-        oof_auc_folds=oof_folds,
-        oof_auc_best=oof_best_auc,
-        best_epochs=fm.best_epochs,
-        test_auc=test_auc,
-        test_auc_folds=test_auc_folds,
-        validation_gap=gap,
-        ensemble_dir=ens_dir,
-        oof_csv=oof_csv,
-        submission=submission,
-        seconds={"train": round(t_train, 1), "predict": round(t_pred, 1)},
-        layout=cache.meta.get("layout"),
-    )
+
+def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> None:
+    """Step 5: ``refit.json`` beside the models, and the study's ``refit`` attr."""
     record = {
-        "trial": trial.number,
-        "epochs": epochs,
+        "trial": res.trial,
+        "epochs": pl.epochs,
         "tta": cfg.tta,
-        "oof_auc": oof_auc,
-        "oof_auc_folds": oof_folds,
-        "oof_auc_best_epochs": oof_best_auc,
+        "oof_auc": res.oof_auc,
+        "oof_auc_folds": res.oof_auc_folds,
+        "oof_auc_best_epochs": res.oof_auc_best,
         "best_epochs": fm.best_epochs,
         "trained": fm.trained,
         # full-data models: oof_auc is the search's k-fold estimate of these params (at its
         # epochs), not of these models, which saw every labelled patch
         "full_fit": cfg.full_models if fm.full else 0,
-        "test_auc": test_auc,
-        "test_auc_folds": test_auc_folds,
-        "validation_minus_test": result.validation_gap,
-        "search_auc": trial.value,
-        "dataset_fingerprint": cache.fingerprint,
+        "test_auc": res.test_auc,
+        "test_auc_folds": res.test_auc_folds,
+        "validation_minus_test": res.validation_gap,
+        "search_auc": pl.trial.value,
+        "dataset_fingerprint": su.cache.fingerprint,
         "other_data": su.other_data,
-        "layout": cache.meta.get("layout"),
-        "ensemble": str(ens_dir),
-        "oof_csv": str(oof_csv) if oof_csv else None,
-        "submission": str(submission) if submission else None,
-        "seconds": result.seconds,
+        "layout": res.layout,
+        "ensemble": str(res.ensemble_dir),
+        "oof_csv": str(res.oof_csv) if res.oof_csv else None,
+        "submission": str(res.submission) if res.submission else None,
+        "seconds": res.seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
-    set_refit(study, json.loads(json.dumps(record)), out_dir / "refit.json")
+    (pl.out_dir / "refit.json").write_text(json.dumps(record, indent=2))
+    set_refit(su.study, json.loads(json.dumps(record)), pl.out_dir / "refit.json")
+
+
+def refit(cfg: RefitConfig, console: Console) -> RefitResult:
+    """Plan, get the models (reuse, retrain or full fit), score OOF, predict, record (see
+    the module docstring)."""
+    t0 = time.perf_counter()
+    check_outputs_writable(cfg)
+    su = open_setup(cfg)
+    pl = _plan(cfg, su)
+    fm = _models(cfg, su, pl, console)
+    t_train = time.perf_counter() - t0
+    oof = _score_oof(su, pl, fm)
+    test = _predict(cfg, su, pl, fm)
+    result = RefitResult(
+        trial=pl.trial.number,
+        params=pl.params,
+        oof_auc=oof.auc,
+        oof_auc_folds=oof.auc_folds,
+        oof_auc_best=oof.auc_best,
+        best_epochs=fm.best_epochs,
+        test_auc=test.auc,
+        test_auc_folds=test.auc_folds,
+        validation_gap=test.gap,
+        ensemble_dir=fm.ens_dir,
+        oof_csv=oof.csv,
+        submission=test.submission,
+        seconds={"train": round(t_train, 1), "predict": round(test.seconds, 1)},
+        layout=su.cache.meta.get("layout"),
+    )
+    _record(cfg, su, pl, fm, result)
     return result

@@ -4,6 +4,7 @@ import pytest
 
 from search.deadline import (
     FINAL_MARGIN,
+    FULL_FIT_FACTOR,
     MARGIN,
     PREDICT_COST,
     REFIT_FACTOR,
@@ -117,6 +118,11 @@ def test_deadline_budget_reserves_the_final_models_target_epochs_at_the_pace():
     # a slow machine: the reserve is capped so the search keeps its least share
     d.observe("t", seconds=100, fold_epochs=10, images_per_s=1e9)
     assert d.end() == pytest.approx(600 * 0.25)
+    # a full-data final model trains faster per fold-epoch (no held-out pass): less reserved
+    full = replace(d, final_factor=FULL_FIT_FACTOR)
+    full.observe("t", seconds=10, fold_epochs=10, images_per_s=1e9)
+    want = 72 * FULL_FIT_FACTOR * MARGIN + REFIT_FIXED_S + STOP_S
+    assert full.final_s() == pytest.approx(want, rel=1e-6) and want < final
     # share 1: no final model, only the refit's own time is reserved
     assert replace(d, search_share=1.0, final_fold_epochs=0).end() == pytest.approx(
         600 - d.refit_s()
@@ -183,8 +189,8 @@ def test_full_fit_plan_gives_epochs_first_then_more_models():
     pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
     # one full-data epoch of k = 3 costs 1.5 fold-epochs: about half of 3 fold models' epoch
     n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=1000, seed_epochs=1000)
-    assert n == 1 and e == final_epochs(300, 1.5, pace, predict_s=20, cap=1000)
-    assert e >= 2 * final_epochs(300, 3, pace, predict_s=20, cap=1000) - 1
+    assert n == 1 and e == final_epochs(300, 1.5, pace, 20, cap=1000, factor=FULL_FIT_FACTOR)
+    assert e >= 2 * final_epochs(300, 3, pace, 20, cap=1000, factor=FULL_FIT_FACTOR) - 1
     n, e = full_fit_plan(300, 3, pace, predict_s=20, cap=20, seed_epochs=20)  # 3 x 20 fit
     assert (n, e) == (MAX_FULL_MODELS, 20)
     n, e = full_fit_plan(40, 3, pace, predict_s=5, cap=20, seed_epochs=20)  # 1 < caps < 2
@@ -196,12 +202,13 @@ def test_full_fit_plan_shares_the_time_once_each_seed_gets_its_epochs():
     from search.deadline import full_fit_plan
 
     pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
-    # ~57 full-data epochs of one model fit (1.5 fold-epochs x REFIT_FACTOR 0.6 x FINAL_MARGIN
-    # 1.05 ~ 0.95 s each); two seeds pay a second prediction, three would get 15 epochs each
-    one = final_epochs(70, 1.5, pace, predict_s=5, cap=1000)
+    # ~86 full-data epochs of one model fit (1.5 fold-epochs x FULL_FIT_FACTOR 0.4 x
+    # FINAL_MARGIN 1.05 ~ 0.63 s each); two seeds pay a second prediction (~9 epochs' time),
+    # three would get 22 epochs each
+    one = final_epochs(70, 1.5, pace, predict_s=5, cap=1000, factor=FULL_FIT_FACTOR)
     n, e = full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=24)
-    assert n == 2 and e >= 24 and 2 * e <= one and 2 * (e + 1) > one - 8  # no time left over
+    assert n == 2 and e >= 24 and 2 * e <= one < 2 * (e + 1) + 10  # no time left over
     # fewer than two shares of seed_epochs: one model takes every epoch that fits
-    assert full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=30) == (1, one)
+    assert full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=e + 1) == (1, one)
     # the cap per model still holds, and an idle remainder is better than a 4th model
     assert full_fit_plan(1000, 3, pace, predict_s=5, cap=30, seed_epochs=24) == (3, 30)

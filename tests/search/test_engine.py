@@ -224,3 +224,29 @@ def test_train_cv_same_result_from_the_mapped_pool_and_from_ram(embedded):
     a = train_cv(TINY, mapped, folds[rows], epochs=1, threads=1)
     b = train_cv(TINY, in_ram, folds[rows], epochs=1, threads=1)
     assert a.final["auc_folds"] == b.final["auc_folds"]
+
+
+def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
+    # one inference path: the ensemble's one-view test prediction of fold model f on fold f's
+    # held-out rows is the OOF that training scored (crop, normalisation, autocast shared)
+    import torch
+
+    import models
+    from search.ensemble import Ensemble
+
+    data, folds = _small(embedded)
+    r = train_cv(TINY, data, folds, epochs=1, keep_states=True, keep_oof=True, threads=2)
+    p = TrainParams.from_dict(TINY)
+    ms = []
+    for sd in r.states:
+        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
+        m.load_state_dict(sd)
+        ms.append(m.eval())
+    norm = models.data_config(ms[0], p.arch)
+    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
+    per_model = Ensemble(ms, meta, torch.device("cpu")).predict(
+        data.images, tta=1, batch=40, per_model=True
+    )
+    for f in range(len(ms)):
+        held = folds == f
+        np.testing.assert_allclose(per_model[f][held], r.oof[held], atol=1e-5)

@@ -25,10 +25,11 @@ import torch
 from optuna.trial import TrialState
 
 from search import study as studies
-from search.attrs import get_record
+from search.attrs import MODELS_DIR, get_record
 from search.cli import main
 from search.config import CPU_DEFAULTS
 from search.deadline import TIE_AUC
+from search.ensemble import load_ensemble
 
 # lr 1e30 makes the loss NaN in the first epoch: those trials must end FAIL, not kill the search
 SPACE = """
@@ -530,6 +531,12 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         assert len(gone) == 1 and node_id in gone[0] and "not readable on" in gone[0], gone
         ran_on = {t.user_attrs.get("node") for t in study.trials}
         assert ran_on and all(cpus.get(n) == 2 for n in ran_on), (ran_on, cpus)
+        # ... and their kept fold models are whole on the driver's disk: the trials send the
+        # bytes to the model sink on the driver's node (no shared filesystem assumed)
+        kept = [t.user_attrs[MODELS_DIR] for t in study.trials if t.user_attrs.get(MODELS_DIR)]
+        home = (tmp_path / "studies" / "pcam" / "models").resolve()
+        assert kept and all(Path(d).resolve().parent == home for d in kept)
+        assert all(load_ensemble(d, "cpu").models for d in kept)
         # without --address (or RAY_ADDRESS) a search starts its own Ray, even with a
         # `ray start` cluster running on the machine
         args = _args(tmp_path, _kaggle_master, 2, "--study", "alone", "--max-epochs", "1")
