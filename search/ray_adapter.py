@@ -646,7 +646,10 @@ def run_trials(
     else:
         scheduler = FIFOScheduler()
     sink = None
-    if settings.models_dir is not None:  # kept models are written on this node, by the sink
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if settings.models_dir is not None and len(alive) > 1:
+        # a cluster: kept models reach this node's disk through the sink; on one node the
+        # trials write them directly (an actor's start would delay the first trials ~seconds)
         sink = start_sink(str(Path(settings.models_dir).resolve()))
         settings = replace(settings, sink=sink)
     trainable = tune.with_resources(

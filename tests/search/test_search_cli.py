@@ -264,7 +264,9 @@ def test_search_ctrl_c_closes_running_trials(_kaggle_master, tmp_path):
 def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
     # --timeout ends the run with exit 0: trials that could not finish are not started (the run
     # says so), none is left RUNNING, and cut-off ones do not count toward --trials
-    assert main(_args(tmp_path, _kaggle_master, 200, "--timeout", "8")) == 0
+    # 20 s: enough for Ray's first workers to start and finish a trial on a loaded 2-core
+    # machine (8 s was, until one CI host's workers took longer to start)
+    assert main(_args(tmp_path, _kaggle_master, 200, "--timeout", "20")) == 0
     out = capsys.readouterr().out
     assert "deadline reached" in out
     study = _load(tmp_path)
