@@ -445,10 +445,10 @@ def _final_fold_epochs(cfg: SearchConfig) -> int:
 def _final_plan(
     cfg: SearchConfig, study: optuna.Study, t_cmd: float, deadline: Deadline, console: Console
 ) -> tuple[int | None, int, int]:
-    """--budget: (trial, epochs, full-data models) of the final model: the fastest trial
-    within ``TIE_AUC`` of the best, trained for as many epochs as fit what is left (on every
-    labelled row, or on each fold: 0 full-data models); (None, 0, 0) = the best trial's own
-    fold models. Said on the console."""
+    """--budget: (trial, epochs, full-data models) of the final model: the best trial, or the
+    fastest within ``TIE_AUC`` of it when that trains more epochs in what is left, trained
+    for as many epochs as fit (on every labelled row, or on each fold: 0 full-data models);
+    (None, 0, 0) = the best trial's own fold models. Said on the console."""
     best = deadline.best_pace()
     left = cfg.budget - (time.monotonic() - t_cmd)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
@@ -459,18 +459,30 @@ def _final_plan(
     ]
     if best is None or cfg.search_share >= 1 or not paced:
         return None, 0, 0
-    number = pick_final(paced)
     top = max(paced, key=lambda t: t[1])
-    chosen = next(t for t in paced if t[0] == number)
-    ratio = chosen[2] / top[2]  # its pace against the best trial's
-    pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
-    predict_s, cap = deadline.predict_s(pace), cfg.final_max_epochs
+
+    def plan(trial: tuple) -> tuple[int, int, float]:
+        """(full-data models, epochs, pace ratio to the best) of ``trial``'s final model."""
+        ratio = trial[2] / top[2]  # its pace against the best trial's
+        pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
+        predict_s, cap = deadline.predict_s(pace), cfg.final_max_epochs
+        if cfg.final_fit == "full":
+            n, e = full_fit_plan(left, cfg.folds, pace, predict_s, cap, cfg.final_seed_epochs)
+            return n, e, ratio
+        return 0, final_epochs(left, cfg.folds, pace, predict_s, cap), ratio
+
+    chosen, (n, epochs, ratio) = top, plan(top)
+    fast = next(t for t in paced if t[0] == pick_final(paced))
+    if fast is not top:
+        # a tie within fold noise goes to the faster trial only if its speed buys training:
+        # once the best's plan is at the epoch cap, it buys nothing
+        alt = plan(fast)
+        if max(alt[0], 1) * alt[1] > max(n, 1) * epochs:
+            chosen, (n, epochs, ratio) = fast, alt
+    number = chosen[0]
+    how = f"{cfg.folds} folds"
     if cfg.final_fit == "full":
-        n, epochs = full_fit_plan(left, cfg.folds, pace, predict_s, cap, cfg.final_seed_epochs)
         how = f"{n} model(s) on all labelled patches" if n > 1 else "all labelled patches"
-    else:
-        n, epochs = 0, final_epochs(left, cfg.folds, pace, predict_s, cap)
-        how = f"{cfg.folds} folds"
     if epochs <= cfg.max_epochs:
         console.print(
             f"{left:.0f} s left: no more than the search's {cfg.max_epochs} epochs fit; "

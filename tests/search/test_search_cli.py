@@ -668,3 +668,57 @@ def test_search_resume_takes_unset_frozen_settings_from_the_study(
     study = _load(tmp_path)
     assert studies.count_finished(study) == 2
     assert get_record(study, "config")["max_epochs"] == MAX_EPOCHS
+
+
+def _paced_study(trials: list[tuple[float, float]]) -> optuna.Study:
+    """An in-memory study of COMPLETE trials: (value, seconds per fold-epoch) each, 12
+    fold-epochs trained."""
+    import datetime as dt
+
+    from optuna.distributions import FloatDistribution
+
+    study = optuna.create_study(direction="maximize")
+    t0 = dt.datetime(2026, 1, 1)
+    for value, pace in trials:  # a template trial keeps its times: 12 x pace seconds
+        study.add_trial(
+            optuna.trial.FrozenTrial(
+                number=0,
+                trial_id=0,
+                state=TrialState.COMPLETE,
+                value=value,
+                datetime_start=t0,
+                datetime_complete=t0 + dt.timedelta(seconds=12 * pace),
+                params={"lr": 1e-3},
+                distributions={"lr": FloatDistribution(1e-5, 1e-1, log=True)},
+                user_attrs={"fold_epochs": 12},
+                system_attrs={},
+                intermediate_values={},
+            )
+        )
+    return study
+
+
+@pytest.mark.parametrize(
+    ("left", "want"),
+    [(25, 1), (200, 0)],  # little time: the 2x faster tie trains more epochs; a lot: both cap
+)
+def test_final_plan_gives_a_tie_to_the_faster_trial_only_when_it_buys_epochs(left, want):
+    import io
+
+    from rich.console import Console
+
+    from search.cli import _final_plan
+    from search.config import SearchConfig
+    from search.deadline import Deadline
+
+    study = _paced_study([(0.900, 1.0), (0.900 - TIE_AUC / 2, 0.5)])  # trial 1: a tie, 2x fast
+    deadline = Deadline(full_fold_epochs=12, budget=600, search_share=0.25, final_fold_epochs=72)
+    deadline.observe("best", seconds=12, fold_epochs=12, images_per_s=1e9)
+    deadline.best = "best"
+    cfg = SearchConfig(budget=left, max_epochs=4)
+    number, epochs, models = _final_plan(
+        cfg, study, time.monotonic(), deadline, Console(file=io.StringIO())
+    )
+    assert number == want and epochs > 4 and models >= 1
+    if want == 0:  # the best trial's plan already reaches the cap: speed buys nothing
+        assert epochs == cfg.final_max_epochs
