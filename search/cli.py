@@ -560,9 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_args(parser().parse_args(argv), argv)
 
 
-def run_args(args: argparse.Namespace, argv: list[str]) -> int:
-    """Run the search the parsed command line asks for; the exit code."""
-    t_cmd = time.monotonic()
+def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = None) -> int:
+    """Run the search the parsed command line asks for; the exit code. ``t_cmd``:
+    ``time.monotonic()`` when the command started (default: now)."""
+    t_cmd = time.monotonic() if t_cmd is None else t_cmd
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
     out = Console(soft_wrap=True)

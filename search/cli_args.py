@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from data_pipeline.version import add_version, help_text
@@ -201,13 +202,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``pcam-search`` entry point: parse (fast), then run the search."""
+    t_cmd = time.monotonic()  # --budget counts from here: the imports below are in it
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     # the imports and Ray's start take ~20 s on 2 cores: say what is happening meanwhile
     print("pcam-search: loading torch, Ray and Optuna ...", file=sys.stderr, flush=True)
     from search.cli import run_args  # torch, Ray, Optuna: only for a command that will run
 
-    return run_args(args, argv)
+    return run_args(args, argv, t_cmd)
 
 
 if __name__ == "__main__":

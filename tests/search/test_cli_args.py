@@ -80,3 +80,24 @@ def test_search_cli_args_says_what_is_starting_before_the_slow_imports(tmp_path)
     lines = r.stderr.splitlines()
     assert lines[0].startswith("pcam-search: loading torch"), r.stderr
     assert str(not_db) in r.stderr  # the storage is checked before Ray starts
+
+
+def test_search_budget_clock_includes_the_heavy_imports():
+    # --budget S is S seconds of the command: its clock starts before torch, Ray and Optuna
+    # are imported (~20 s on 2 cores), not after them
+    probe = """
+import sys, time
+import search.cli_args as ca
+t_before = time.monotonic()
+seen = {}
+def fake(args, argv, t_cmd=None):
+    seen["t"] = t_cmd
+    seen["heavy"] = "torch" in sys.modules
+    return 0
+import types
+sys.modules["search.cli"] = types.SimpleNamespace(run_args=fake)
+ca.main(["--budget", "60"])
+print("OK", seen["t"] is not None and t_before <= seen["t"] < time.monotonic())
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert "OK True" in out.stdout, out.stdout + out.stderr
