@@ -202,9 +202,9 @@ def test_full_fit_plan_shares_the_time_once_each_seed_gets_its_epochs():
     from search.deadline import full_fit_plan
 
     pace = Pace(seconds_per_fold_epoch=1.0, images_per_s=1000.0)
-    # ~86 full-data epochs of one model fit (1.5 fold-epochs x FULL_FIT_FACTOR 0.4 x
-    # FINAL_MARGIN 1.05 ~ 0.63 s each); two seeds pay a second prediction (~9 epochs' time),
-    # three would get 22 epochs each
+    # ~68 full-data epochs of one model fit (1.5 fold-epochs x FULL_FIT_FACTOR 0.5 x
+    # FINAL_MARGIN 1.05 ~ 0.79 s each); two seeds pay a second prediction (~7 epochs' time)
+    # and get 30 each, three would get 18 each
     one = final_epochs(70, 1.5, pace, predict_s=5, cap=1000, factor=FULL_FIT_FACTOR)
     n, e = full_fit_plan(70, 3, pace, predict_s=5, cap=1000, seed_epochs=24)
     assert n == 2 and e >= 24 and 2 * e <= one < 2 * (e + 1) + 10  # no time left over
