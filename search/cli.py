@@ -465,11 +465,12 @@ def _final_plan(
         """(full-data models, epochs, pace ratio to the best) of ``trial``'s final model."""
         ratio = trial[2] / top[2]  # its pace against the best trial's
         pace = Pace(best.seconds_per_fold_epoch * ratio, best.images_per_s / ratio)
-        predict_s, cap = deadline.predict_s(pace), cfg.final_max_epochs
+        # the factor the reserve was sized with (Deadline.final_factor), defined once
+        predict_s, cap, f = deadline.predict_s(pace), cfg.final_max_epochs, deadline.final_factor
         if cfg.final_fit == "full":
-            n, e = full_fit_plan(left, cfg.folds, pace, predict_s, cap, cfg.final_seed_epochs)
-            return n, e, ratio
-        return 0, final_epochs(left, cfg.folds, pace, predict_s, cap), ratio
+            seeds = cfg.final_seed_epochs
+            return (*full_fit_plan(left, cfg.folds, pace, predict_s, cap, seeds, f), ratio)
+        return 0, final_epochs(left, cfg.folds, pace, predict_s, cap, f), ratio
 
     chosen, (n, epochs, ratio) = top, plan(top)
     fast = next(t for t in paced if t[0] == pick_final(paced))

@@ -259,7 +259,13 @@ MAX_FULL_MODELS = 3  # full-data final models (seeds) at the most
 
 
 def full_fit_plan(
-    seconds_left: float, k: int, pace: Pace, predict_s: float, cap: int, seed_epochs: int
+    seconds_left: float,
+    k: int,
+    pace: Pace,
+    predict_s: float,
+    cap: int,
+    seed_epochs: int,
+    factor: float = FULL_FIT_FACTOR,
 ) -> tuple[int, int]:
     """(models, epochs each) of a full-data final model: the most seeds (up to
     ``MAX_FULL_MODELS``) of which each still trains ``seed_epochs`` in an equal share of the
@@ -268,12 +274,10 @@ def full_fit_plan(
     ``seed_epochs`` (measured: README, "the final model"), an average of seeds does not."""
     for n in range(MAX_FULL_MODELS, 1, -1):  # n models: n epochs and n predictions per step
         left = seconds_left - (n - 1) * predict_s * MARGIN
-        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap, FULL_FIT_FACTOR)
+        epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap, factor)
         if epochs >= seed_epochs:
             return n, epochs
-    return 1, final_epochs(
-        seconds_left, full_fold_epochs(k), pace, predict_s, cap, FULL_FIT_FACTOR
-    )
+    return 1, final_epochs(seconds_left, full_fold_epochs(k), pace, predict_s, cap, factor)
 
 
 def pick_final(trials: list[tuple[int, float, float]], tie: float = TIE_AUC) -> int:

@@ -20,6 +20,7 @@ CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: chann
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -361,6 +362,7 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+@functools.cache  # asked per inference batch (probabilities): the answer is per device
 def _amp_dtype(dev: torch.device) -> torch.dtype | None:
     """Autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU (fp32)."""
     if dev.type != "cuda":
