@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from search.engine import (
+    PoolImages,
     TrainParams,
     create_model,
     crop_batch,
@@ -96,6 +97,32 @@ class Ensemble:
             if progress is not None:
                 progress(len(xb))
         return out if per_model else out.mean(0)
+
+    def predict_held_out(
+        self, images: np.ndarray | PoolImages, folds: np.ndarray, tta: int
+    ) -> np.ndarray:
+        """Out-of-fold probabilities over ``tta`` views: row i from fold model ``folds[i]``
+        only, the one that never trained on it. ``images``: the labelled pool in fold-file
+        order ((N, 96, 96, 3) uint8, an array or memory-mapped); -> (N,) float32. With the
+        test's ``tta`` this is the OOF a selection should use: it scores the predictor that
+        predicts the test set (one view, as training scored it, is a weaker one)."""
+        folds = np.asarray(folds)
+        if len(folds) != len(images) or folds.max() + 1 != len(self.models):
+            raise EnsembleError(
+                f"{len(self.models)} fold models cannot score {len(images)} rows of "
+                f"{folds.max() + 1} folds"
+            )
+        out = np.empty(len(images), np.float32)
+        for f, model in enumerate(self.models):
+            idx = np.flatnonzero(folds == f)
+            own = Ensemble([model], self.meta, self.device)
+            rows = (
+                PoolImages(images.path, images.rows[idx])
+                if isinstance(images, PoolImages)
+                else images[idx]
+            )
+            out[idx] = own.predict(rows, tta=tta)
+        return out
 
 
 OOF_FILE = "oof.safetensors"  # out-of-fold probabilities saved beside the fold weights

@@ -208,7 +208,8 @@ def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:
     if rec["validation_minus_test"] is not None:
         out.print(
             f"validation - test = {rec['validation_minus_test']:+.4f} (fold model f of every "
-            "member blended, on its held-out fold vs on the test set, 1 view)",
+            f"member blended, on its held-out fold vs on the test set, {rec['oof_views']} "
+            "view(s))",
             highlight=False,
         )
     out.print(f"ensemble: {rec['ensemble']}\nout-of-fold: {rec['oof_csv']}", highlight=False)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
 from search.attrs import MODELS_DIR, set_refit
-from search.ensemble import Ensemble, load_ensemble, load_oof, save_members
+from search.ensemble import load_ensemble, load_oof, save_members
 from search.refit import (
     RefitConfig,
     RefitError,
@@ -53,7 +53,8 @@ class Candidate:
     trial: int
     folder: Path
     oof: np.ndarray  # (N,) fold-file order
-    oof_auc: float
+    oof_auc: float  # of ``oof``: one view as saved, or the test's views (with_test_views)
+    search_oof_auc: float  # of the one-view OOF the search (or the refit) saved
 
 
 def _candidate(folder: Path, label: str, trial: int, su: Setup) -> Candidate | None:
@@ -69,7 +70,8 @@ def _candidate(folder: Path, label: str, trial: int, su: Setup) -> Candidate | N
     oof = load_oof(folder)
     if oof is None or len(oof) != len(su.data.labels):
         return None
-    return Candidate(label, trial, folder, oof, float(roc_auc_score(su.data.labels, oof)))
+    auc = float(roc_auc_score(su.data.labels, oof))
+    return Candidate(label, trial, folder, oof, auc, auc)
 
 
 def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
@@ -106,18 +108,44 @@ def _weights_key(folder: Path) -> tuple:
         return (str(folder),)
 
 
-def _cached(ens: Ensemble, key: str, images, tta: int, folds: bool, cache_dir: Path):
-    """A member's test predictions, (N,) or per fold model (k, N), computed once per member,
-    data and TTA, and kept in ``cache_dir`` (written atomically)."""
-    path = cache_dir / f"{key}-tta{tta}{'-folds' if folds else ''}.npy"
+def _cached(path: Path, compute) -> np.ndarray:
+    """``compute()``'s predictions, computed once and kept at ``path`` (written atomically):
+    a second selection or refit over the same members runs no inference."""
     if path.is_file():
         return np.load(path, allow_pickle=False)
-    pred = ens.predict(images(), tta=tta, per_model=folds)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    pred = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
     np.save(tmp, pred)
     os.replace(tmp, path)
     return pred
+
+
+def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_dir: Path):
+    """The candidates with their OOF predicted again over the test's ``cfg.tta`` views
+    (each fold model on its own held-out rows; cached per member, data, folds and views).
+
+    Selection and its nested estimate then score the predictor that will predict the test
+    set; the search saved one-view OOF (what its trials are ranked by), which is weaker by
+    about what TTA adds, so a nested estimate on it is pessimistic."""
+    if cfg.tta == 1:
+        return cands
+    out = []
+    for c in cands:
+        key = _member_key(c.folder, su)
+        path = cache_dir / f"{key}-oof-tta{cfg.tta}.npy"
+        compute = lambda c=c: load_ensemble(c.folder, cfg.device).predict_held_out(  # noqa: E731
+            su.data.images, su.folds, cfg.tta
+        )
+        oof = _cached(path, compute)
+        out.append(replace(c, oof=oof, oof_auc=float(roc_auc_score(su.data.labels, oof))))
+    return out
+
+
+def _member_key(folder: Path, su: Setup) -> str:
+    """A candidate's cache key: its weights, the data's fingerprint and the folds file."""
+    ident = f"{_weights_key(folder)}-{su.cache.fingerprint}-{Path(su.folds_file).name}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 @dataclass
@@ -141,6 +169,15 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
             f"study {cfg.study!r} kept no fold models with out-of-fold probabilities for this "
             "data: search with --keep-top > 0 (the default), or run pcam-refit --best"
         )
+    t_views = time.perf_counter()
+    cands = with_test_views(cands, su, cfg, out_dir.parent / TEST_CACHE_DIR)
+    cands.sort(key=lambda c: c.oof_auc, reverse=True)
+    if cfg.tta > 1:
+        console.print(
+            f"out-of-fold predictions over the test's {cfg.tta} views for {len(cands)} "
+            f"candidate(s): {time.perf_counter() - t_views:.0f} s (cached for the next selection)",
+            highlight=False,
+        )
     y, folds = su.data.labels, su.folds
     oof = np.stack([c.oof for c in cands])  # (M, N)
     sel = greedy_select(oof, y)
@@ -154,7 +191,12 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "layout": su.cache.meta.get("layout"),
         "folds_file": su.folds_file,
         "k": su.k,
-        "selection": {"oof_auc": sel.auc, "curve": sel.curve, "nested_auc": nested.auc},
+        "selection": {
+            "oof_auc": sel.auc,
+            "curve": sel.curve,
+            "nested_auc": nested.auc,
+            "nested_pooled_auc": nested.pooled_auc,
+        },
     }
     infos = [(c.folder, w, {"label": c.label, "trial": c.trial}) for c, w in chosen]
     ens_dir = save_members(out_dir / "ensemble", infos, meta)
@@ -171,16 +213,28 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "trial": chosen[0][0].trial,
         "tta": cfg.tta,
         "members": [
-            {"label": c.label, "trial": c.trial, "weight": w, "oof_auc": c.oof_auc, **m}
+            {
+                "label": c.label,
+                "trial": c.trial,
+                "weight": w,
+                "oof_auc": c.oof_auc,
+                "search_oof_auc": c.search_oof_auc,
+                **m,
+            }
             for (c, w), m in zip(chosen, test["members"], strict=True)
         ],
-        "candidates": [{"label": c.label, "oof_auc": c.oof_auc} for c in cands],
+        "candidates": [
+            {"label": c.label, "oof_auc": c.oof_auc, "search_oof_auc": c.search_oof_auc}
+            for c in cands
+        ],
+        "oof_views": cfg.tta,  # OOF and selection over the test's TTA views
         "oof_auc": sel.auc,
         "oof_auc_folds": [
             float(roc_auc_score(y[folds == f], oof_blend[folds == f])) for f in range(su.k)
         ],
         "selection_curve": sel.curve,
-        "nested_auc": nested.auc,
+        "nested_auc": nested.auc,  # mean of the left-out folds' AUCs
+        "nested_pooled_auc": nested.pooled_auc,
         "nested_fold_aucs": nested.fold_aucs,
         "test_auc": test["auc"],
         "test_auc_folds": test["auc_folds"],
@@ -207,7 +261,8 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
 def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dict:
     """Test predictions of the saved multi-trial ensemble (loaded as pcam-predict loads it),
     each member's from the cache when it is there; with test labels, each member's test AUC
-    and the like-for-like per-fold scores (fold model f of every member, blended, 1 view)."""
+    and the like-for-like per-fold scores (fold model f of every member, blended, over the
+    same views as the OOF)."""
     ens = load_ensemble(ens_dir, cfg.device)
     rows = su.cache.rows("test")
     out = {"rows": rows, "probs": None, "auc": None, "auc_folds": None}
@@ -220,15 +275,22 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
         for e in ens.meta["members"]
     ]
     pairs = list(zip(ens.members, keys, strict=True))
-    preds = np.stack([_cached(m, key, images, cfg.tta, False, cache_dir) for m, key in pairs])
+
+    def per_fold_model(m, key: str) -> np.ndarray:  # (k, N) over cfg.tta views
+        return _cached(
+            cache_dir / f"{key}-tta{cfg.tta}-folds.npy",
+            lambda: m.predict(images(), tta=cfg.tta, per_model=True),
+        )
+
+    per_fold = np.stack([per_fold_model(m, key) for m, key in pairs])  # (members, k, N)
+    preds = per_fold.mean(1)  # each member's fold ensemble
     out["probs"] = blend(preds, ens.weights).astype(np.float32)
     y = su.cache.index["label"].to_numpy()[rows]
     if not (y >= 0).all():
         return out
     out["auc"] = float(roc_auc_score(y, out["probs"]))
     out["members"] = [{"test_auc": float(roc_auc_score(y, p))} for p in preds]
-    per_fold = np.stack([_cached(m, key, images, 1, True, cache_dir) for m, key in pairs])
-    # (members, k, N)
+    # like for like with the OOF: fold model f of every member, blended, same views
     fold_blend = blend(per_fold, ens.weights)  # (k, N)
     out["auc_folds"] = [float(roc_auc_score(y, p)) for p in fold_blend]
     return out
@@ -249,11 +311,13 @@ def _print_selection(console: Console, cands: list[Candidate], sel, nested) -> N
     )
     for c, cnt, w in zip(cands, sel.counts, sel.weights, strict=True):
         mark = f"weight {w:.2f} ({cnt}x)" if cnt else "not chosen"
-        console.print(f"  {c.label:<34} OOF AUC {c.oof_auc:.4f}  {mark}", highlight=False)
+        one = "" if c.oof_auc == c.search_oof_auc else f" (1 view: {c.search_oof_auc:.4f})"
+        console.print(f"  {c.label:<34} OOF AUC {c.oof_auc:.4f}{one}  {mark}", highlight=False)
     curve = " ".join(f"{a:.4f}" for a in sel.curve[: sum(sel.counts)])
     console.print(
         f"selection OOF AUC {sel.auc:.4f} (optimistic: chosen on the same predictions); "
-        f"nested estimate {nested.auc:.4f} (chosen without each fold, scored on it)\n"
+        f"nested estimate {nested.auc:.4f} (mean AUC of each fold scored by a selection made "
+        f"without it; pooled {nested.pooled_auc:.4f} against the selection's {sel.auc:.4f})\n"
         f"selection curve (OOF AUC by step): {curve}",
         highlight=False,
     )

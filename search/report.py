@@ -411,8 +411,8 @@ def _members_line(rec: dict) -> str:
     curve = " ".join(f"{a:.4f}" for a in rec.get("selection_curve", []))
     return (
         "; ".join(parts)
-        + f". Nested estimate {rec['nested_auc']:.4f} (selected without each fold, scored on "
-        f"it). Selection curve, OOF AUC by greedy step: {curve}"
+        + f". Nested estimate {rec['nested_auc']:.4f} (mean AUC of each fold, scored by a "
+        f"selection made without it). Selection curve, OOF AUC by greedy step: {curve}"
     )
 
 

@@ -63,7 +63,8 @@ def blend(oof: np.ndarray, weights: list[float]) -> np.ndarray:
 class Nested:
     """Selection made without one fold, scored on that fold, for every fold."""
 
-    auc: float  # AUC of the pooled left-out predictions (comparable with an OOF AUC)
+    auc: float  # mean of the left-out folds' AUCs: the estimate of a test AUC
+    pooled_auc: float  # AUC of the pooled left-out predictions (vs the selection's OOF AUC)
     fold_aucs: list[float]  # each left-out fold's AUC
 
 
@@ -72,7 +73,11 @@ def nested_estimate(
 ) -> Nested:
     """Selection on OOF is optimistic: it picked the weights on the same predictions it is
     scored on. For each fold f, select on the other folds' rows, predict fold f's rows with
-    those weights, and score the pooled left-out predictions."""
+    those weights and score them. The estimate is the mean of those fold AUCs: each is one
+    predictor's AUC on slides it was not chosen (or trained) on, which is what a test AUC is.
+    The pooled AUC ranks rows of k differently chosen blends on one scale, which a single
+    predictor never does (it is lower when their calibrations differ); it is the one to set
+    beside the selection's own pooled OOF AUC, to see the optimism."""
     oof, y, folds = np.asarray(oof), np.asarray(y), np.asarray(folds)
     pred = np.empty(len(y))
     fold_aucs = []
@@ -81,4 +86,4 @@ def nested_estimate(
         sel = greedy_select(oof[:, ~held], y[~held], max_steps)
         pred[held] = blend(oof[:, held], sel.weights)
         fold_aucs.append(float(roc_auc_score(y[held], pred[held])))
-    return Nested(float(roc_auc_score(y, pred)), fold_aucs)
+    return Nested(float(np.mean(fold_aucs)), float(roc_auc_score(y, pred)), fold_aucs)

@@ -250,3 +250,10 @@ def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
     for f in range(len(ms)):
         held = folds == f
         np.testing.assert_allclose(per_model[f][held], r.oof[held], atol=1e-5)
+    ens = Ensemble(ms, meta, torch.device("cpu"))
+    np.testing.assert_allclose(ens.predict_held_out(data.images, folds, tta=1), r.oof, atol=1e-5)
+    # over the test's views: still each row from the one fold model that did not train on it
+    views = ens.predict(data.images, tta=4, batch=40, per_model=True)
+    want = views[folds, np.arange(len(folds))]
+    np.testing.assert_allclose(ens.predict_held_out(data.images, folds, tta=4), want, atol=1e-5)
+    assert np.abs(want - r.oof).max() > 1e-6  # the views do change the predictions

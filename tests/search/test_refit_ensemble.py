@@ -70,6 +70,18 @@ def test_refit_ensemble_selects_weighted_members_that_beat_the_best_alone(select
     assert rec["validation_minus_test"] is not None
 
 
+def test_refit_ensemble_selects_on_oof_over_the_test_views(selected):
+    root, _, rec = selected
+    assert rec["oof_views"] == 4  # --tta 4: the OOF is predicted over the test's 4 views
+    # the same fold models on the same held-out rows, one view (saved by the search) vs four
+    assert any(c["oof_auc"] != c["search_oof_auc"] for c in rec["candidates"])
+    cached = list((root / "studies/pcam/refit/test-cache").glob("*-oof-tta4.npy"))
+    assert len(cached) == len(rec["candidates"])
+    # the estimate of a test AUC is the mean left-out fold AUC; pooled is kept beside it
+    assert rec["nested_auc"] == pytest.approx(np.mean(rec["nested_fold_aucs"]))
+    assert 0.5 < rec["nested_pooled_auc"] <= 1.0
+
+
 def test_refit_ensemble_submission_is_what_pcam_predict_gives(selected, _kaggle_master, tmp_path):
     root, common, rec = selected
     sub = pd.read_csv(rec["submission"])

@@ -58,3 +58,16 @@ def test_nested_estimate_scores_each_fold_with_a_selection_made_without_it():
     # and far above the noise member
     assert nested.auc <= sel.auc + 1e-9
     assert nested.auc > roc_auc_score(y, oof[2]) + 0.1
+
+
+def test_nested_estimate_is_the_mean_fold_auc_not_one_pooled_across_calibrations():
+    # each fold ranked perfectly by its own blend, but on a different scale (fold f's scores
+    # shifted by f): each fold's AUC, what a test set scored by one predictor would give, is
+    # 1; pooling the folds' rows on one scale mixes the scales and reads lower
+    y = np.tile([0, 1], 30)
+    folds = np.repeat([0, 1, 2], 20)
+    member = (0.2 + 0.5 * y + folds).astype(float)[None, :]  # (1, N)
+    nested = nested_estimate(member, y, folds)
+    assert nested.fold_aucs == [1.0, 1.0, 1.0]
+    assert nested.auc == pytest.approx(1.0)
+    assert nested.pooled_auc < 0.9
