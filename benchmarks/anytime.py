@@ -290,18 +290,29 @@ def curve(trials: int) -> None:
     ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ))
-    wall = time.perf_counter() - t0
-    s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
-    best, at = -1.0, []
-    for t in sorted(s.trials, key=lambda t: t.datetime_complete or t.datetime_start):
-        if t.state.name == "COMPLETE" and t.value > best:
-            best = t.value
+    print(
+        f"\ndefault pcam-search --trials {trials} on the embedded set: "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    curve_table(studies / "pcam.db")
+
+
+def curve_table(db: Path) -> None:
+    """The best-so-far table of a study (also of one stopped before its last trial): by
+    trials finished, in order of finishing, the best COMPLETE mean AUC and which trial."""
+    s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{db}")
+    done = [t for t in s.trials if t.state.is_finished()]
+    best, at = (-1.0, None), []
+    for t in sorted(done, key=lambda t: t.datetime_complete):
+        if t.state.name == "COMPLETE" and t.value > best[0]:
+            best = (t.value, t.number)
         at.append(best)
-    print(f"\ndefault pcam-search --trials {trials} on the embedded set: {wall:.0f} s")
-    print(f"{'trials finished':>16}{'best mean AUC':>15}")
-    for n in (10, 25, 50, 75, 100, 150, 200, 300, 400):
-        if n <= len(at):
-            print(f"{n:>16}{at[n - 1]:>15.4f}")
+    hours = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 3600
+    print(f"{len(done)} trials finished ({hours:.1f} trial-hours)")
+    print(f"{'trials finished':>16}{'best mean AUC':>15}{'(trial)':>9}")
+    for n in sorted({5, 10, 25, 50, 75, 100, 150, 200, 300, 400, len(at)}):
+        if 0 < n <= len(at):
+            print(f"{n:>16}{at[n - 1][0]:>15.4f}{at[n - 1][1]:>9}")
 
 
 METHODS = {
@@ -319,7 +330,10 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--curve", type=int, default=0, help="also the best-so-far of N trials")
+    ap.add_argument("--curve-of", type=Path, help="only print the best-so-far of this study db")
     args = ap.parse_args()
+    if args.curve_of:
+        return curve_table(args.curve_of)
     torch.set_num_threads(2)
     results = (
         json.loads((OUT / "anytime.json").read_text()) if (OUT / "anytime.json").is_file() else {}

@@ -3,8 +3,9 @@
 Candidates are the fold models the search kept (its top ``--keep-top`` COMPLETE trials; the
 best ``N`` of them) and any final model a refit trained again (``--budget``, ``--retrain``),
 all on the same data and folds. Greedy forward selection with replacement on their
-out-of-fold probabilities picks the members and weights (``search.selection``); a nested
-estimate says what the selection is worth on rows it did not choose on. Each member predicts
+out-of-fold probabilities, predicted again over the test's TTA views (``with_test_views``),
+picks the members and weights (``search.selection``); a nested estimate says what the
+selection is worth on rows it did not choose on. Each member predicts
 the test set with its own crop and normalisation; its predictions are cached by the hash of
 its ``ensemble.json``, the dataset fingerprint and the TTA views, so selecting again costs no
 inference. Output: ``studies/<study>/refit/ensemble/`` (multi-trial ``ensemble/`` that
