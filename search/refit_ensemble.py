@@ -15,6 +15,7 @@ pcam-predict loads, ``oof.csv``, ``submission.csv``, ``refit.json``) and the stu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from search.attrs import MODELS_DIR, set_refit
@@ -132,15 +134,26 @@ def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_d
     if cfg.tta == 1:
         return cands
     out = []
-    for c in cands:
-        key = _member_key(c.folder, su)
-        path = cache_dir / f"{key}-oof-tta{cfg.tta}.npy"
-        compute = lambda c=c: load_ensemble(c.folder, cfg.device).predict_held_out(  # noqa: E731
-            su.data.images, su.folds, cfg.tta
-        )
-        oof = _cached(path, compute)
-        out.append(replace(c, oof=oof, oof_auc=float(roc_auc_score(su.data.labels, oof))))
+    with Progress(
+        TextColumn(f"out-of-fold predictions over {cfg.tta} views, per candidate"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not cfg.progress,
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task("oof", total=len(cands))
+        for c in cands:
+            path = cache_dir / f"{_member_key(c.folder, su)}-oof-tta{cfg.tta}.npy"
+            oof = _cached(path, functools.partial(_held_out, c.folder, su, cfg))
+            out.append(replace(c, oof=oof, oof_auc=float(roc_auc_score(su.data.labels, oof))))
+            bar.advance(task)
     return out
+
+
+def _held_out(folder: Path, su: Setup, cfg: RefitConfig) -> np.ndarray:
+    """One candidate's OOF over the test's views: (N,), fold-file order."""
+    return load_ensemble(folder, cfg.device).predict_held_out(su.data.images, su.folds, cfg.tta)
 
 
 def _member_key(folder: Path, su: Setup) -> str:
