@@ -257,3 +257,7 @@ def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
     want = views[folds, np.arange(len(folds))]
     np.testing.assert_allclose(ens.predict_held_out(data.images, folds, tta=4), want, atol=1e-5)
     assert np.abs(want - r.oof).max() > 1e-6  # the views do change the predictions
+    from search.ensemble import EnsembleError
+
+    with pytest.raises(EnsembleError, match="cannot score"):  # folds the models do not match
+        ens.predict_held_out(data.images, np.where(folds == 0, 0, len(ms)), tta=1)
