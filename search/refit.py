@@ -186,6 +186,18 @@ def pool_images(cache: Cache, rows: np.ndarray) -> PoolImages:
     return PoolImages(Path(cache.path) / "images.npy", rows)
 
 
+def progress_bar(label: str, enabled: bool) -> Progress:
+    """A refit's bar on stderr: label, bar, done/total, elapsed (off with --no-progress)."""
+    return Progress(
+        TextColumn(label),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        console=Console(stderr=True),
+    )
+
+
 def predict_test(
     ens: Ensemble, cache: Cache, tta: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -193,14 +205,7 @@ def predict_test(
     rows = cache.rows("test")
     if len(rows) == 0:
         return rows, np.zeros(0, np.float32)
-    with Progress(
-        TextColumn("predict test"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        disable=not progress,
-        console=Console(stderr=True),
-    ) as bar:
+    with progress_bar("predict test", progress) as bar:
         task = bar.add_task("test", total=len(rows))
         probs = ens.predict(
             pool_images(cache, rows), tta=tta, progress=lambda n: bar.advance(task, n)

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 from search.attrs import MODELS_DIR, set_refit
@@ -39,6 +38,7 @@ from search.refit import (
     check_outputs_writable,
     open_setup,
     pool_images,
+    progress_bar,
     submission_frame,
     write_csv_atomic,
 )
@@ -134,14 +134,8 @@ def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_d
     if cfg.tta == 1:
         return cands
     out = []
-    with Progress(
-        TextColumn(f"out-of-fold predictions over {cfg.tta} views, per candidate"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        disable=not cfg.progress,
-        console=Console(stderr=True),
-    ) as bar:
+    label = f"out-of-fold predictions over {cfg.tta} views, per candidate"
+    with progress_bar(label, cfg.progress) as bar:
         task = bar.add_task("oof", total=len(cands))
         for c in cands:
             path = cache_dir / f"{_member_key(c.folder, su)}-oof-tta{cfg.tta}.npy"
