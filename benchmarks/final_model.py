@@ -14,6 +14,9 @@ side on each generator setting (benchmarks/anytime.py's), the hand-tuned recipe,
 
 ``--no-folds`` skips (i), for the question "more epochs or more seeds" alone.
 
+``--ema D``: instead, (iii) 1 full-data model x 2E without and with an EMA of its weights
+(decay D, timm ModelEmaV3 with warm-up; ``TrainParams.ema``), side by side, same seed.
+
 Test AUC on the generator's held-out test slides; wall seconds of the training.
 """
 
@@ -53,9 +56,12 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--epochs", type=int, nargs="+", default=[12, 24])
     ap.add_argument("--no-folds", action="store_true", help="skip (i), the k fold models")
+    ap.add_argument("--ema", type=float, default=None, help="compare EMA decay D (see above)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     p = TrainParams.from_dict(FIXED)
+    if args.ema is not None:
+        return ema_table(p, args.settings, args.epochs, args.ema)
     print(
         "| setting | epochs E | (i) k fold models | (ii) 2 full-data x E | (iii) 1 full x 2E "
         "| 1 full x E |"
@@ -78,6 +84,23 @@ def main() -> None:
             cells.append(one)
             row = " | ".join(f"{a:.4f} ({s:.0f} s)" for a, s in cells)
             print(f"| {name} | {e} | {row} |", flush=True)
+
+
+def ema_table(p: TrainParams, settings: list[str], epochs: list[int], decay: float) -> None:
+    """(iii) 1 full-data model x 2E, without and with an EMA of its weights."""
+    print(f"| setting | epochs | 1 full-data model | same, EMA {decay} | EMA - plain |")
+    print("|---|---:|---:|---:|---:|")
+    q = TrainParams.from_dict({**FIXED, "ema": decay})
+    for name in settings:
+        cache, data, _ = _load(dataset(name))
+        for e in epochs:
+            cells = []
+            for params in (p, q):
+                t = time.perf_counter()
+                states = train_full(params, data, epochs=(K - 1) * e, threads=2)
+                cells.append((test_auc(params, states, cache), time.perf_counter() - t))
+            row = " | ".join(f"{a:.4f} ({s:.0f} s)" for a, s in cells)
+            print(f"| {name} | {(K - 1) * e} | {row} | {cells[1][0] - cells[0][0]:+.4f} |")
 
 
 if __name__ == "__main__":

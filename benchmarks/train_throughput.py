@@ -10,6 +10,10 @@ copy. The engine runs twice: batches gathered from the cache's memory-mapped fil
 search does: one copy of the data per machine) and from a copy of the rows in RAM. Target:
 ratio >= 0.95 on CPU. With CUDA it also prints AMP + channels_last img/s for simple_cnn and
 resnet50 at 96x96 (target for resnet50 on an H100: >= 10,000 img/s).
+
+Then the engine in fp32 (``PCAM_AMP=off``) against the engine in its own precision (bf16
+autocast on a CPU with AMX units or a GPU; ``search.engine.precision``), same runs
+interleaved, at crops 32/48/64 (``--precision-crops``): what the CPU bf16 rule buys.
 """
 
 from __future__ import annotations
@@ -24,9 +28,18 @@ import torch
 import torch.nn.functional as F
 
 import models
+import search.engine as engine_mod
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
-from search.engine import PoolImages, TrainData, centre_crop, resolve_device, train_cv
+from search.engine import (
+    AMP_ENV,
+    PoolImages,
+    TrainData,
+    centre_crop,
+    precision,
+    resolve_device,
+    train_cv,
+)
 
 
 def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev) -> float:
@@ -89,6 +102,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8000, help="patches in the embedded set")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs; medians shown")
+    ap.add_argument("--precision-crops", type=int, nargs="*", default=[32, 48, 64])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +112,7 @@ def main() -> None:
         cache = load_cache(build_cache(src, Path(tmp) / "c", progress=False))
         data = TrainData.from_cache(cache)  # memory-mapped: measure inside the folder's life
         rows = measure(args, data, dev)
+        prec = measure_precision(args, data, dev)
     name = (
         torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     )
@@ -113,6 +128,12 @@ def main() -> None:
             f"| {arch:<12} | {crop:>4} | {batch:>5} | {b:>12,.0f} | {r:>11,.0f} | {e:>14,.0f} |"
             f" {e / b:>13.2f} | {e / r:>12.2f} |"
         )
+    own = precision(dev)
+    print(f"\nengine, fp32 ({AMP_ENV}=off) vs its own precision here ({own}), mapped pool")
+    print(f"| model | crop | batch | engine fp32 | engine {own} | {own} / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for arch, crop, batch, f32, auto in prec:
+        print(f"| {arch} | {crop} | {batch} | {f32:,.0f} | {auto:,.0f} | {auto / f32:.2f} |")
 
 
 def measure(args, data: TrainData, dev) -> list[tuple]:
@@ -129,6 +150,37 @@ def measure(args, data: TrainData, dev) -> list[tuple]:
             rs.append(engine(arch, data, crop, batch, args.steps, dev, mapped=False))
             es.append(engine(arch, data, crop, batch, args.steps, dev, mapped=True))
         rows.append((arch, crop, batch, *(float(np.median(v)) for v in (bs, rs, es))))
+    return rows
+
+
+def _with_amp(value: str | None, fn, *args, **kw):
+    """``fn`` with ``PCAM_AMP`` set to ``value`` (None: unset); the engine reads it once per
+    process, so its cached answer is cleared around the call."""
+    import os
+
+    old = os.environ.pop(AMP_ENV, None)
+    if value is not None:
+        os.environ[AMP_ENV] = value
+    engine_mod._amp_dtype.cache_clear()
+    try:
+        return fn(*args, **kw)
+    finally:
+        os.environ.pop(AMP_ENV, None)
+        if old is not None:
+            os.environ[AMP_ENV] = old
+        engine_mod._amp_dtype.cache_clear()
+
+
+def measure_precision(args, data: TrainData, dev) -> list[tuple]:
+    """Medians of interleaved engine runs in fp32 and in the engine's own precision."""
+    rows = []
+    for crop in args.precision_crops:
+        f32, auto = [], []
+        run = (engine, args.arch, data, crop, args.batch, args.steps, dev)
+        for _ in range(args.repeats):
+            f32.append(_with_amp("off", *run))
+            auto.append(_with_amp(None, *run))
+        rows.append((args.arch, crop, args.batch, float(np.median(f32)), float(np.median(auto))))
     return rows
 
 

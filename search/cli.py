@@ -531,8 +531,10 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
         return EXIT_BAD_INPUT
     total = time.monotonic() - t_cmd
     test = f", test AUC {res.test_auc:.4f}" if res.test_auc is not None else ""
-    # a full-data model has no held-out part: its estimate is the search's k-fold CV
-    est = "search's CV AUC" if full_models else "OOF AUC"
+    # a full-data model has no held-out part: its estimate is the search's k-fold CV. Pooled
+    # (every row's held-out probability, one AUC) - not the trial's value, the mean of its
+    # per-fold AUCs, which the refit line above prints
+    est = "pooled OOF AUC of the search's fold models" if full_models else "pooled OOF AUC"
     console.print(
         f"refit trial {res.trial}: {est} {res.oof_auc:.4f}{test}; submission "
         f"{res.submission}; {total:.0f} s of the {cfg.budget:.0f} s budget"

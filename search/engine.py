@@ -14,7 +14,8 @@ cache holds them once per machine for every trial; each batch gathers its random
 crops them (on a GPU with room, the cropped pool is copied to the device once per trial);
 batches are augmented as whole tensors (``search.augment``).
 CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: channels_last too
-(measured faster with oneDNN), ``threads`` threads.
+(measured faster with oneDNN), ``threads`` threads, bf16 autocast on CPUs with AMX units
+(``cpu_bf16``; ``PCAM_AMP=off`` for fp32).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
+from timm.utils import ModelEmaV3
 
 import models
 from search.augment import augment, cutmix, mixup
@@ -74,6 +76,8 @@ class TrainParams:
     focal_gamma: float = 2.0  # focal: (1 - p_t)^gamma; 0 = BCE
     focal_alpha: float = -1.0  # focal: weight of positives in [0, 1]; < 0 = none
     pos_weight: float = 1.0  # BCE/focal weight of positive examples (PCam is ~60/40)
+    ema: float = 0.0  # decay of an EMA of the weights (timm ModelEmaV3, warm-up); 0 = off.
+    # With it on, the EMA weights are the ones scored, kept and submitted
 
     @classmethod
     def from_dict(cls, params: dict) -> TrainParams:
@@ -97,6 +101,8 @@ class TrainParams:
             raise ValueError(f"loss must be one of {LOSSES}, got {p.loss!r}")
         if p.patience < 0 or p.mix_alpha < 0 or not 0 <= p.mix_prob <= 1 or p.pos_weight <= 0:
             raise ValueError(f"invalid params {params}")
+        if not 0 <= p.ema < 1:
+            raise ValueError(f"ema must be a decay in [0, 1), got {p.ema}")
         return p
 
 
@@ -345,7 +351,8 @@ def normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
 
 def probabilities(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B,) float32 sigmoid probabilities of a binary ``model`` on input ``x``, under the
-    device's autocast rule (``_amp_dtype``: bf16 where supported, else fp16, fp32 on CPU).
+    device's autocast rule (``_amp_dtype``: bf16 where the device has fast bf16, fp16 on
+    older GPUs, else fp32).
     The one inference step: OOF scoring in training and the saved ensemble's test
     predictions share it, so both see the same numerics."""
     amp = _amp_dtype(x.device)
@@ -362,12 +369,35 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
+# PCAM_AMP=off trains and predicts in fp32 everywhere (the numbers of a run before CPU bf16)
+AMP_ENV = "PCAM_AMP"
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU has bf16 matrix units (Intel AMX, Sapphire Rapids and later), where
+    oneDNN runs bf16 convolutions 1.6-2x faster than fp32 (benchmarks/train_throughput.py);
+    without them bf16 is emulated and slower, so those CPUs stay in fp32."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may move
+    return bool(is_amx and is_amx())
+
+
 @functools.cache  # asked per inference batch (probabilities): the answer is per device
 def _amp_dtype(dev: torch.device) -> torch.dtype | None:
-    """Autocast dtype on CUDA (bf16 where supported, else fp16); None on CPU (fp32)."""
+    """Autocast dtype: CUDA bf16 where supported, else fp16; CPU bf16 on AMX CPUs, else None
+    (fp32). ``PCAM_AMP=off`` (read once per process): None everywhere."""
+    if os.environ.get(AMP_ENV, "auto").lower() in ("off", "0", "fp32", "no"):
+        return None
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_bf16() else None
     if dev.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def precision(dev: str | torch.device) -> str:
+    """The arithmetic training and inference use on ``dev``: "bf16", "fp16" or "fp32"."""
+    amp = _amp_dtype(torch.device(dev))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
 
 
 class _Run:
@@ -398,11 +428,14 @@ class _Fold:
         self.val_idx = np.flatnonzero(folds == f)
         self.steps = max(1, len(self.train_idx) // p.batch_size)  # drop_last: BN on 1-2 samples
         self.opt = _make_optimizer(p, [q for q in self.model.parameters() if q.requires_grad])
+        # timm's warm-up ramps the decay up from 0 (1 - (1 + step)^(-2/3), at most p.ema), so
+        # a short run's EMA is not dominated by the random init
+        self.ema = ModelEmaV3(self.model, decay=p.ema, use_warmup=True) if p.ema else None
         warm, total = round(p.warmup_epochs * self.steps), epochs * self.steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, warm, total, p.schedule)
         )
-        # float16 autocast needs loss scaling; bf16 (and CPU, no autocast) does not
+        # float16 autocast needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(dev) == torch.float16)
         self.gen = torch.Generator().manual_seed(seed * 1000 + f)
         self.epoch = 0  # epochs trained
@@ -424,7 +457,7 @@ class _Fold:
             yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
             if p.mix != "none" and float(torch.rand((), generator=g)) < p.mix_prob:
                 xb, yb = (mixup if p.mix == "mixup" else cutmix)(xb, yb, p.mix_alpha, g)
-            with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.cuda):
+            with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.amp is not None):
                 logits = m(xb).squeeze(1)
             loss = binary_loss(
                 logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, p.pos_weight
@@ -434,6 +467,8 @@ class _Fold:
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update(m, step=self.sched.last_epoch)  # last_epoch: steps so far
             loss_sum += loss.detach()
         self.epoch += 1
         self.train_loss = float(loss_sum) / self.steps  # one sync per fold-epoch, not per step
@@ -442,6 +477,11 @@ class _Fold:
                 f"training loss is {self.train_loss} (fold {self.f})", self.epoch, asdict(p)
             )
         return self.steps * p.batch_size
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights scored, kept and submitted: the EMA's when ``ema`` is on."""
+        return self.model if self.ema is None else self.ema.module
 
     def train_to(self, run: _Run, epoch: int, clock: _Clock, eval_batch: int) -> None:
         """Train and score epoch by epoch up to ``epoch`` (while active)."""
@@ -453,7 +493,7 @@ class _Fold:
     def score(self, run: _Run, eval_batch: int) -> None:
         """Held-out AUC, loss and accuracy; updates the best epoch and early stopping."""
         p = run.p
-        probs = _predict(self.model, run.batch, self.val_idx, eval_batch)
+        probs = _predict(self.scored, run.batch, self.val_idx, eval_batch)
         if not np.isfinite(probs).all():
             raise TrialDiverged(f"non-finite predictions (fold {self.f})", self.epoch, asdict(p))
         yv = run.labels[self.val_idx]
@@ -467,7 +507,7 @@ class _Fold:
             run.oof_best[self.val_idx] = probs
             if p.restore_best:
                 self.best_state = {
-                    n: v.detach().cpu().clone() for n, v in self.model.state_dict().items()
+                    n: v.detach().cpu().clone() for n, v in self.scored.state_dict().items()
                 }
         else:
             self.since += 1
@@ -611,10 +651,10 @@ def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_s
     if p.restore_best:
         for r in runs:
             if r.best_state is not None:
-                r.model.load_state_dict(r.best_state)
+                r.scored.load_state_dict(r.best_state)
     states = None
     if keep_states:
-        states = [{n: v.detach().cpu() for n, v in r.model.state_dict().items()} for r in runs]
+        states = [{n: v.detach().cpu() for n, v in r.scored.state_dict().items()} for r in runs]
     last_epoch = history[-1]["epoch"] if history else 0
     return CVResult(
         history=history,
@@ -675,7 +715,7 @@ def train_full(
                 fold.train_epoch(run)
                 if on_epoch is not None:
                     on_epoch(i, e)
-            states.append({n: v.detach().cpu() for n, v in fold.model.state_dict().items()})
+            states.append({n: v.detach().cpu() for n, v in fold.scored.state_dict().items()})
     except torch.cuda.OutOfMemoryError as e:
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epochs, asdict(p)) from e
     return states

@@ -63,12 +63,20 @@ from search.attrs import (
     LOSS_CURVE,
     MODELS_DIR,
     NODE,
+    PRECISION,
     RAY_TRIAL_ID,
     SECONDS,
     VAL_LOSS,
 )
 from search.deadline import Deadline
-from search.engine import PoolImages, TrainData, TrainParams, create_model, train_cv
+from search.engine import (
+    PoolImages,
+    TrainData,
+    TrainParams,
+    create_model,
+    precision,
+    train_cv,
+)
 from search.ensemble import ensemble_files, write_files
 from search.progress import Tally
 
@@ -124,6 +132,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             "trial_seconds": m["seconds"],
             "images_per_s": m["train_images_per_s"],
             "device": device_name,
+            "precision": precision(device),
             "self_stopped": bool(m.get("self_stopped", False)),
             "node": ray.get_runtime_context().get_node_id()[:12],
         }
@@ -416,6 +425,7 @@ class _TruthfulSearch(OptunaSearch):
                     AUC_FOLDS: [float(a) for a in result.get("auc_folds", [])],
                     SECONDS: round(float(result.get("trial_seconds", 0.0)), 2),
                     DEVICE: result.get("device", ""),
+                    PRECISION: result.get("precision", ""),
                     NODE: result.get("node", ""),
                     VAL_LOSS: float(result.get("val_loss", float("nan"))),
                     IMAGES_PER_S: round(float(result.get("images_per_s", 0.0)), 1),

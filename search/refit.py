@@ -438,8 +438,8 @@ def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldMo
         + ("" if cfg.retrain else " (the search kept no fold models for it)")
     )
     console.print(
-        f"refit trial {pl.trial.number} of study {cfg.study!r} (search mean AUC "
-        f"{pl.trial.value:.4f}): {how}, TTA x{cfg.tta}"
+        f"refit trial {pl.trial.number} of study {cfg.study!r} (its search value, the mean "
+        f"of its folds' AUCs, {pl.trial.value:.4f}): {how}, TTA x{cfg.tta}"
     )
     args = (cfg, pl.params, su.data)
     if full:

@@ -32,6 +32,24 @@ def _small(embedded, n=96):
     return sub, folds[rows]
 
 
+def _ensemble(states: list[dict], params: dict):
+    """The fold models of ``states`` as a saved ensemble would load them (CPU)."""
+    import torch
+
+    import models
+    from search.ensemble import Ensemble
+
+    p = TrainParams.from_dict(params)
+    ms = []
+    for sd in states:
+        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
+        m.load_state_dict(sd)
+        ms.append(m.eval())
+    norm = models.data_config(ms[0], p.arch)
+    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
+    return Ensemble(ms, meta, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("arch", ["simple_cnn", "resnet18", "mobilenetv3_small_100"])
 def test_train_cv_each_arch_trains_an_epoch(embedded, arch):
     data, folds = _small(embedded)
@@ -229,28 +247,13 @@ def test_train_cv_same_result_from_the_mapped_pool_and_from_ram(embedded):
 def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
     # one inference path: the ensemble's one-view test prediction of fold model f on fold f's
     # held-out rows is the OOF that training scored (crop, normalisation, autocast shared)
-    import torch
-
-    import models
-    from search.ensemble import Ensemble
-
     data, folds = _small(embedded)
     r = train_cv(TINY, data, folds, epochs=1, keep_states=True, keep_oof=True, threads=2)
-    p = TrainParams.from_dict(TINY)
-    ms = []
-    for sd in r.states:
-        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
-        m.load_state_dict(sd)
-        ms.append(m.eval())
-    norm = models.data_config(ms[0], p.arch)
-    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
-    per_model = Ensemble(ms, meta, torch.device("cpu")).predict(
-        data.images, tta=1, batch=40, per_model=True
-    )
-    for f in range(len(ms)):
+    ens = _ensemble(r.states, TINY)
+    per_model = ens.predict(data.images, tta=1, batch=40, per_model=True)
+    for f in range(len(r.states)):
         held = folds == f
         np.testing.assert_allclose(per_model[f][held], r.oof[held], atol=1e-5)
-    ens = Ensemble(ms, meta, torch.device("cpu"))
     np.testing.assert_allclose(ens.predict_held_out(data.images, folds, tta=1), r.oof, atol=1e-5)
     # over the test's views: still each row from the one fold model that did not train on it
     views = ens.predict(data.images, tta=4, batch=40, per_model=True)
@@ -260,4 +263,82 @@ def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
     from search.ensemble import EnsembleError
 
     with pytest.raises(EnsembleError, match="cannot score"):  # folds the models do not match
-        ens.predict_held_out(data.images, np.where(folds == 0, 0, len(ms)), tta=1)
+        ens.predict_held_out(data.images, np.where(folds == 0, 0, len(r.states)), tta=1)
+
+
+@pytest.mark.parametrize(
+    ("amx", "env", "want"),
+    [(True, None, "bf16"), (False, None, "fp32"), (True, "off", "fp32"), (True, "auto", "bf16")],
+)
+def test_precision_cpu_bf16_only_with_amx_units_unless_turned_off(monkeypatch, amx, env, want):
+    # CPU bf16 autocast is faster only where the CPU has bf16 matrix units (AMX); elsewhere it
+    # is emulated and slower, and PCAM_AMP=off keeps every device in fp32
+    import search.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: amx)
+    if env is None:
+        monkeypatch.delenv(engine.AMP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(engine.AMP_ENV, env)
+    engine._amp_dtype.cache_clear()
+    try:
+        assert engine.precision("cpu") == want
+    finally:
+        engine._amp_dtype.cache_clear()
+
+
+def test_train_cv_in_cpu_bf16_trains_and_scores_finite(embedded, monkeypatch):
+    # the bf16 path runs on any CPU (emulated where there is no AMX): training under autocast
+    # gives finite losses and AUCs, and the weights stay fp32 (the saved models are fp32)
+    import search.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_bf16", lambda: True)
+    monkeypatch.delenv(engine.AMP_ENV, raising=False)
+    engine._amp_dtype.cache_clear()
+    try:
+        data, folds = _small(embedded)
+        r = train_cv(TINY, data, folds, epochs=1, threads=2, keep_states=True, keep_oof=True)
+    finally:
+        engine._amp_dtype.cache_clear()
+    assert math.isfinite(r.final["train_loss"]) and all(map(math.isfinite, r.final["auc_folds"]))
+    assert all(
+        v.dtype.is_floating_point is False or str(v.dtype) == "torch.float32"
+        for sd in r.states
+        for v in sd.values()
+    )
+    assert np.isfinite(r.oof).all()
+
+
+def test_train_cv_ema_scores_and_keeps_the_averaged_weights(embedded):
+    # with ema on, what is scored and kept is the EMA of the weights: other weights than the
+    # plain run's (same seed), the same ones the OOF was scored with, and ema=0 is the old path
+    data, folds = _small(embedded)
+    plain = train_cv(TINY, data, folds, epochs=2, threads=2, keep_states=True)
+    ema = train_cv(
+        {**TINY, "ema": 0.9}, data, folds, epochs=2, threads=2, keep_states=True, keep_oof=True
+    )
+    again = train_cv({**TINY, "ema": 0.0}, data, folds, epochs=2, threads=2, keep_states=True)
+    w = "features.0.weight"
+    assert not np.allclose(plain.states[0][w].numpy(), ema.states[0][w].numpy())
+    np.testing.assert_array_equal(plain.states[0][w].numpy(), again.states[0][w].numpy())
+    assert plain.final["auc_folds"] != ema.final["auc_folds"]
+    held_out = _ensemble(ema.states, {**TINY, "ema": 0.9}).predict_held_out(
+        data.images, folds, tta=1
+    )
+    np.testing.assert_allclose(held_out, ema.oof, atol=1e-5)
+
+
+def test_train_full_with_ema_returns_the_averaged_weights(embedded):
+    from search.engine import train_full
+
+    data, _ = _small(embedded)
+    plain = train_full(TINY, data, epochs=2, threads=2)
+    ema = train_full({**TINY, "ema": 0.9}, data, epochs=2, threads=2)
+    w = "features.0.weight"
+    assert not np.allclose(plain[0][w].numpy(), ema[0][w].numpy())
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 2.0])
+def test_train_params_refuses_an_ema_decay_outside_0_1(bad):
+    with pytest.raises(ValueError, match="ema"):
+        TrainParams.from_dict({"ema": bad})
