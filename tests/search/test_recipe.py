@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from search.augment import centre_fraction, cutmix, mixup
-from search.engine import TrainParams, train_cv
+from search.engine import TrainParams, normalise, probabilities, train_cv
 from search.losses import binary_loss
 from search.space import load_space, suggest
 
@@ -121,11 +121,9 @@ def test_restore_best_keeps_the_best_epochs_weights(small):
         x = torch.from_numpy(np.ascontiguousarray(data.images[rows, 32:64, 32:64]))
         x = x.permute(0, 3, 1, 2).float() / 255
         norm = models.data_config(m, p.arch)
-        x = (x - torch.tensor(norm["mean"]).view(1, 3, 1, 1)) / torch.tensor(norm["std"]).view(
-            1, 3, 1, 1
-        )
-        with torch.no_grad():
-            probs = torch.sigmoid(m(x).squeeze(1)).numpy()
+        mean, std = (torch.tensor(norm[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        with torch.no_grad():  # the one inference step (bf16 autocast where training used it)
+            probs = probabilities(m, normalise(x, mean, std)).numpy()
         # the returned weights score exactly what the best epoch scored on that fold
         assert roc_auc_score(data.labels[rows], probs) == pytest.approx(want, abs=1e-6)
         # and the best-epoch OOF is those predictions
