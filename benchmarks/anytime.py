@@ -35,14 +35,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import optuna
 import torch
 
-import models
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import folds_for_cache
 from data_pipeline.synth import SynthConfig, write
@@ -51,7 +49,6 @@ from search.engine import (
     TrainData,
     TrainParams,
     TrialError,
-    create_model,
     train_cv,
     train_full,
 )
@@ -114,18 +111,10 @@ def submit(params: dict, epochs: int, cache, data, folds) -> dict:
 
 def _predict_states(p: TrainParams, states: list[dict], cache) -> dict:
     """Test AUC of the TTA ensemble of ``states`` on the generator's held-out test slides."""
-    ms = []
-    for sd in states:
-        m = create_model(p)
-        m.load_state_dict(sd)
-        ms.append(m.eval())
-    norm = models.data_config(ms[0], p.arch)
-    meta = {"params": asdict(p), "norm": {"mean": norm["mean"], "std": norm["std"]}}
-    ens = Ensemble(ms, meta, torch.device("cpu"))
-    rows = cache.rows("test")
-    probs = ens.predict(np.asarray(cache.images[rows]), tta=TTA)
     from sklearn.metrics import roc_auc_score
 
+    rows = cache.rows("test")
+    probs = Ensemble.from_states(states, p).predict(np.asarray(cache.images[rows]), tta=TTA)
     y = cache.index["label"].to_numpy()[rows]
     return {"test_auc": float(roc_auc_score(y, probs))}
 

@@ -33,21 +33,13 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import FIXED, SETTINGS, TTA, K, _load, dataset  # noqa: E402
 
-import models  # noqa: E402
 from search.engine import TrainParams, train_cv, train_full  # noqa: E402
 from search.ensemble import Ensemble  # noqa: E402
 
 
 def test_auc(p: TrainParams, states: list[dict], cache) -> float:
-    ms = []
-    for sd in states:
-        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
-        m.load_state_dict(sd)
-        ms.append(m.eval())
-    norm = models.data_config(ms[0], p.arch)
-    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
     rows = cache.rows("test")
-    probs = Ensemble(ms, meta, torch.device("cpu")).predict(cache.images[rows], tta=TTA)
+    probs = Ensemble.from_states(states, p).predict(cache.images[rows], tta=TTA)
     return float(roc_auc_score(cache.index["label"].to_numpy()[rows], probs))
 
 

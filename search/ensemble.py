@@ -12,13 +12,14 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+import models
 from search.engine import (
     PoolImages,
     TrainParams,
@@ -68,6 +69,26 @@ class Ensemble:
     @property
     def params(self) -> TrainParams:
         return TrainParams.from_dict(self.meta["params"])
+
+    @classmethod
+    def from_states(
+        cls, states: list[dict], params: dict | TrainParams, device: str | torch.device = "cpu"
+    ) -> Ensemble:
+        """Fold models from in-memory state_dicts (``train_cv(keep_states=True)``,
+        ``train_full``) with the normalisation ``params``' model asks for; nothing saved."""
+        p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
+        dev = resolve_device(device)
+        ms = []
+        for sd in states:
+            m = create_model(p)
+            m.load_state_dict(sd, strict=True)
+            ms.append(m.to(dev, memory_format=torch.channels_last).eval())
+        norm = models.data_config(ms[0], p.arch)
+        meta = {
+            "params": asdict(p),
+            "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
+        }
+        return cls(ms, meta, dev)
 
     @torch.no_grad()
     def predict(

@@ -34,20 +34,9 @@ def _small(embedded, n=96):
 
 def _ensemble(states: list[dict], params: dict):
     """The fold models of ``states`` as a saved ensemble would load them (CPU)."""
-    import torch
-
-    import models
     from search.ensemble import Ensemble
 
-    p = TrainParams.from_dict(params)
-    ms = []
-    for sd in states:
-        m = models.create(p.arch, dropout=p.dropout, width=p.width, depth=p.depth)
-        m.load_state_dict(sd)
-        ms.append(m.eval())
-    norm = models.data_config(ms[0], p.arch)
-    meta = {"params": p.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
-    return Ensemble(ms, meta, torch.device("cpu"))
+    return Ensemble.from_states(states, params, "cpu")
 
 
 @pytest.mark.parametrize("arch", ["simple_cnn", "resnet18", "mobilenetv3_small_100"])
