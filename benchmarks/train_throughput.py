@@ -19,6 +19,7 @@ interleaved, at crops 32/48/64 (``--precision-crops``): what the CPU bf16 rule b
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -156,8 +157,6 @@ def measure(args, data: TrainData, dev) -> list[tuple]:
 def _with_amp(value: str | None, fn, *args, **kw):
     """``fn`` with ``PCAM_AMP`` set to ``value`` (None: unset); the engine reads it once per
     process, so its cached answer is cleared around the call."""
-    import os
-
     old = os.environ.pop(AMP_ENV, None)
     if value is not None:
         os.environ[AMP_ENV] = value

@@ -115,6 +115,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
     """
     device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    arithmetic = precision(device)  # once per trial, not per report
     full = settings.max_epochs * (int(np.max(folds)) + 1)
     keep = settings.models_dir is not None
     last: dict = {}
@@ -132,7 +133,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             "trial_seconds": m["seconds"],
             "images_per_s": m["train_images_per_s"],
             "device": device_name,
-            "precision": precision(device),
+            "precision": arithmetic,
             "self_stopped": bool(m.get("self_stopped", False)),
             "node": ray.get_runtime_context().get_node_id()[:12],
         }
