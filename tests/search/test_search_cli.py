@@ -125,6 +125,11 @@ def test_search_states_are_truthful(searched):
             # what it trained on: the GPU's name on a CUDA host, else "cpu"
             want = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
             assert t.user_attrs["device"] == want and t.user_attrs["seconds"] > 0
+            # and in which arithmetic: the engine's rule for that device (bf16 on AMX CPUs)
+            from search.engine import precision
+
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            assert t.user_attrs["precision"] == precision(dev)
         else:  # ASHA stopped it early: PRUNED, with the fold-epochs it did run
             assert t.state == TrialState.PRUNED
             assert 1 <= t.user_attrs["fold_epochs"] < K * MAX_EPOCHS
