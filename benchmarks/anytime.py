@@ -1,7 +1,7 @@
 """Model quality per unit of compute: pcam-search against what a user would do instead.
 
     python benchmarks/anytime.py [--budget 600] [--settings embedded hard stain]
-                                 [--methods a b c d] [--curve 200]
+                                 [--methods a b c d] [--seed 0] [--curve 200]
 
 On each dataset setting (the embedded set and harder generator settings, all with known test
 labels) and the same end-to-end wall budget (search + building the submission), side by side:
@@ -22,6 +22,9 @@ labels) and the same end-to-end wall budget (search + building the submission), 
 For each: the submission's test AUC (k fold models x 8 dihedral views), the CV AUC it was
 chosen by, CV - test, fold-epochs trained (search + submission) and wall seconds. Writes
 ``benchmarks/out/anytime.json`` and a plot ``benchmarks/out/anytime.html``.
+
+``--seed S``: the run's seed (pcam-search --seed, TPE's, the fixed recipe's training seed);
+results of S > 0 are kept as "<setting>/seed<S>", beside seed 0's, to measure run-to-run spread.
 
 ``--curve N``: a default ``pcam-search --trials N`` on the embedded set, printing the
 best-so-far mean AUC by trial number (does more search still buy a better model?).
@@ -102,10 +105,10 @@ def _load(data_dir: Path):
     return cache, data, fd["fold"].to_numpy(np.int64)
 
 
-def submit(params: dict, epochs: int, cache, data, folds) -> dict:
+def submit(params: dict, epochs: int, cache, data, folds, seed: int = 0) -> dict:
     """Train ``params`` on every fold, then the TTA fold ensemble on the test set (as refit)."""
     p = TrainParams.from_dict(params)
-    r = train_cv(p, data, folds, epochs=epochs, keep_states=True, threads=2)
+    r = train_cv(p, data, folds, epochs=epochs, keep_states=True, threads=2, seed=seed)
     return {**_predict_states(p, r.states, cache), "cv_auc": r.final["auc"]}
 
 
@@ -190,7 +193,9 @@ def plain_optuna(data_dir: Path, search_s: float, seed: int = 0) -> dict:
             trial.report(m["auc"], epoch)
             return trial.should_prune()
 
-        r = train_cv(params, data, folds, epochs=MAX_EPOCHS, threads=2, on_epoch=on_epoch)
+        r = train_cv(
+            params, data, folds, epochs=MAX_EPOCHS, threads=2, on_epoch=on_epoch, seed=seed
+        )
         fold_epochs += r.epochs_run * K
         if r.stopped_early:
             raise optuna.TrialPruned()
@@ -204,7 +209,7 @@ def plain_optuna(data_dir: Path, search_s: float, seed: int = 0) -> dict:
     )
     study.optimize(objective, timeout=search_s - (time.perf_counter() - t0), catch=(TrialError,))
     best = {**space.fixed, **study.best_params}
-    res = submit(best, MAX_EPOCHS, cache, data, folds)
+    res = submit(best, MAX_EPOCHS, cache, data, folds, seed)
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     return {
         **res,
@@ -217,7 +222,7 @@ def plain_optuna(data_dir: Path, search_s: float, seed: int = 0) -> dict:
     }
 
 
-def fixed_config(data_dir: Path, budget: float) -> dict:
+def fixed_config(data_dir: Path, budget: float, seed: int = 0) -> dict:
     """(d) One sensible configuration, trained on every fold for as long as the budget allows:
     a 1-epoch probe of fold 0 gives the seconds per fold-epoch."""
     t0 = time.perf_counter()
@@ -227,7 +232,7 @@ def fixed_config(data_dir: Path, budget: float) -> dict:
     per_fold_epoch = probe.seconds
     left = budget - (time.perf_counter() - t0) - 15  # predicting and loading: ~15 s
     epochs = max(1, int(left / (per_fold_epoch * K)))
-    res = submit(FIXED, epochs, cache, data, folds)
+    res = submit(FIXED, epochs, cache, data, folds, seed)
     return {
         **res,
         "fold_epochs": 1 + epochs * K,
@@ -238,7 +243,7 @@ def fixed_config(data_dir: Path, budget: float) -> dict:
     }
 
 
-def fixed_full(data_dir: Path, budget: float) -> dict:
+def fixed_full(data_dir: Path, budget: float, seed: int = 0) -> dict:
     """(e) The same fixed recipe as (d), trained as pcam-search --budget's final model is by
     default: one model on every labelled row (k/(k-1) fold-epochs per epoch, so ~2x (d)'s
     epochs), for as long as the budget allows. Tells the search's share of (a)'s result from
@@ -249,7 +254,7 @@ def fixed_full(data_dir: Path, budget: float) -> dict:
     left = budget - (time.perf_counter() - t0) - 15
     epochs = max(1, int(left / (probe.seconds * K / (K - 1))))
     p = TrainParams.from_dict(FIXED)
-    states = train_full(p, data, epochs=epochs, threads=2)
+    states = train_full(p, data, epochs=epochs, seeds=[seed], threads=2)
     res = _predict_states(p, states, cache)
     return {
         **res,
@@ -318,6 +323,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600, help="seconds end to end, each run")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed (see above)")
     ap.add_argument("--curve", type=int, default=0, help="also the best-so-far of N trials")
     ap.add_argument("--curve-of", type=Path, help="only print the best-so-far of this study db")
     args = ap.parse_args()
@@ -332,20 +338,23 @@ def main() -> None:
     for name in args.settings:
         data_dir = dataset(name)
         search_s = args.budget * 0.75  # (c): its refit (12 epochs) gets the rest
+        key = name if args.seed == 0 else f"{name}/seed{args.seed}"
+        seed = ["--seed", str(args.seed)]
+        tag = key.replace("/", "-")  # its studies folder
         for m in args.methods:
             print(f"[{name}] ({m}) {METHODS[m]} ...", flush=True)
             if m == "a":
-                r = run_cli(f"{name}-a", data_dir, args.budget, [])
+                r = run_cli(f"{tag}-a", data_dir, args.budget, seed)
             elif m == "b":
-                r = run_cli(f"{name}-b", data_dir, args.budget, OLD)
+                r = run_cli(f"{tag}-b", data_dir, args.budget, OLD + seed)
             elif m == "c":
-                r = plain_optuna(data_dir, search_s)
+                r = plain_optuna(data_dir, search_s, args.seed)
             elif m == "d":
-                r = fixed_config(data_dir, args.budget)
+                r = fixed_config(data_dir, args.budget, args.seed)
             else:
-                r = fixed_full(data_dir, args.budget)
+                r = fixed_full(data_dir, args.budget, args.seed)
             r["gap"] = r["cv_auc"] - r["test_auc"]
-            results.setdefault(name, {})[m] = {**r, "budget": args.budget}
+            results.setdefault(key, {})[m] = {**r, "budget": args.budget}
             print(f"    {json.dumps({k: v for k, v in r.items() if k != 'best_params'})}")
             OUT.mkdir(parents=True, exist_ok=True)
             (OUT / "anytime.json").write_text(json.dumps(results, indent=1, default=str))
