@@ -54,7 +54,9 @@ from search.cli_args import parser
 from search.config import SearchConfig, for_device
 from search.deadline import (
     FULL_FIT_FACTOR,
+    MARGIN,
     REFIT_FACTOR,
+    REFIT_FIXED_S,
     TIE_AUC,
     Deadline,
     Pace,
@@ -511,11 +513,15 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
     ray_adapter.shutdown_ray()  # free the cores for the refit
     study = optuna.load_study(study_name=cfg.study, storage=studies.make_storage(cfg.storage_url))
     trial, epochs, full_models = _final_plan(cfg, study, t_cmd, deadline, console)
+    pace = deadline.best_pace()
+    predict_s = deadline.predict_s(pace) * MARGIN if pace else 0.0
     rcfg = RefitConfig(
         trial=trial,
         epochs=epochs or None,
         retrain=epochs > 0 and not full_models,
         full_models=full_models,
+        # the full-data models' training ends where the budget still fits the rest
+        train_until=t_cmd + cfg.budget - predict_s - REFIT_FIXED_S,
         study=cfg.study,
         storage=cfg.storage,
         studies_dir=cfg.studies_dir,

@@ -431,9 +431,10 @@ class _Fold:
         # timm's warm-up ramps the decay up from 0 (1 - (1 + step)^(-2/3), at most p.ema), so
         # a short run's EMA is not dominated by the random init
         self.ema = ModelEmaV3(self.model, decay=p.ema, use_warmup=True) if p.ema else None
-        warm, total = round(p.warmup_epochs * self.steps), epochs * self.steps
+        warm = round(p.warmup_epochs * self.steps)
+        self.epochs = epochs  # the schedule's length; train_full may shorten it (a deadline)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, warm, total, p.schedule)
+            self.opt, lambda s: lr_factor(s, warm, self.epochs * self.steps, p.schedule)
         )
         # float16 autocast needs loss scaling; bf16 and fp32 do not
         self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(dev) == torch.float16)
@@ -681,6 +682,17 @@ def _predict(model, batch: _Batcher, rows: np.ndarray, eval_batch: int) -> np.nd
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+def epochs_that_fit(done: int, planned: int, seconds_per_epoch: float, left_s: float) -> int:
+    """A schedule's length in epochs once ``done`` of ``planned`` are trained and ``left_s``
+    seconds remain at ``seconds_per_epoch``: ``planned`` if the rest fits, else fewer, but
+    at least one more, so the lr still anneals to its end (a model cut mid-schedule would
+    be submitted at a high lr)."""
+    if done >= planned:
+        return planned
+    fit = done + int(max(left_s, 0.0) // max(seconds_per_epoch, 1e-9))
+    return max(done + 1, min(planned, fit))
+
+
 def train_full(
     params: dict | TrainParams,
     data: TrainData,
@@ -690,13 +702,17 @@ def train_full(
     device: str | torch.device | None = None,
     threads: int | None = None,
     pretrained: bool | str = False,
-    on_epoch: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, int, int], None] | None = None,
+    seconds: float | None = None,
 ) -> list[dict]:
     """Train one model per seed on every row of ``data`` for ``epochs``; their CPU state_dicts.
 
     Nothing is held out, so nothing is scored: these are final models whose quality was
     estimated by the cross-validation of the same params (the fold models). ``on_epoch(i,
-    epoch)`` is called after epoch ``epoch`` of model ``i``. Raises like ``train_cv``.
+    epoch, epochs_i)`` is called after epoch ``epoch`` of model ``i``, whose schedule is
+    ``epochs_i`` long. ``seconds``: wall time all models may take (a ``--budget``'s
+    reserve); when a model's pace says its epochs would run past its equal share, its
+    schedule is shortened to what fits (``epochs_that_fit``). Raises like ``train_cv``.
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
@@ -704,6 +720,7 @@ def train_full(
         torch.set_num_threads(threads)
     every = np.ones(len(data.labels), np.int64)  # "fold 0" then trains on every row
     states, batch, run = [], None, None
+    t0 = time.perf_counter()
     try:
         for i, seed in enumerate(seeds):
             fold = _Fold(0, p, every, epochs, seed, dev, pretrained)
@@ -711,10 +728,16 @@ def train_full(
                 norm = models.data_config(fold.model, p.arch)
                 batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
                 run = _Run(p, dev, batch, data.labels)
-            for e in range(1, epochs + 1):
+            t_model = time.perf_counter()
+            while fold.epoch < fold.epochs:
                 fold.train_epoch(run)
+                if seconds is not None:  # model i ends by its share: (i + 1) / n of them
+                    now = time.perf_counter()
+                    left = t0 + seconds * (i + 1) / len(seeds) - now
+                    per_epoch = (now - t_model) / fold.epoch
+                    fold.epochs = epochs_that_fit(fold.epoch, fold.epochs, per_epoch, left)
                 if on_epoch is not None:
-                    on_epoch(i, e)
+                    on_epoch(i, fold.epoch, fold.epochs)
             states.append({n: v.detach().cpu() for n, v in fold.scored.state_dict().items()})
     except torch.cuda.OutOfMemoryError as e:
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epochs, asdict(p)) from e

@@ -75,6 +75,9 @@ class RefitConfig:
     # (no held-out part: the CV estimate is the search's, of the same params). At one cost,
     # one full-data model trains 2x the epochs of k = 3 fold models (README, "final model")
     full_models: int = 0
+    # --budget, full-data models: time.monotonic() by which their training must end (the
+    # budget less predicting and writing); their schedules shorten to fit. None = no limit
+    train_until: float | None = None
     other_data: bool = False  # allow data whose fingerprint differs from the study's
     device: str | None = None  # None = CUDA when present
     seed: int = 0
@@ -224,6 +227,7 @@ class _FoldModels:
     best_epochs: list[int] | None
     trained: bool  # False: the search's own fold models, no training
     full: bool = False  # full-data models: ``oof`` is the search's fold models' (or NaN)
+    epochs_trained: list[int] | None = None  # full-data models: each one's (train_until)
 
 
 def saved_models(trial: FrozenTrial, cache: Cache, epochs: int, search_epochs: int) -> Path | None:
@@ -303,6 +307,13 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
     them. ``oof``: the search's own fold models' held-out probabilities of the same params
     (NaN when they were not kept): the only honest estimate, since nothing is held out."""
     n = cfg.full_models
+    trained = [0] * n
+    seconds = None if cfg.train_until is None else cfg.train_until - time.monotonic()
+
+    def on_epoch(i: int, epoch: int, total: int) -> None:
+        trained[i] = epoch
+        bar.update(tasks[i], completed=epoch, total=total)
+
     with _bars(cfg) as bar:
         tasks = [bar.add_task(f"full-data model {i}", total=epochs) for i in range(n)]
         pretrained = search_cfg.get("pretrained") or False
@@ -313,11 +324,13 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
             seeds=[cfg.seed + i for i in range(n)],
             device=cfg.device,
             pretrained=True if pretrained == "cache" else pretrained,
-            on_epoch=lambda i, e: bar.update(tasks[i], completed=e),
+            on_epoch=on_epoch,
+            seconds=seconds,
         )
     # no OOF saved with them: ensemble selection must not score them on folds they trained on
-    ens_dir = save_ensemble(out_dir / "ensemble", states, {**meta, "k": n, "full_fit": True})
-    return _FoldModels(ens_dir, oof, oof, None, None, trained=True, full=True)
+    meta = {**meta, "k": n, "full_fit": True, "epochs_trained": trained}
+    ens_dir = save_ensemble(out_dir / "ensemble", states, meta)
+    return _FoldModels(ens_dir, oof, oof, None, None, True, True, trained)
 
 
 def _search_oof(trial: FrozenTrial, cache: Cache, n: int) -> np.ndarray:
@@ -444,7 +457,14 @@ def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldMo
     args = (cfg, pl.params, su.data)
     if full:
         oof = _search_oof(pl.trial, su.cache, len(su.data.labels))
-        return _full_fit(*args, pl.epochs, su.search_cfg, pl.out_dir, pl.meta, oof)
+        fm = _full_fit(*args, pl.epochs, su.search_cfg, pl.out_dir, pl.meta, oof)
+        if min(fm.epochs_trained) < pl.epochs:
+            console.print(
+                f"trained {fm.epochs_trained} of the planned {pl.epochs} epochs: at this pace "
+                "the rest would have run past the budget (each schedule was shortened, so its "
+                "lr still annealed)"
+            )
+        return fm
     if saved:
         return _reuse(saved, pl.out_dir, pl.trial.number)
     return _retrain(*args, su.folds, pl.epochs, su.k, su.search_cfg, pl.out_dir, pl.meta)
@@ -527,6 +547,7 @@ def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> Non
         # full-data models: oof_auc is the search's k-fold estimate of these params (at its
         # epochs), not of these models, which saw every labelled patch
         "full_fit": cfg.full_models if fm.full else 0,
+        "epochs_trained": fm.epochs_trained,  # full-data models: fewer than planned = cut
         "test_auc": res.test_auc,
         "test_auc_folds": res.test_auc_folds,
         "validation_minus_test": res.validation_gap,

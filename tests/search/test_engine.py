@@ -331,3 +331,40 @@ def test_train_full_with_ema_returns_the_averaged_weights(embedded):
 def test_train_params_refuses_an_ema_decay_outside_0_1(bad):
     with pytest.raises(ValueError, match="ema"):
         TrainParams.from_dict({"ema": bad})
+
+
+@pytest.mark.parametrize(
+    "done, planned, per_epoch, left, want",
+    [
+        (1, 48, 2.0, 200.0, 48),  # 47 more need 94 s: they fit
+        (1, 48, 2.0, 50.0, 26),  # 25 more fit
+        (10, 48, 2.0, 0.0, 11),  # none fits: one more, so the schedule still ends
+        (10, 48, 2.0, -30.0, 11),  # already late: the same
+        (48, 48, 2.0, -30.0, 48),  # done
+    ],
+)
+def test_epochs_that_fit_shortens_only_what_would_run_late(done, planned, per_epoch, left, want):
+    from search.engine import epochs_that_fit
+
+    assert epochs_that_fit(done, planned, per_epoch, left) == want
+
+
+def test_train_full_shortens_each_models_schedule_to_its_share_of_seconds(embedded):
+    from search.engine import train_full
+
+    data, _ = _small(embedded)
+    seen = []
+    states = train_full(
+        TINY,
+        data,
+        epochs=5,
+        seeds=[0, 1],
+        threads=2,
+        seconds=0.0,
+        on_epoch=lambda *a: seen.append(a),
+    )
+    # no time at all: each model trains one epoch, then one more that ends its schedule
+    assert seen == [(0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)] and len(states) == 2
+    seen.clear()
+    train_full(TINY, data, epochs=2, threads=2, on_epoch=lambda *a: seen.append(a))
+    assert seen == [(0, 1, 2), (0, 2, 2)]  # no limit: as planned

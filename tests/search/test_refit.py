@@ -316,6 +316,7 @@ def test_refit_full_trains_models_on_every_labelled_patch(refitted, tmp_path):
     (d,) = (tmp_path / "studies" / "pcam" / "refit").glob("trial-*")
     rec = json.loads((d / "refit.json").read_text())
     assert rec["full_fit"] == 2 and rec["trained"] and rec["validation_minus_test"] is None
+    assert rec["epochs_trained"] == [1, 1]  # no deadline: every planned epoch
     meta = json.loads((d / "ensemble" / "ensemble.json").read_text())
     assert meta["full_fit"] and len(meta["folds"]) == 2 and not meta.get("oof")
     study = optuna.load_study(
@@ -333,6 +334,38 @@ def test_refit_full_trains_models_on_every_labelled_patch(refitted, tmp_path):
     a = pd.read_csv(out, dtype={"id": str})
     b = pd.read_csv(d / "submission.csv", dtype={"id": str})
     assert a["id"].tolist() == b["id"].tolist() and np.allclose(a["label"], b["label"], atol=1e-6)
+
+
+def test_refit_full_models_end_by_train_until(refitted, tmp_path):
+    # --budget's full-data models must end where the budget still fits predicting: with the
+    # deadline already past, each trains one epoch, then one more to finish its (shortened)
+    # schedule, and refit.json, the ensemble and the console say so
+    import io
+    import time
+
+    from rich.console import Console
+
+    from search.refit import RefitConfig, refit
+
+    root, _ = refitted
+    shutil.copytree(root / "studies", tmp_path / "studies")
+    cfg = RefitConfig(
+        epochs=4,
+        full_models=2,
+        train_until=time.monotonic() - 1,
+        studies_dir=tmp_path / "studies",
+        cache_dir=root / "cache",
+        tta=1,
+        force=True,
+        progress=False,
+    )
+    out = io.StringIO()
+    res = refit(cfg, Console(file=out, width=200))
+    rec = json.loads((res.ensemble_dir.parent / "refit.json").read_text())
+    assert rec["epochs"] == 4 and rec["epochs_trained"] == [2, 2]
+    assert json.loads((res.ensemble_dir / "ensemble.json").read_text())["epochs_trained"] == [2, 2]
+    assert "trained [2, 2] of the planned 4 epochs" in out.getvalue()
+    assert res.test_auc is not None and np.isfinite(res.test_auc)
 
 
 def test_refit_full_and_retrain_together_is_refused(capsys):
