@@ -688,7 +688,7 @@ def epochs_that_fit(done: int, planned: int, seconds_per_epoch: float, left_s: f
     at least one more, so the lr still anneals to its end (a model cut mid-schedule would
     be submitted at a high lr)."""
     if done >= planned:
-        return planned
+        return done
     fit = done + int(max(left_s, 0.0) // max(seconds_per_epoch, 1e-9))
     return max(done + 1, min(planned, fit))
 
@@ -728,14 +728,19 @@ def train_full(
                 norm = models.data_config(fold.model, p.arch)
                 batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
                 run = _Run(p, dev, batch, data.labels)
-            t_model = time.perf_counter()
+            t_start = time.perf_counter()
             while fold.epoch < fold.epochs:
                 fold.train_epoch(run)
-                if seconds is not None:  # model i ends by its share: (i + 1) / n of them
+                # model i ends by its share, (i + 1) / n of the seconds; a schedule that has
+                # run to its end stays ended (its lr is at 0)
+                if seconds is not None and fold.epoch < fold.epochs:
                     now = time.perf_counter()
                     left = t0 + seconds * (i + 1) / len(seeds) - now
-                    per_epoch = (now - t_model) / fold.epoch
-                    fold.epochs = epochs_that_fit(fold.epoch, fold.epochs, per_epoch, left)
+                    per_epoch = (now - t_start) / max(1, fold.epoch - 1)
+                    # the plan, not the last length, caps it: the pace can recover
+                    fold.epochs = epochs_that_fit(fold.epoch, epochs, per_epoch, left)
+                if fold.epoch == 1:  # the pace is timed from here: epoch 1 has one-off setup
+                    t_start = time.perf_counter()
                 if on_epoch is not None:
                     on_epoch(i, fold.epoch, fold.epochs)
             states.append({n: v.detach().cpu() for n, v in fold.scored.state_dict().items()})

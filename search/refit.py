@@ -330,7 +330,7 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
     # no OOF saved with them: ensemble selection must not score them on folds they trained on
     meta = {**meta, "k": n, "full_fit": True, "epochs_trained": trained}
     ens_dir = save_ensemble(out_dir / "ensemble", states, meta)
-    return _FoldModels(ens_dir, oof, oof, None, None, True, True, trained)
+    return _FoldModels(ens_dir, oof, oof, None, None, True, full=True, epochs_trained=trained)
 
 
 def _search_oof(trial: FrozenTrial, cache: Cache, n: int) -> np.ndarray:
