@@ -368,3 +368,20 @@ def test_train_full_shortens_each_models_schedule_to_its_share_of_seconds(embedd
     seen.clear()
     train_full(TINY, data, epochs=2, threads=2, on_epoch=lambda *a: seen.append(a))
     assert seen == [(0, 1, 2), (0, 2, 2)]  # no limit: as planned
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_fold_schedule_shortened_mid_run_still_anneals_to_its_new_end(schedule):
+    # train_full's deadline sets _Fold.epochs mid-run: the lr must follow the new length
+    # (reach ~0 at its last step), not the planned one
+    import torch
+
+    from search.engine import _Fold
+
+    p = TrainParams.from_dict({**TINY, "schedule": schedule, "warmup_epochs": 0.5})
+    fold = _Fold(0, p, np.ones(320, np.int64), 8, 0, torch.device("cpu"), False)
+    lam = fold.sched.lr_lambdas[0]
+    last = 3 * fold.steps - 1  # the last step of 3 epochs
+    assert lam(last) > 0.3  # on the planned 8 epochs, mid-schedule
+    fold.epochs = 3
+    assert lam(last) < 0.01 and lam(fold.steps) > 0.3
