@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import models
-import search.engine as engine_mod
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
+from search.device import amp_dtype
 from search.engine import (
     AMP_ENV,
     PoolImages,
@@ -160,14 +160,14 @@ def _with_amp(value: str | None, fn, *args, **kw):
     old = os.environ.pop(AMP_ENV, None)
     if value is not None:
         os.environ[AMP_ENV] = value
-    engine_mod._amp_dtype.cache_clear()
+    amp_dtype.cache_clear()
     try:
         return fn(*args, **kw)
     finally:
         os.environ.pop(AMP_ENV, None)
         if old is not None:
             os.environ[AMP_ENV] = old
-        engine_mod._amp_dtype.cache_clear()
+        amp_dtype.cache_clear()
 
 
 def measure_precision(args, data: TrainData, dev) -> list[tuple]:

@@ -25,6 +25,7 @@ AUC_FOLDS = "auc_folds"  # held-out AUC per fold at the last epoch
 SECONDS = "seconds"  # training seconds of the trial
 DEVICE = "device"  # what it trained on (a GPU's name, or "cpu")
 PRECISION = "precision"  # bf16 / fp16 autocast or fp32 (search.engine.precision)
+POOL = "pool"  # where a COMPLETE trial's patches were: "device" or "host" (and why)
 NODE = "node"  # the Ray node's host
 VAL_LOSS = "val_loss"  # mean held-out loss at the last epoch
 IMAGES_PER_S = "images_per_s"  # training throughput

@@ -405,6 +405,7 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
         race_epochs=cfg.race_epochs,
         models_dir=str(cfg.out_dir / "models") if cfg.keep_top > 0 else None,
         model_meta=meta,
+        gpu_share=cfg.gpus_per_trial,
     )
     resources = ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency)
     pretrained = bool(cfg.pretrained)
@@ -548,13 +549,25 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
     return 0
 
 
+def trials_at_once(cpus: float, gpus: float, cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials fit the cluster's ``cpus`` and ``gpus`` at once. Exact for shares
+    like 0.2 or 0.33: a float division floored (1 // 0.2 == 4.0) loses a trial; Ray counts
+    resources in units of 1e-4, so a share is rounded to those first."""
+
+    def fit(have: float, each: float) -> int:
+        return round(have * 10_000) // max(1, round(each * 10_000))
+
+    n = fit(cpus, cpus_per_trial)
+    return min(n, fit(gpus, gpus_per_trial)) if gpus_per_trial > 0 else n
+
+
 def _fit_concurrency(cfg: SearchConfig) -> int:
     from search import ray_adapter
 
     res = ray_adapter.cluster_resources()
-    n = int(res.get("CPU", 1) // cfg.cpus_per_trial)
-    if cfg.gpus_per_trial > 0:
-        n = min(n, int(res.get("GPU", 0) // cfg.gpus_per_trial))
+    n = trials_at_once(
+        res.get("CPU", 1), res.get("GPU", 0), cfg.cpus_per_trial, cfg.gpus_per_trial
+    )
     if n < 1:
         raise ValueError(
             f"the Ray cluster ({res.get('CPU', 0)} CPUs, {res.get('GPU', 0)} GPUs) cannot run one "

@@ -11,23 +11,26 @@ up data and folds, then loop epochs -> fold groups -> report.
 
 Data: the cache's uint8 patches stay in its memory-mapped file (``PoolImages``): the OS page
 cache holds them once per machine for every trial; each batch gathers its random rows and
-crops them (on a GPU with room, the cropped pool is copied to the device once per trial);
-batches are augmented as whole tensors (``search.augment``).
-CUDA: AMP (bf16 where supported), channels_last, non-blocking copies. CPU: channels_last too
-(measured faster with oneDNN), ``threads`` threads, bf16 autocast on CPUs with AMX units
-(``cpu_bf16``; ``PCAM_AMP=off`` for fp32).
+crops them, a batch ahead in a background thread on CUDA. On a GPU whose trial share has room
+(the memory plan, ``search.device``) the cropped pool is copied to the device once per trial
+and batches are gathered there. Batches are augmented as whole tensors (``search.augment``);
+a training step makes no blocking host<->device transfer.
+CUDA: autocast in bf16 where native, else fp16 with loss scaling; channels_last; cuDNN
+autotuning. CPU: channels_last too (measured faster with oneDNN), ``threads`` threads, bf16
+autocast on CPUs with AMX units (``cpu_bf16``; ``PCAM_AMP=off`` for fp32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
+import logging
 import math
 import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,8 +40,23 @@ from sklearn.metrics import roc_auc_score
 from timm.utils import ModelEmaV3
 
 import models
-from search.augment import augment, cutmix, mixup
+from search.augment import apply_mix, augment, draw_mixes
+from search.device import (
+    AMP_ENV,
+    PoolPlan,
+    amp_dtype,
+    configure,
+    cpu_bf16,
+    estimate_trial_bytes,
+    plan_pool,
+    pool_bytes,
+    precision,
+    release,
+    share_bytes,
+)
 from search.losses import LOSSES, binary_loss
+
+__all__ = ["AMP_ENV", "cpu_bf16", "precision"]  # re-exported: callers import them from here
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("cosine", "onecycle", "constant")
@@ -229,6 +247,8 @@ class CVResult:
     oof_best: np.ndarray | None = None  # (N,) same at its fold's best epoch (restore_best)
     best_epochs: list[int] | None = None  # per fold: epoch of the best held-out AUC
     self_stopped: bool = False  # early stopping (patience) ended every fold before ``epochs``
+    pool: str = "host"  # where the patch pool was: "device" (copied once) or "host"
+    pool_note: str = ""  # why it is not where the memory plan put it (out of memory), if so
 
     @property
     def epochs_run(self) -> int:
@@ -308,39 +328,133 @@ def crop_batch(batch: np.ndarray, crop: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(batch[:, o : o + crop, o : o + crop]))
 
 
-# On a GPU the cropped pool moves to the device once per trial when it takes less than this
-# share of the free memory; otherwise (and on CPU) each batch gathers its rows from the pool
-GPU_POOL_SHARE = 0.25
+# Patches per host -> device copy chunk when the pool moves to the device: 4096 96x96 patches
+# are 113 MB of pinned host memory at a time
+POOL_CHUNK = 4096
+POOL_PLACES = ("device", "host")
 
 
 class _Batcher:
-    """Turns index batches into normalised float input on the device: each batch gathers its
-    rows from the pool (memory-mapped, shared by every trial) and crops them; on a GPU with
-    room the cropped pool is copied to the device once instead."""
+    """Turns row indices into (input, target) batches on the device.
 
-    def __init__(self, images, crop: int, device: torch.device, mean, std) -> None:
+    Pool on the device (``place="device"``, when the memory plan says it fits): the cropped
+    pool is copied once per trial into one preallocated tensor, labels beside it; an epoch's
+    order is drawn on the device and batches are gathered there: no host work per step.
+    Pool on the host: each batch gathers its rows from the pool (memory-mapped, shared by
+    every trial) and crops them; on CUDA a background thread gathers and pins the next batch
+    while the current one trains (``prefetch``), and the copy does not block.
+    A device pool that does not fit (out of memory while copying) falls back to the host
+    path and says why in ``note``.
+    """
+
+    def __init__(
+        self,
+        images,
+        labels: np.ndarray,
+        crop: int,
+        device: torch.device,
+        mean,
+        std,
+        place: str = "host",
+        prefetch: bool | None = None,
+    ) -> None:
+        if place not in POOL_PLACES:
+            raise ValueError(f"pool place must be one of {POOL_PLACES}, got {place!r}")
         self.images, self.crop, self.device = images, crop, device
+        self.labels = np.asarray(labels, np.float32)
         self.cuda = device.type == "cuda"
-        self.x: torch.Tensor | None = None
-        if self.cuda and len(images) * crop * crop * 3 < GPU_POOL_SHARE * _free_gpu(device):
-            chunks = range(0, len(images), 4096)  # bounded host memory: 4096 patches, 113 MB
-            self.x = torch.cat([crop_batch(images[s : s + 4096], crop).to(device) for s in chunks])
+        self.prefetch = self.cuda if prefetch is None else prefetch
+        self.x: torch.Tensor | None = None  # (N, c, c, 3) uint8 on the device, or None
+        self.y: torch.Tensor | None = None  # (N,) float32 beside it
+        self.note = ""  # why the pool is not where it was planned, if it is not
+        if place == "device":
+            self._to_device()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
-    def __call__(
-        self, idx: torch.Tensor, aug: float = 0.0, gen: torch.Generator | None = None
-    ) -> torch.Tensor:
-        if self.x is not None:
-            xb = self.x[idx.to(self.x.device)]  # (B, c, c, 3) uint8, on the device
-        else:
-            xb = crop_batch(self.images[idx.numpy()], self.crop)  # gather, then crop
-            if self.cuda:
-                xb = xb.pin_memory().to(self.device, non_blocking=True)
+    @property
+    def place(self) -> str:
+        return "device" if self.x is not None else "host"
+
+    def _to_device(self) -> None:
+        n, c = len(self.images), self.crop
+        try:
+            # one allocation, filled in chunks: no list of chunks + torch.cat (2x the pool)
+            x = torch.empty((n, c, c, 3), dtype=torch.uint8, device=self.device)
+            for s in range(0, n, POOL_CHUNK):
+                chunk = crop_batch(self.images[s : s + POOL_CHUNK], c)
+                x[s : s + len(chunk)].copy_(_pinned(chunk, self.cuda), non_blocking=self.cuda)
+            self.y = torch.from_numpy(self.labels).to(self.device)
+            self.x = x
+        except torch.cuda.OutOfMemoryError as e:
+            self.x = self.y = x = None
+            release(self.device)
+            self.note = f"the patch pool did not fit on the device ({_first_line(e)}): host path"
+            logging.getLogger(__name__).warning(self.note)
+
+    def rows_on_device(self, rows: np.ndarray) -> torch.Tensor | None:
+        """A fold's training rows as a device tensor (once per fold) when the pool is there."""
+        return None if self.x is None else torch.from_numpy(rows).to(self.device)
+
+    def epoch(self, rows: np.ndarray, rows_dev: torch.Tensor | None, steps: int, size: int):
+        """``steps`` batches of ``size`` rows, a random order of ``rows`` (drop-last), as
+        (B, c, c, 3) uint8 and (B,) float32 targets on the device. Draws from the default
+        generators (the fold's, swapped in by ``_FoldRNG``)."""
+        if self.x is not None and rows_dev is not None:
+            perm = rows_dev[torch.randperm(len(rows_dev), device=self.device)]
+            for s in range(steps):
+                idx = perm[s * size : (s + 1) * size]
+                yield self.x[idx], self.y[idx]
+            return
+        order = rows[torch.randperm(len(rows)).numpy()]  # host order, one draw per epoch
+        chunks = [order[s * size : (s + 1) * size] for s in range(steps)]
+        for xb, yb in (
+            _prefetched(self._gather, chunks) if self.prefetch else map(self._gather, chunks)
+        ):
+            yield self._put(xb), self._put(yb)
+
+    def _gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host side of a batch: rows gathered from the pool, cropped (pinned on CUDA)."""
+        xb = crop_batch(self.images[rows], self.crop)
+        return _pinned(xb, self.cuda), _pinned(torch.from_numpy(self.labels[rows]), self.cuda)
+
+    def _put(self, t: torch.Tensor) -> torch.Tensor:
+        # from pinned memory a non-blocking copy queues on the stream: the host goes on
+        return t.to(self.device, non_blocking=True) if self.cuda else t
+
+    def inputs(self, xb: torch.Tensor, aug: float = 0.0) -> torch.Tensor:
+        """(B, c, c, 3) uint8 on the device -> (B, 3, c, c) normalised float, augmented."""
         xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
         if aug > 0:
-            xb = augment(xb, aug, gen)
+            xb = augment(xb, aug)
         return normalise(xb, self.mean, self.std)
+
+    def __call__(self, rows: np.ndarray) -> torch.Tensor:
+        """Model input for ``rows`` (evaluation: no augmentation)."""
+        if self.x is not None:
+            return self.inputs(self.x[torch.from_numpy(rows).to(self.device)])
+        return self.inputs(self._put(self._gather(rows)[0]))
+
+
+def _pinned(t: torch.Tensor, cuda: bool) -> torch.Tensor:
+    return t.pin_memory() if cuda else t
+
+
+def _prefetched(fn: Callable, items: list):
+    """``fn(item)`` for each item, in order, each computed in a background thread while the
+    caller works on the previous result (one ahead)."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcam-prefetch") as pool:
+        ahead = pool.submit(fn, items[0])
+        for nxt in items[1:]:
+            done, ahead = ahead.result(), pool.submit(fn, nxt)
+            yield done
+        yield ahead.result()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -351,53 +465,58 @@ def normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
 
 def probabilities(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B,) float32 sigmoid probabilities of a binary ``model`` on input ``x``, under the
-    device's autocast rule (``_amp_dtype``: bf16 where the device has fast bf16, fp16 on
-    older GPUs, else fp32).
+    device's autocast rule (``search.device.amp_dtype``: bf16 where the device runs it
+    natively, fp16 on older GPUs, else fp32).
     The one inference step: OOF scoring in training and the saved ensemble's test
     predictions share it, so both see the same numerics."""
-    amp = _amp_dtype(x.device)
+    amp = amp_dtype(x.device)
     with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
         logits = model(x).squeeze(1)
     return torch.sigmoid(logits.float())
-
-
-def _free_gpu(device: torch.device) -> int:
-    return torch.cuda.mem_get_info(device)[0]
 
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
-# PCAM_AMP=off trains and predicts in fp32 everywhere (the numbers of a run before CPU bf16)
-AMP_ENV = "PCAM_AMP"
-
-
-def cpu_bf16() -> bool:
-    """Whether this CPU has bf16 matrix units (Intel AMX, Sapphire Rapids and later), where
-    oneDNN runs bf16 convolutions 1.6-2x faster than fp32 (benchmarks/train_throughput.py);
-    without them bf16 is emulated and slower, so those CPUs stay in fp32."""
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: may move
-    return bool(is_amx and is_amx())
-
-
-@functools.cache  # asked per inference batch (probabilities): the answer is per device
-def _amp_dtype(dev: torch.device) -> torch.dtype | None:
-    """Autocast dtype: CUDA bf16 where supported, else fp16; CPU bf16 on AMX CPUs, else None
-    (fp32). ``PCAM_AMP=off`` (read once per process): None everywhere."""
-    if os.environ.get(AMP_ENV, "auto").lower() in ("off", "0", "fp32", "no"):
-        return None
-    if dev.type == "cpu":
-        return torch.bfloat16 if cpu_bf16() else None
+def plan_pool_for(p: TrainParams, n: int, k: int, dev: torch.device, gpu_share: float) -> PoolPlan:
+    """Where a trial of ``p`` with k folds over ``n`` patches keeps its pool on ``dev``: the
+    memory plan on CUDA (``search.device.plan_pool``), the host elsewhere."""
     if dev.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return PoolPlan("host", "not a GPU: batches gather from the memory-mapped cache")
+    with torch.device("meta"):  # shapes only: no memory, no weights read
+        model = create_model(p).to(memory_format=torch.channels_last)
+    trial = estimate_trial_bytes(model, p.optimizer, p.ema > 0, k, p.batch_size, p.crop)
+    return plan_pool(share_bytes(dev, gpu_share), pool_bytes(n, p.crop), trial)
 
 
-def precision(dev: str | torch.device) -> str:
-    """The arithmetic training and inference use on ``dev``: "bf16", "fp16" or "fp32"."""
-    amp = _amp_dtype(torch.device(dev))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+class _FoldRNG:
+    """A fold's own random stream: states of the default CPU and (on CUDA) device generators,
+    swapped in while the fold trains and out after. Every draw in its training (order,
+    augmentation, MixUp/CutMix, dropout) comes from it, so a fold's result does not depend
+    on how folds interleave (racing or lockstep) or on what else ran in the process."""
+
+    def __init__(self, dev: torch.device) -> None:
+        # called right after torch.manual_seed(fold seed) and the model's init
+        self.dev = dev
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def active(self):
+        outer = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.dev) if self.cuda is not None else None
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.dev)
+        try:
+            yield
+        finally:
+            self.cpu = torch.get_rng_state()
+            torch.set_rng_state(outer)
+            if self.cuda is not None:
+                self.cuda = torch.cuda.get_rng_state(self.dev)
+                torch.cuda.set_rng_state(outer_cuda, self.dev)
 
 
 class _Run:
@@ -406,8 +525,9 @@ class _Run:
     def __init__(self, p: TrainParams, dev: torch.device, batch: _Batcher, labels: np.ndarray):
         self.p, self.dev, self.batch, self.labels = p, dev, batch, labels
         self.cuda = dev.type == "cuda"
-        self.amp = _amp_dtype(dev)
-        self.y = torch.as_tensor(labels, dtype=torch.float32)
+        self.amp = amp_dtype(dev)
+        # made once: a tensor built from a Python float inside a step is a blocking copy
+        self.pos_weight = torch.tensor(p.pos_weight, device=dev) if p.pos_weight != 1.0 else None
         self.oof = np.full(len(labels), np.nan, dtype=np.float32)  # last scored epoch
         self.oof_best = np.full(len(labels), np.nan, dtype=np.float32)  # best epoch per fold
 
@@ -421,10 +541,14 @@ class _Fold:
     def __init__(
         self, f: int, p: TrainParams, folds: np.ndarray, epochs: int, seed: int, dev, pretrained
     ) -> None:
-        torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
         self.f = f
-        self.model = create_model(p, pretrained).to(dev, memory_format=torch.channels_last)
-        self.train_idx = torch.from_numpy(np.flatnonzero(folds != f))
+        # the process's own stream is left as it was: the fold's is forked from it
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
+            self.model = create_model(p, pretrained).to(dev, memory_format=torch.channels_last)
+            self.rng = _FoldRNG(dev)  # the fold's stream from here on: seed + init
+        self.train_idx = np.flatnonzero(folds != f)
+        self.train_idx_dev: torch.Tensor | None = None  # on the device with a device pool
         self.val_idx = np.flatnonzero(folds == f)
         self.steps = max(1, len(self.train_idx) // p.batch_size)  # drop_last: BN on 1-2 samples
         self.opt = _make_optimizer(p, [q for q in self.model.parameters() if q.requires_grad])
@@ -437,8 +561,7 @@ class _Fold:
             self.opt, lambda s: lr_factor(s, warm, self.epochs * self.steps, p.schedule)
         )
         # float16 autocast needs loss scaling; bf16 and fp32 do not
-        self.scaler = torch.amp.GradScaler("cuda", enabled=_amp_dtype(dev) == torch.float16)
-        self.gen = torch.Generator().manual_seed(seed * 1000 + f)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(dev) == torch.float16)
         self.epoch = 0  # epochs trained
         self.active = True  # False once early stopping (patience) ended this fold
         self.auc = self.loss = self.acc = self.train_loss = math.nan  # latest epoch
@@ -446,31 +569,36 @@ class _Fold:
         self.best_state: dict | None = None  # CPU copy of the best epoch's weights
 
     def train_epoch(self, run: _Run) -> int:
-        """One pass over this fold's training rows; returns the images seen."""
-        p, m, g = run.p, self.model, self.gen
+        """One pass over this fold's training rows; returns the images seen. Every draw comes
+        from the fold's own stream; no step waits on the host (no blocking copy, no read of a
+        device value): per-step random choices are drawn on the host once per epoch, device
+        randomness on the device."""
+        p, m, batch = run.p, self.model, run.batch
         m.train()
-        perm = self.train_idx[torch.randperm(len(self.train_idx), generator=g)]
-        loss_sum = torch.zeros((), device=run.dev)
-        for s in range(self.steps):
-            idx = perm[s * p.batch_size : (s + 1) * p.batch_size]
-            xb = run.batch(idx, p.aug, g)  # (B, 3, c, c) float, normalised, augmented
-            yb = run.y[idx].to(run.dev, non_blocking=True)
-            yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
-            if p.mix != "none" and float(torch.rand((), generator=g)) < p.mix_prob:
-                xb, yb = (mixup if p.mix == "mixup" else cutmix)(xb, yb, p.mix_alpha, g)
-            with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.amp is not None):
-                logits = m(xb).squeeze(1)
-            loss = binary_loss(
-                logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, p.pos_weight
-            )
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.sched.step()
-            if self.ema is not None:
-                self.ema.update(m, step=self.sched.last_epoch)  # last_epoch: steps so far
-            loss_sum += loss.detach()
+        if self.train_idx_dev is None:
+            self.train_idx_dev = batch.rows_on_device(self.train_idx)
+        with self.rng.active():
+            mixes = draw_mixes(p.mix, p.mix_prob, p.mix_alpha, self.steps, p.crop)
+            loss_sum = torch.zeros((), device=run.dev)
+            batches = batch.epoch(self.train_idx, self.train_idx_dev, self.steps, p.batch_size)
+            for s, (xb, yb) in enumerate(batches):
+                xb = batch.inputs(xb, p.aug)  # (B, 3, c, c) float, normalised, augmented
+                yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
+                if mixes[s] is not None:
+                    xb, yb = apply_mix(xb, yb, mixes[s])
+                with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.amp is not None):
+                    logits = m(xb).squeeze(1)
+                loss = binary_loss(
+                    logits.float(), yb, p.loss, p.focal_gamma, p.focal_alpha, run.pos_weight
+                )
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.sched.step()
+                if self.ema is not None:
+                    self.ema.update(m, step=self.sched.last_epoch)  # last_epoch: steps so far
+                loss_sum += loss.detach()
         self.epoch += 1
         self.train_loss = float(loss_sum) / self.steps  # one sync per fold-epoch, not per step
         if not math.isfinite(self.train_loss):
@@ -544,6 +672,8 @@ def train_cv(
     keep_oof: bool = False,
     eval_batch: int = 1024,
     race_epochs: int = 0,
+    gpu_share: float = 1.0,
+    pool: str | None = None,
 ) -> CVResult:
     """Train one model per fold and score every fold's held-out part after each of its epochs.
 
@@ -555,22 +685,60 @@ def train_cv(
     fold-epochs spent), then lockstep (``fold_steps``). ``on_epoch`` returning True stops all
     folds. Raises ``TrialDiverged`` on a non-finite loss and ``TrialOutOfMemory`` on CUDA OOM,
     with the epoch and params.
+
+    ``gpu_share``: the trial's share of the GPU (``--gpus-per-trial``), what the memory plan
+    (``plan_pool_for``) may use; ``pool`` ("device"/"host") overrides the plan. A device
+    pool that runs out of memory before the first report is dropped and the trial restarts
+    on the host path (same seeds, so the same result), saying so in ``CVResult.pool_note``.
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
-    if dev.type != "cuda" and threads:
-        torch.set_num_threads(threads)
+    configure(dev, threads)
     folds = np.asarray(folds)
     k = int(folds.max()) + 1
+    plan = plan_pool_for(p, len(data.labels), k, dev, gpu_share) if pool is None else None
+    place = pool or plan.where
+    args = (p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race_epochs)
+    try:
+        try:
+            return _finish(_train_cv(*args, place), keep_states, keep_oof)
+        except _PoolOutOfMemory as e:
+            release(dev)
+            note = f"the device pool ran out of memory before the first report ({e}): host path"
+            logging.getLogger(__name__).warning(note)
+            return _finish(_train_cv(*args, "host"), keep_states, keep_oof, note)
+    finally:
+        release(dev)  # reused Ray actors: the next trial finds this one's blocks free
+
+
+class _PoolOutOfMemory(RuntimeError):
+    """CUDA ran out of memory with the pool on the device, before anything was reported."""
+
+
+@dataclass
+class _Trained:
+    """What ``_train_cv`` leaves for ``_finish``: the folds and their shared state."""
+
+    runs: list
+    run: _Run
+    history: list[dict]
+    stopped: bool
+    epochs: int
+    t_start: float
+
+
+def _train_cv(p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race, place):
+    """``train_cv``'s loop with the pool at ``place``; returns the trained folds."""
+    k = int(folds.max()) + 1
     t_start = time.perf_counter()
-    epoch, history, stopped = 0, [], False
+    epoch, history, stopped, batch = 0, [], False, None
     try:
         runs = [_Fold(f, p, folds, epochs, seed, dev, pretrained) for f in range(k)]
         norm = models.data_config(runs[0].model, p.arch)
-        batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
+        batch = _Batcher(data.images, data.labels, p.crop, dev, norm["mean"], norm["std"], place)
         run = _Run(p, dev, batch, data.labels)
         clock = _Clock()
-        steps = fold_steps(k, epochs, race_epochs)
+        steps = fold_steps(k, epochs, race)
         for i, (group, epoch) in enumerate(steps):
             clock.new_step()
             for f in group:
@@ -583,8 +751,10 @@ def train_cv(
             if len(seen) == k and not any(r.active for r in runs):  # all early-stopped
                 break
     except torch.cuda.OutOfMemoryError as e:
+        if batch is not None and batch.place == "device" and not history:
+            raise _PoolOutOfMemory(_first_line(e)) from e
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epoch, asdict(p)) from e
-    return _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_start)
+    return _Trained(runs, run, history, stopped, epochs, t_start)
 
 
 class _Clock:
@@ -647,8 +817,8 @@ def _reached(r: _Fold, epoch: int) -> int:
     return min(r.epoch, epoch)
 
 
-def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_start):
-    p = run.p
+def _finish(t: _Trained, keep_states: bool, keep_oof: bool, note: str = "") -> CVResult:
+    runs, run, history, p = t.runs, t.run, t.history, t.run.p
     if p.restore_best:
         for r in runs:
             if r.best_state is not None:
@@ -657,16 +827,19 @@ def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_s
     if keep_states:
         states = [{n: v.detach().cpu() for n, v in r.scored.state_dict().items()} for r in runs]
     last_epoch = history[-1]["epoch"] if history else 0
+    dev = run.dev
     return CVResult(
         history=history,
-        stopped_early=stopped,
-        self_stopped=not stopped and last_epoch < epochs and not any(r.active for r in runs),
+        stopped_early=t.stopped,
+        self_stopped=not t.stopped and last_epoch < t.epochs and not any(r.active for r in runs),
         best_epochs=[r.best_epoch for r in runs],
         oof_best=run.oof_best if keep_oof else None,
-        seconds=time.perf_counter() - t_start,
+        seconds=time.perf_counter() - t.t_start,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev),
         states=states,
         oof=run.oof if keep_oof else None,
+        pool=run.batch.place,
+        pool_note=note or run.batch.note,
     )
 
 
@@ -674,9 +847,8 @@ def _result(runs, run, history, stopped, epochs, keep_states, keep_oof, dev, t_s
 def _predict(model, batch: _Batcher, rows: np.ndarray, eval_batch: int) -> np.ndarray:
     """Probabilities for ``rows`` (no augmentation), in chunks of ``eval_batch``."""
     model.eval()
-    rows_t = torch.from_numpy(rows)
     out = [
-        probabilities(model, batch(rows_t[s : s + eval_batch])).cpu()
+        probabilities(model, batch(rows[s : s + eval_batch])).cpu()
         for s in range(0, len(rows), eval_batch)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
@@ -716,8 +888,24 @@ def train_full(
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
-    if dev.type != "cuda" and threads:
-        torch.set_num_threads(threads)
+    configure(dev, threads)
+    place = plan_pool_for(p, len(data.labels), 1, dev, 1.0).where
+    args = (p, data, epochs, seeds, dev, pretrained, on_epoch, seconds)
+    try:
+        try:
+            return _train_full(*args, place)
+        except _PoolOutOfMemory as e:
+            release(dev)
+            logging.getLogger(__name__).warning(
+                "the device pool ran out of memory in the first epoch (%s): host path", e
+            )
+            return _train_full(*args, "host")
+    finally:
+        release(dev)
+
+
+def _train_full(p, data, epochs, seeds, dev, pretrained, on_epoch, seconds, place) -> list[dict]:
+    """``train_full``'s loop with the pool at ``place``."""
     every = np.ones(len(data.labels), np.int64)  # "fold 0" then trains on every row
     states, batch, run = [], None, None
     t0 = time.perf_counter()
@@ -726,7 +914,8 @@ def train_full(
             fold = _Fold(0, p, every, epochs, seed, dev, pretrained)
             if run is None:
                 norm = models.data_config(fold.model, p.arch)
-                batch = _Batcher(data.images, p.crop, dev, norm["mean"], norm["std"])
+                m, sd = norm["mean"], norm["std"]
+                batch = _Batcher(data.images, data.labels, p.crop, dev, m, sd, place)
                 run = _Run(p, dev, batch, data.labels)
             t_start = time.perf_counter()
             while fold.epoch < fold.epochs:
@@ -745,5 +934,7 @@ def train_full(
                     on_epoch(i, fold.epoch, fold.epochs)
             states.append({n: v.detach().cpu() for n, v in fold.scored.state_dict().items()})
     except torch.cuda.OutOfMemoryError as e:
+        if batch is not None and batch.place == "device" and not states and fold.epoch == 0:
+            raise _PoolOutOfMemory(_first_line(e)) from e
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epochs, asdict(p)) from e
     return states

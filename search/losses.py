@@ -14,16 +14,19 @@ def binary_loss(
     kind: str = "bce",
     gamma: float = 2.0,
     alpha: float = -1.0,
-    pos_weight: float = 1.0,
+    pos_weight: float | torch.Tensor | None = 1.0,
 ) -> torch.Tensor:
     """Mean loss over the batch. logits, target: (B,) float; target may be soft (MixUp,
-    smoothing).
+    smoothing). ``pos_weight``: a float, a 0-d tensor on the logits' device, or None
+    (1).
 
     - ``bce``: binary cross-entropy; ``pos_weight`` > 1 weighs positives more (PCam is ~60/40).
     - ``focal`` (Lin et al. 2017): BCE * (1 - p_t)^gamma, times alpha_t when alpha >= 0
       (alpha for positives, 1 - alpha for negatives). gamma = 0 and alpha < 0 is plain BCE.
     """
-    pw = torch.tensor(pos_weight, device=logits.device) if pos_weight != 1.0 else None
+    pw = pos_weight  # a tensor on the logits' device: the training step builds it once
+    if pw is not None and not isinstance(pw, torch.Tensor):
+        pw = torch.tensor(pw, device=logits.device) if pw != 1.0 else None
     bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
     if kind == "bce":
         return bce.mean()

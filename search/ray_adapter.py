@@ -63,6 +63,7 @@ from search.attrs import (
     LOSS_CURVE,
     MODELS_DIR,
     NODE,
+    POOL,
     PRECISION,
     RAY_TRIAL_ID,
     SECONDS,
@@ -98,6 +99,7 @@ class TrialSettings:
     model_meta: dict | None = None  # saved with them: dataset fingerprint, folds file, ...
     # run_trials sets it: the actor that writes them on the driver's node (see ModelSink)
     sink: object | None = None
+    gpu_share: float = 0.0  # --gpus-per-trial: the share of its GPU a trial plans memory with
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,8 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
     A trial that trains to the end (or stops itself by patience) saves its fold models and
     out-of-fold probabilities before its last report, so the searcher can record where.
     """
-    device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+    node = ray.get_runtime_context().get_node_id()[:12]
+    device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), node)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     arithmetic = precision(device)  # once per trial, not per report
     full = settings.max_epochs * (int(np.max(folds)) + 1)
@@ -135,7 +138,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             "device": device_name,
             "precision": arithmetic,
             "self_stopped": bool(m.get("self_stopped", False)),
-            "node": ray.get_runtime_context().get_node_id()[:12],
+            "node": node,
         }
         if keep and (m["fold_epochs"] >= full or result["self_stopped"]):
             last.update(result)  # the last report: after the models are saved
@@ -156,10 +159,34 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         race_epochs=settings.race_epochs,
         keep_states=keep,
         keep_oof=keep,
+        gpu_share=settings.gpu_share or 1.0,
     )
     if last:
         last["models"] = _save_models(config, res, settings, tune.get_context().get_trial_id())
+        last["pool"] = res.pool + (f" ({res.pool_note})" if res.pool_note else "")
         tune.report(last)
+
+
+class NoCudaError(RuntimeError):
+    """Ray gave a trial a GPU, but torch in that worker finds no CUDA device."""
+
+
+def trial_device(gpu_ids: list, cuda_available: bool, node: str) -> str:
+    """The device a trial trains on: "cuda" when Ray gave it a GPU, else "cpu". A GPU given
+    where torch sees none (a CPU build of torch, a driver problem, a logical GPU declared
+    with ``ray start --num-gpus``) is an error naming the node: silently training on its CPU
+    would take the GPU's schedule and make every number wrong."""
+    if not gpu_ids:
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    raise NoCudaError(
+        f"Ray gave this trial GPU {list(gpu_ids)} on node {node} ({socket.gethostname()}), "
+        f"but torch {torch.__version__} there finds no CUDA device (CUDA build: "
+        f"{torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); install a CUDA build of torch on "
+        "that node, or run with --gpus-per-trial 0"
+    )
 
 
 class ModelSink:
@@ -432,6 +459,8 @@ class _TruthfulSearch(OptunaSearch):
                     IMAGES_PER_S: round(float(result.get("images_per_s", 0.0)), 1),
                 }
             )
+            if result.get("pool"):
+                attrs[POOL] = result["pool"]
         value = float(result[METRIC]) if result and METRIC in result else float("nan")
 
         error_text = ""
@@ -527,11 +556,24 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
     # a private instance: plain ray.init() would silently join any `ray start` cluster running
     # on this machine (and then refuse num_cpus).
     address = address or os.environ.get("RAY_ADDRESS")
+    # the project's settings (PCAM_AMP, ...) reach every worker, on every node: a cluster's
+    # workers are started by its raylets, not from this process's environment
+    forwarded = worker_env(os.environ)
+    if forwarded:
+        kwargs["runtime_env"] = {"env_vars": forwarded}
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     return ray.cluster_resources()
+
+
+ENV_PREFIX = "PCAM_"  # environment variables of the project, forwarded to Ray's workers
+
+
+def worker_env(environ) -> dict[str, str]:
+    """The driver's ``PCAM_*`` settings, for every trial's worker."""
+    return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
 
 
 def _probe(pool: PoolImages) -> tuple[str, str]:

@@ -255,40 +255,21 @@ def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
         ens.predict_held_out(data.images, np.where(folds == 0, 0, len(r.states)), tta=1)
 
 
-@pytest.mark.parametrize(
-    ("amx", "env", "want"),
-    [(True, None, "bf16"), (False, None, "fp32"), (True, "off", "fp32"), (True, "auto", "bf16")],
-)
-def test_precision_cpu_bf16_only_with_amx_units_unless_turned_off(monkeypatch, amx, env, want):
-    # CPU bf16 autocast is faster only where the CPU has bf16 matrix units (AMX); elsewhere it
-    # is emulated and slower, and PCAM_AMP=off keeps every device in fp32
-    import search.engine as engine
-
-    monkeypatch.setattr(engine, "cpu_bf16", lambda: amx)
-    if env is None:
-        monkeypatch.delenv(engine.AMP_ENV, raising=False)
-    else:
-        monkeypatch.setenv(engine.AMP_ENV, env)
-    engine._amp_dtype.cache_clear()
-    try:
-        assert engine.precision("cpu") == want
-    finally:
-        engine._amp_dtype.cache_clear()
-
-
 def test_train_cv_in_cpu_bf16_trains_and_scores_finite(embedded, monkeypatch):
     # the bf16 path runs on any CPU (emulated where there is no AMX): training under autocast
     # gives finite losses and AUCs, and the weights stay fp32 (the saved models are fp32)
-    import search.engine as engine
+    import search.device as device
 
-    monkeypatch.setattr(engine, "cpu_bf16", lambda: True)
-    monkeypatch.delenv(engine.AMP_ENV, raising=False)
-    engine._amp_dtype.cache_clear()
+    monkeypatch.setattr(device, "cpu_bf16", lambda: True)
+    monkeypatch.delenv(device.AMP_ENV, raising=False)
+    device.amp_dtype.cache_clear()
     try:
         data, folds = _small(embedded)
-        r = train_cv(TINY, data, folds, epochs=1, threads=2, keep_states=True, keep_oof=True)
+        r = train_cv(
+            TINY, data, folds, epochs=1, device="cpu", threads=2, keep_states=True, keep_oof=True
+        )
     finally:
-        engine._amp_dtype.cache_clear()
+        device.amp_dtype.cache_clear()
     assert math.isfinite(r.final["train_loss"]) and all(map(math.isfinite, r.final["auc_folds"]))
     assert all(
         v.dtype.is_floating_point is False or str(v.dtype) == "torch.float32"
