@@ -6,6 +6,7 @@ from models.factory import (
     check_name,
     create,
     data_config,
+    fetch_weights,
     is_resnet,
     load_weights_file,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "check_name",
     "create",
     "data_config",
+    "fetch_weights",
     "is_resnet",
     "load_weights_file",
 ]

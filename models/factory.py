@@ -10,12 +10,15 @@
 - ``pretrained``: False, True (local timm / Hugging Face / torch hub cache only - never the
   network), or a path to a weights file (.safetensors or a torch state_dict). Weights asked for
   and not found raise ``MissingWeightsError`` naming where we looked: never a silent random init.
+  ``fetch_weights(arch)`` downloads timm's default weights into those caches (once, on the
+  driver: ``pcam-search --pretrained hub``); trials then read them with ``pretrained=True``.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -72,6 +75,55 @@ def cached_weights(arch: str) -> list[Path]:
     if cfg.url:
         candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url))
     return candidates
+
+
+def _download(arch: str) -> Path:
+    """Download timm's default weights for ``arch`` into the cache ``cached_weights`` reads
+    (the Hugging Face hub cache, else the torch hub cache), as timm itself would."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise MissingWeightsError(f"timm has no pretrained weights for {arch!r}")
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+
+        try:
+            return Path(hf_hub_download(cfg.hf_hub_id, "model.safetensors"))
+        except EntryNotFoundError:  # older repos hold only the torch file
+            return Path(hf_hub_download(cfg.hf_hub_id, "pytorch_model.bin"))
+    dst = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(cfg.url, str(dst), progress=True)
+    return dst
+
+
+def fetch_weights(arch: str, download: Callable[[str], Path] = _download) -> Path:
+    """The local file of timm's default (ImageNet) weights for ``arch``: found in the caches,
+    or downloaded there now. Call it once, where there is a network (the driver), before any
+    worker needs the weights. Offline, ``MissingWeightsError`` names the arch and how to put
+    the file in place."""
+    check_name(arch)
+    if arch == "simple_cnn":
+        raise MissingWeightsError("simple_cnn has no pretrained weights; use pretrained=False")
+    for p in cached_weights(arch):
+        if p.is_file():
+            return p
+    try:
+        path = download(arch)
+    except MissingWeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, proxy, hub down: all end the same way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MissingWeightsError(
+            f"could not download pretrained weights for {arch!r} ({type(e).__name__}: {first}). "
+            f'Offline: on a machine with internet run python -c "import timm; '
+            f"timm.create_model('{arch}', pretrained=True)\" and copy its Hugging Face cache "
+            "(~/.cache/huggingface/hub) to this machine, or give a weights file with "
+            "--pretrained PATH"
+        ) from e
+    if not Path(path).is_file():
+        raise MissingWeightsError(f"the download of {arch!r} weights left no file at {path}")
+    return Path(path)
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:

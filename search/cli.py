@@ -51,7 +51,7 @@ from search.attrs import (
     set_record,
 )
 from search.cli_args import parser
-from search.config import SearchConfig, for_device
+from search.config import PRETRAINED_HUB, SearchConfig, for_device
 from search.deadline import (
     FULL_FIT_FACTOR,
     MARGIN,
@@ -138,13 +138,19 @@ def safe_argv(argv: list[str]) -> str:
     return shlex.join(["pcam-search", *(studies.safe_url(a) if "://" in a else a for a in argv)])
 
 
-def _check_weights(cfg: SearchConfig, space: Space) -> None:
-    """Fail before any trial when asked-for pretrained weights are missing."""
+def _check_weights(cfg: SearchConfig, space: Space, console: Console | None = None) -> None:
+    """Fail before any trial when asked-for pretrained weights are missing. ``--pretrained
+    hub``: fetch each arch's weights into the local caches first, here on the driver, once;
+    the trials then read the caches (they never download)."""
     if not cfg.pretrained:
         return
     archs = list(space.params.get("arch", {}).get("choices", [])) or [space.fixed.get("arch")]
     for arch in archs:
         if arch and arch != "simple_cnn":
+            if cfg.pretrained == PRETRAINED_HUB:
+                if console is not None:
+                    console.print(f"pretrained weights for {arch}: cache or download ...")
+                models.fetch_weights(arch)
             models.create(arch, pretrained=cfg.pretrained_arg)
 
 
@@ -280,7 +286,7 @@ def run(
     t_cmd = time.monotonic() if t_cmd is None else t_cmd
 
     space = load_space(cfg.space)
-    _check_weights(cfg, space)
+    _check_weights(cfg, space, console)
     skipped = [] if cfg.pretrained else skipped_for_weights(space)
     if skipped:
         console.print(

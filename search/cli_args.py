@@ -183,7 +183,8 @@ def parser() -> argparse.ArgumentParser:
     a(
         "--pretrained",
         default=None,
-        help="pretrained weights: a file, or 'cache' (local timm/HF/torch caches). "
+        help="pretrained weights: a file; 'cache' (timm's weights from the local HF/torch "
+        "caches); or 'hub' (downloaded into those caches once, by this process, if missing). "
         "Enables searching the number of unfrozen ResNet stages",
     )
     a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")

@@ -31,6 +31,10 @@ from search.study import default_storage_url, safe_url
 C = CPU_DEFAULTS  # the dataclass defaults below are the CPU ones (GPU: see search.defaults)
 
 
+PRETRAINED_CACHE = "cache"  # --pretrained cache: timm's weights from the local caches only
+PRETRAINED_HUB = "hub"  # --pretrained hub: downloaded into those caches first, by the driver
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """One search run. Defaults are the CPU ones (``search.defaults``: CPU and GPU)."""
@@ -62,7 +66,8 @@ class SearchConfig:
     concurrency: int | None = None  # trials at once; None = as many as resources allow
     address: str | None = None  # existing Ray cluster ("auto" or host:port); None = local
     space: str = C.space  # space file: a path or a name in studies/
-    pretrained: str | None = None  # weights: a file, or "cache" for local timm caches
+    pretrained: str | None = None  # weights: a file, "cache" (local timm caches) or "hub"
+    # (fetched into those caches once, by the driver)
     seed: int = 0  # sampler seed and training seed
     verbose: bool = False  # Ray's own logs instead of the live view
     progress: bool = True  # live view (off when not a terminal)
@@ -81,7 +86,9 @@ class SearchConfig:
         """What ``models.create(pretrained=...)`` takes."""
         if self.pretrained in (None, ""):
             return False
-        return True if self.pretrained == "cache" else str(self.pretrained)
+        return (
+            True if self.pretrained in (PRETRAINED_CACHE, PRETRAINED_HUB) else str(self.pretrained)
+        )
 
     def to_dict(self) -> dict:
         """JSON-able, with the storage password masked."""

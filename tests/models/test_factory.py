@@ -103,3 +103,67 @@ def test_create_simple_cnn_pretrained_file_is_loaded_not_ignored(tmp_path):
     assert all(torch.equal(v, want[k]) for k, v in m.state_dict().items())
     with pytest.raises(ValueError, match="do not fit"):
         models.create("simple_cnn", width=16, pretrained=path)  # other width: an error
+
+
+def _fake_hub(tmp_path, monkeypatch):
+    """Caches redirected to ``tmp_path`` and a download that writes timm-shaped resnet18
+    weights there (what the real hub would leave); returns the list of downloads made."""
+    import timm
+    from safetensors.torch import save_file
+
+    import models.factory as factory
+
+    target = tmp_path / "hub" / "model.safetensors"
+    monkeypatch.setattr(factory, "cached_weights", lambda arch: [target])
+    made = []
+
+    def download(arch):
+        made.append(arch)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(timm.create_model(arch, num_classes=1000).state_dict(), str(target))
+        return target
+
+    return made, download
+
+
+def test_fetch_weights_downloads_once_then_reads_the_cache(tmp_path, monkeypatch):
+    made, download = _fake_hub(tmp_path, monkeypatch)
+    path = models.fetch_weights("resnet18", download=download)
+    assert models.fetch_weights("resnet18", download=download) == path
+    assert made == ["resnet18"]  # the second call found the cached file
+    # trials read the same cache with pretrained=True (they never download)
+    m = models.create("resnet18", pretrained=True)
+    assert m.fc.out_features == 1 and torch.isfinite(m.conv1.weight).all()
+
+
+def test_fetch_weights_offline_names_the_arch_and_what_to_do(tmp_path, monkeypatch):
+    _, _ = _fake_hub(tmp_path, monkeypatch)
+
+    def offline(arch):
+        raise OSError("[Errno 101] Network is unreachable")
+
+    with pytest.raises(models.MissingWeightsError) as e:
+        models.fetch_weights("resnet50", download=offline)
+    msg = str(e.value)
+    assert "'resnet50'" in msg and "Network is unreachable" in msg
+    assert "timm.create_model('resnet50', pretrained=True)" in msg and "--pretrained PATH" in msg
+
+
+def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, monkeypatch):
+    from search import cli
+    from search.config import SearchConfig
+    from search.space import load_space
+
+    made, download = _fake_hub(tmp_path, monkeypatch)
+    monkeypatch.setattr(
+        models, "fetch_weights", lambda arch: models.factory.fetch_weights(arch, download)
+    )
+    space_file = tmp_path / "space.toml"
+    space_file.write_text(
+        '[fixed]\narch = "resnet18"\ncrop = 32\n\n'
+        '[params.lr]\ntype = "float"\nlow = 1e-4\nhigh = 1e-2\n'
+    )
+    cfg = SearchConfig(pretrained="hub")
+    assert cfg.pretrained_arg is True  # trials read the caches
+    cli._check_weights(cfg, load_space(str(space_file)))
+    assert made == ["resnet18"]
