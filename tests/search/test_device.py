@@ -396,3 +396,30 @@ def test_release_empties_the_cuda_cache(monkeypatch):
     device.release(torch.device("cpu"))
     device.release(torch.device("cuda"))
     assert emptied == [1]
+
+
+# ---- GPU twins (run where CUDA is: pytest -m gpu) -------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pool", ["device", "host"])
+def test_train_cv_on_cuda_trains_with_either_pool(small, pool):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    data, folds = small
+    params = {**TINY, "aug": 0.5, "mix": "cutmix", "mix_prob": 0.5, "pos_weight": 1.3}
+    r = train_cv(params, data, folds, epochs=2, device="cuda", pool=pool, keep_states=True)
+    assert r.pool == pool and r.device == torch.cuda.get_device_name()
+    assert np.isfinite(r.final["auc"]) and np.isfinite(r.final["train_loss"])
+    # the saved states are CPU fp32, whatever the autocast dtype
+    assert all(v.device.type == "cpu" for v in r.states[0].values())
+
+
+@pytest.mark.gpu
+def test_cuda_precision_matches_the_hardware():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    device.amp_dtype.cache_clear()
+    major, _ = torch.cuda.get_device_capability()
+    want = "bf16" if major >= 8 else "fp16"
+    assert device.precision("cuda") == want

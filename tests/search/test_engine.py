@@ -50,7 +50,9 @@ def test_train_cv_each_arch_trains_an_epoch(embedded, arch):
 def test_train_cv_lockstep_one_value_per_fold_per_epoch(embedded):
     data, folds = _small(embedded)
     seen = []
-    r = train_cv(TINY, data, folds, epochs=2, on_epoch=lambda e, m: seen.append(e) and False)
+    r = train_cv(
+        TINY, data, folds, device="cpu", epochs=2, on_epoch=lambda e, m: seen.append(e) and False
+    )
     assert seen == [1, 2] and [h["epoch"] for h in r.history] == [1, 2]
     for h in r.history:
         assert len(h["auc_folds"]) == len(h["val_loss_folds"]) == len(h["acc_folds"]) == 2
@@ -59,22 +61,22 @@ def test_train_cv_lockstep_one_value_per_fold_per_epoch(embedded):
 
 def test_train_cv_on_epoch_returning_true_stops_all_folds(embedded):
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=5, on_epoch=lambda e, m: e >= 2)
+    r = train_cv(TINY, data, folds, device="cpu", epochs=5, on_epoch=lambda e, m: e >= 2)
     assert r.epochs_run == 2 and r.stopped_early
 
 
 def test_train_cv_same_seed_same_fold_aucs(embedded):
     data, folds = _small(embedded)
-    a = train_cv(TINY, data, folds, epochs=2, seed=3, threads=2)
-    b = train_cv(TINY, data, folds, epochs=2, seed=3, threads=2)
-    c = train_cv(TINY, data, folds, epochs=2, seed=4, threads=2)
+    a = train_cv(TINY, data, folds, device="cpu", epochs=2, seed=3, threads=2)
+    b = train_cv(TINY, data, folds, device="cpu", epochs=2, seed=3, threads=2)
+    c = train_cv(TINY, data, folds, device="cpu", epochs=2, seed=4, threads=2)
     assert [h["auc_folds"] for h in a.history] == [h["auc_folds"] for h in b.history]
     assert [h["auc_folds"] for h in a.history] != [h["auc_folds"] for h in c.history]
 
 
 def test_train_cv_keeps_states_and_out_of_fold_predictions(embedded):
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=1, keep_states=True, keep_oof=True)
+    r = train_cv(TINY, data, folds, device="cpu", epochs=1, keep_states=True, keep_oof=True)
     assert len(r.states) == 2 and "fc.weight" in r.states[0]
     assert r.oof.shape == (len(folds),) and ((r.oof >= 0) & (r.oof <= 1)).all()
 
@@ -83,14 +85,16 @@ def test_train_cv_nonfinite_loss_raises_trial_diverged(embedded):
     data, folds = _small(embedded)
     bad = {**TINY, "optimizer": "sgd", "lr": 1e12, "warmup_epochs": 0}
     with pytest.raises(TrialDiverged, match="epoch 1") as e:
-        train_cv(bad, data, folds, epochs=2)
+        train_cv(bad, data, folds, device="cpu", epochs=2)
     assert e.value.params["lr"] == 1e12
 
 
 def test_train_cv_beats_auc_075_on_embedded_heldout_folds(embedded):
     # keeps the engine honest: a small CNN, 3 epochs, slide-grouped held-out folds
     data, folds = embedded
-    r = train_cv({"crop": 32, "batch_size": 64, "lr": 3e-3}, data, folds, epochs=3, threads=2)
+    r = train_cv(
+        {"crop": 32, "batch_size": 64, "lr": 3e-3}, data, folds, device="cpu", epochs=3, threads=2
+    )
     assert r.final["auc"] > 0.75, r.history
 
 
@@ -122,7 +126,7 @@ def test_train_cv_cuda_oom_raises_trial_out_of_memory(embedded, monkeypatch):
     monkeypatch.setattr(models, "create", oom)
     data, folds = _small(embedded)
     with pytest.raises(TrialOutOfMemory, match="out of memory") as e:
-        train_cv({**TINY, "batch_size": 16}, data, folds, epochs=1)
+        train_cv({**TINY, "batch_size": 16}, data, folds, device="cpu", epochs=1)
     assert e.value.params["batch_size"] == 16
 
 
@@ -139,7 +143,7 @@ def test_train_cv_cuda_oom_raises_trial_out_of_memory(embedded, monkeypatch):
 )
 def test_train_cv_race_reports_fold_0_first_then_catches_up(embedded, race, want):
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=3, race_epochs=race)
+    r = train_cv(TINY, data, folds, device="cpu", epochs=3, race_epochs=race)
     # (epoch, folds averaged, fold-epochs trained) per report
     assert [(h["epoch"], h["folds"], h["fold_epochs"]) for h in r.history] == want
     assert all(len(h["auc_folds"]) == h["folds"] for h in r.history)
@@ -163,7 +167,9 @@ def test_fold_steps_race_then_lockstep():
 def test_train_cv_race_stopped_at_fold_0_trains_nothing_else(embedded, race):
     # race == epochs: the stop comes at the last epoch, yet fold 1 must not train
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=2, race_epochs=race, on_epoch=lambda e, m: True)
+    r = train_cv(
+        TINY, data, folds, device="cpu", epochs=2, race_epochs=race, on_epoch=lambda e, m: True
+    )
     assert r.stopped_early and len(r.history) == 1 and r.history[0]["fold_epochs"] == 1
 
 
@@ -172,8 +178,8 @@ def test_train_cv_race_changes_the_order_not_the_models(embedded):
     # (dropout 0: dropout draws from torch's global RNG, which the order would change)
     data, folds = _small(embedded)
     p = {**TINY, "dropout": 0.0}
-    lock = train_cv(p, data, folds, epochs=2, seed=1, threads=1)
-    race = train_cv(p, data, folds, epochs=2, seed=1, threads=1, race_epochs=2)
+    lock = train_cv(p, data, folds, device="cpu", epochs=2, seed=1, threads=1)
+    race = train_cv(p, data, folds, device="cpu", epochs=2, seed=1, threads=1, race_epochs=2)
     assert race.final["auc_folds"] == lock.final["auc_folds"]
 
 
@@ -228,8 +234,8 @@ def test_train_cv_same_result_from_the_mapped_pool_and_from_ram(embedded):
     rows = np.concatenate([np.flatnonzero(folds == f)[:48] for f in (0, 1)])
     mapped = TrainData(PoolImages(data.images.path, data.images.rows[rows]), data.labels[rows])
     in_ram = TrainData(np.asarray(mapped.images), mapped.labels)
-    a = train_cv(TINY, mapped, folds[rows], epochs=1, threads=1)
-    b = train_cv(TINY, in_ram, folds[rows], epochs=1, threads=1)
+    a = train_cv(TINY, mapped, folds[rows], device="cpu", epochs=1, threads=1)
+    b = train_cv(TINY, in_ram, folds[rows], device="cpu", epochs=1, threads=1)
     assert a.final["auc_folds"] == b.final["auc_folds"]
 
 
@@ -237,7 +243,9 @@ def test_saved_models_predict_what_training_scored_out_of_fold(embedded):
     # one inference path: the ensemble's one-view test prediction of fold model f on fold f's
     # held-out rows is the OOF that training scored (crop, normalisation, autocast shared)
     data, folds = _small(embedded)
-    r = train_cv(TINY, data, folds, epochs=1, keep_states=True, keep_oof=True, threads=2)
+    r = train_cv(
+        TINY, data, folds, device="cpu", epochs=1, keep_states=True, keep_oof=True, threads=2
+    )
     ens = _ensemble(r.states, TINY)
     per_model = ens.predict(data.images, tta=1, batch=40, per_model=True)
     for f in range(len(r.states)):
@@ -283,11 +291,20 @@ def test_train_cv_ema_scores_and_keeps_the_averaged_weights(embedded):
     # with ema on, what is scored and kept is the EMA of the weights: other weights than the
     # plain run's (same seed), the same ones the OOF was scored with, and ema=0 is the old path
     data, folds = _small(embedded)
-    plain = train_cv(TINY, data, folds, epochs=2, threads=2, keep_states=True)
+    plain = train_cv(TINY, data, folds, device="cpu", epochs=2, threads=2, keep_states=True)
     ema = train_cv(
-        {**TINY, "ema": 0.9}, data, folds, epochs=2, threads=2, keep_states=True, keep_oof=True
+        {**TINY, "ema": 0.9},
+        data,
+        folds,
+        device="cpu",
+        epochs=2,
+        threads=2,
+        keep_states=True,
+        keep_oof=True,
     )
-    again = train_cv({**TINY, "ema": 0.0}, data, folds, epochs=2, threads=2, keep_states=True)
+    again = train_cv(
+        {**TINY, "ema": 0.0}, data, folds, device="cpu", epochs=2, threads=2, keep_states=True
+    )
     w = "features.0.weight"
     assert not np.allclose(plain.states[0][w].numpy(), ema.states[0][w].numpy())
     np.testing.assert_array_equal(plain.states[0][w].numpy(), again.states[0][w].numpy())
@@ -302,8 +319,8 @@ def test_train_full_with_ema_returns_the_averaged_weights(embedded):
     from search.engine import train_full
 
     data, _ = _small(embedded)
-    plain = train_full(TINY, data, epochs=2, threads=2)
-    ema = train_full({**TINY, "ema": 0.9}, data, epochs=2, threads=2)
+    plain = train_full(TINY, data, device="cpu", epochs=2, threads=2)
+    ema = train_full({**TINY, "ema": 0.9}, data, device="cpu", epochs=2, threads=2)
     w = "features.0.weight"
     assert not np.allclose(plain[0][w].numpy(), ema[0][w].numpy())
 
@@ -338,6 +355,7 @@ def test_train_full_shortens_each_models_schedule_to_its_share_of_seconds(embedd
     states = train_full(
         TINY,
         data,
+        device="cpu",
         epochs=5,
         seeds=[0, 1],
         threads=2,
@@ -347,7 +365,7 @@ def test_train_full_shortens_each_models_schedule_to_its_share_of_seconds(embedd
     # no time at all: each model trains one epoch, then one more that ends its schedule
     assert seen == [(0, 1, 2), (0, 2, 2), (1, 1, 2), (1, 2, 2)] and len(states) == 2
     seen.clear()
-    train_full(TINY, data, epochs=2, threads=2, on_epoch=lambda *a: seen.append(a))
+    train_full(TINY, data, device="cpu", epochs=2, threads=2, on_epoch=lambda *a: seen.append(a))
     assert seen == [(0, 1, 2), (0, 2, 2)]  # no limit: as planned
 
 

@@ -89,6 +89,7 @@ def test_patience_stops_and_restores_best_epoch(small):
         {**TINY, "lr": 1e-9, "patience": 1, "restore_best": True},
         data,
         folds,
+        device="cpu",
         epochs=6,
         threads=2,
         keep_states=True,
@@ -103,6 +104,7 @@ def test_restore_best_keeps_the_best_epochs_weights(small):
         {**TINY, "lr": 1e-2, "restore_best": True},
         data,
         folds,
+        device="cpu",
         epochs=4,
         threads=2,
         keep_states=True,
@@ -137,12 +139,13 @@ def test_train_cv_with_mixing_and_focal_runs(small, mix):
         {**TINY, "mix": mix, "mix_prob": 1.0, "loss": "focal", "pos_weight": 1.5},
         data,
         folds,
+        device="cpu",
         epochs=1,
         threads=2,
     )
     assert np.isfinite(r.final["auc"]) and np.isfinite(r.final["train_loss"])
     # the options took effect: the same seed without them trains to other weights
-    plain = train_cv(TINY, data, folds, epochs=1, threads=2)
+    plain = train_cv(TINY, data, folds, device="cpu", epochs=1, threads=2)
     assert r.final["train_loss"] != plain.final["train_loss"]
     assert r.final["auc_folds"] != plain.final["auc_folds"]
 
