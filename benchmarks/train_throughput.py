@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import models
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
+from search.augment import augment
 from search.device import amp_dtype
 from search.engine import (
     AMP_ENV,
@@ -43,11 +44,16 @@ from search.engine import (
 )
 
 
-def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev) -> float:
-    """img/s of the plainest correct loop: random batch -> normalise -> fwd/bwd -> AdamW."""
+def baseline(
+    arch: str, data: TrainData, crop: int, batch: int, steps: int, dev, aug: float = 0.0
+) -> float:
+    """img/s of the plainest correct loop: random batch -> normalise -> fwd/bwd -> AdamW
+    (``aug`` > 0: the same batch augmentation the engine applies, ``search.augment``), in
+    the engine's autocast dtype for ``dev``."""
     torch.manual_seed(0)
     m = models.create(arch).to(dev, memory_format=torch.channels_last)
     cuda = dev.type == "cuda"
+    amp = amp_dtype(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     x = centre_crop(data.images, crop).to(dev)
     y = torch.as_tensor(data.labels, dtype=torch.float32, device=dev)
@@ -59,8 +65,9 @@ def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev)
     def step() -> None:
         idx = torch.randint(0, len(x), (batch,), device=dev)
         # NHWC uint8 permuted to NCHW view = channels_last memory, like the engine's input
-        xb = (x[idx].permute(0, 3, 1, 2).float() / 255 - mean) / std
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+        xb = x[idx].permute(0, 3, 1, 2).float() / 255
+        xb = (augment(xb, aug) - mean) / std if aug > 0 else (xb - mean) / std
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             loss = F.binary_cross_entropy_with_logits(m(xb).squeeze(1).float(), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,7 +86,14 @@ def baseline(arch: str, data: TrainData, crop: int, batch: int, steps: int, dev)
 
 
 def engine(
-    arch: str, data: TrainData, crop: int, batch: int, steps: int, dev, mapped: bool = True
+    arch: str,
+    data: TrainData,
+    crop: int,
+    batch: int,
+    steps: int,
+    dev,
+    mapped: bool = True,
+    aug: float = 0.0,
 ) -> float:
     """img/s the engine reports for its 2nd lockstep epoch of 2 folds (the 1st is its warm-up:
     first-call oneDNN/cuDNN setup, as the baseline's warm-up steps), ~``steps`` steps each.
@@ -89,7 +103,7 @@ def engine(
     pool = PoolImages(data.images.path, data.images.rows[:n])
     sub = TrainData(pool if mapped else np.asarray(pool), data.labels[:n])
     folds = np.arange(n) % 2
-    params = {"arch": arch, "crop": crop, "batch_size": batch, "aug": 0.0, "dropout": 0.0}
+    params = {"arch": arch, "crop": crop, "batch_size": batch, "aug": aug, "dropout": 0.0}
     r = train_cv(params, sub, folds, epochs=2, device=dev, threads=torch.get_num_threads())
     return r.final["epoch_images_per_s"]
 
