@@ -7,6 +7,8 @@
 # 1. nvidia-smi facts and the precision the engine picks;
 # 2. engine img/s against a bare PyTorch loop: resnet50@96 and simple_cnn@64, aug 0 and 0.5,
 #    batch 256, peak memory against the memory plan's estimate (benchmarks/gpu_check.py);
+#    then fold fusion (k = 3 simple_cnn fold models as one grouped model) against separate
+#    models on the GPU (benchmarks/fold_fusion.py);
 # 3. a 4-trial ResNet-50 search at --gpus-per-trial 0.25 on a synthetic set: each trial's
 #    state, device, precision and pool, with GPU utilisation and memory sampled every 0.5 s.
 # Uses .venv/bin if it exists, else python3 and pcam-* on PATH.
@@ -32,6 +34,7 @@ STEPS=(
     "mkdir -p $WORK"
     "nvidia-smi > $OUT/nvidia-smi.txt; nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv >> $OUT/nvidia-smi.txt"
     "$PY benchmarks/gpu_check.py --out $OUT"
+    "$PY benchmarks/fold_fusion.py --device cuda --crops 32 64 --batches 64 256 --steps 20 --repeats 2 > $OUT/fold_fusion.md"
     "${BIN}pcam-data synth --out $WORK/data --n 3000 --seed 0"
     "write $SPACE: arch resnet50, crop 96, batch 256, lr searched"
     "nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > $OUT/gpu_util.csv &"
@@ -51,6 +54,8 @@ mkdir -p "$WORK"
 cat "$OUT/nvidia-smi.txt"
 
 run "$PY" benchmarks/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/throughput.log"
+run "$PY" benchmarks/fold_fusion.py --device cuda --crops 32 64 --batches 64 256 --steps 20 \
+    --repeats 2 2>&1 | tee "$OUT/fold_fusion.md"
 
 run "${BIN}pcam-data" synth --out "$WORK/data" --n 3000 --seed 0
 cat > "$SPACE" <<'TOML'
