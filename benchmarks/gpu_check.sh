@@ -38,7 +38,7 @@ STEPS=(
     "${BIN}pcam-data synth --out $WORK/data --n 3000 --seed 0"
     "write $SPACE: arch resnet50, crop 96, batch 256, lr searched"
     "nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > $OUT/gpu_util.csv &"
-    "${BIN}pcam-search --data $WORK/data --space $SPACE --studies-dir $WORK/studies --cache-dir $WORK/cache --trials 4 --gpus-per-trial 0.25 --max-epochs 3 --folds 3 --no-asha --keep-top 0 --no-progress"
+    "${BIN}pcam-search --data $WORK/data --space $SPACE --studies-dir $WORK/studies --cache-dir $WORK/cache --trials 4 --gpus-per-trial 0.25 --max-epochs 3 --folds 3 --no-asha --no-progress"
     "$PY -c <print each trial's state, device, precision, pool, img/s> > $OUT/search_trials.txt"
 )
 if [ "$DRY" = 1 ]; then
@@ -79,7 +79,7 @@ SMI=$!
 set +e
 run "${BIN}pcam-search" --data "$WORK/data" --space "$SPACE" --studies-dir "$WORK/studies" \
     --cache-dir "$WORK/cache" --trials 4 --gpus-per-trial 0.25 --max-epochs 3 --folds 3 \
-    --no-asha --keep-top 0 --no-progress 2>&1 | tee "$OUT/search.log"
+    --no-asha --no-progress 2>&1 | tee "$OUT/search.log"
 echo "pcam-search exit ${PIPESTATUS[0]}" | tee -a "$OUT/search.log"
 set -e
 kill "$SMI" 2>/dev/null || true

@@ -35,6 +35,14 @@ PRETRAINED_CACHE = "cache"  # --pretrained cache: timm's weights from the local 
 PRETRAINED_HUB = "hub"  # --pretrained hub: downloaded into those caches first, by the driver
 
 
+def weights_arg(pretrained: str | None) -> bool | str:
+    """What ``models.create(pretrained=...)`` takes for a ``--pretrained`` value: False (none),
+    True (the local caches: "cache", or "hub" once the driver has fetched), or a file path."""
+    if not pretrained:
+        return False
+    return True if pretrained in (PRETRAINED_CACHE, PRETRAINED_HUB) else str(pretrained)
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """One search run. Defaults are the CPU ones (``search.defaults``: CPU and GPU)."""
@@ -84,11 +92,7 @@ class SearchConfig:
     @property
     def pretrained_arg(self) -> bool | str:
         """What ``models.create(pretrained=...)`` takes."""
-        if self.pretrained in (None, ""):
-            return False
-        return (
-            True if self.pretrained in (PRETRAINED_CACHE, PRETRAINED_HUB) else str(self.pretrained)
-        )
+        return weights_arg(self.pretrained)
 
     def to_dict(self) -> dict:
         """JSON-able, with the storage password masked."""

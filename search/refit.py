@@ -41,6 +41,7 @@ from search.attrs import (
     get_record,
     set_refit,
 )
+from search.config import weights_arg
 from search.engine import (
     PoolImages,
     TrainData,
@@ -287,7 +288,7 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
             epochs=epochs,
             device=cfg.device,
             seed=cfg.seed,
-            pretrained=True if pretrained == "cache" else pretrained,
+            pretrained=weights_arg(pretrained),
             on_epoch=on_epoch,
             keep_states=True,
             keep_oof=True,
@@ -323,7 +324,7 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
             epochs=epochs,
             seeds=[cfg.seed + i for i in range(n)],
             device=cfg.device,
-            pretrained=True if pretrained == "cache" else pretrained,
+            pretrained=weights_arg(pretrained),
             on_epoch=on_epoch,
             seconds=seconds,
         )

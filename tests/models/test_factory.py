@@ -167,3 +167,22 @@ def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, mo
     assert cfg.pretrained_arg is True  # trials read the caches
     cli._check_weights(cfg, load_space(str(space_file)))
     assert made == ["resnet18"]
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        (None, False),
+        ("", False),
+        (False, False),
+        ("cache", True),
+        ("hub", True),
+        ("w.pth", "w.pth"),
+    ],
+)
+def test_weights_arg_hub_and_cache_read_the_caches(value, want):
+    # what a refit passes to the engine for the study's --pretrained: "hub" was fetched by
+    # the search's driver, so it reads the caches like "cache"
+    from search.config import weights_arg
+
+    assert weights_arg(value) == want

@@ -509,22 +509,27 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         assert sorted(cpus.values()) == [0, 2], cpus
         # every node with CPUs reads the cache file: one whose bytes differ, or that has no
         # file, is named (a node with other data at the driver's path, or none)
+        # the driver's PCAM_* settings reach workers the cluster's raylets start (their own
+        # environment, from `ray start`, has none): set here, after the cluster started
         probe = (
-            "import json, sys, numpy as np, ray\n"
+            "import json, os, sys, numpy as np, ray\n"
             "from search.engine import PoolImages, TrainData\n"
-            "from search.ray_adapter import check_data_on_nodes\n"
-            "ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "from search.ray_adapter import check_data_on_nodes, init_ray\n"
+            "os.environ['PCAM_PROBE'] = 'from-the-driver'\n"
+            "init_ray(sys.argv[1], None, None, False)\n"
+            "read = ray.remote(num_cpus=1)(lambda: os.environ.get('PCAM_PROBE'))\n"
+            "env = ray.get(read.remote())\n"
             "data = TrainData(PoolImages(sys.argv[2], np.arange(2)), np.zeros(2))\n"
             "ok = check_data_on_nodes(data)\n"
             "other = check_data_on_nodes(data, want='0' * 40)\n"
-            "import os; os.remove(sys.argv[2])\n"
+            "os.remove(sys.argv[2])\n"
             "gone = check_data_on_nodes(data, want='0' * 40)\n"
-            "print(json.dumps([ok, other, gone]))\n"
+            "print(json.dumps([ok, other, gone, env]))\n"
         )
         npy = tmp_path / "probe" / "images.npy"
         npy.parent.mkdir()
         np.save(npy, np.zeros((2, 96, 96, 3), np.uint8))
-        ok, other, gone = json.loads(
+        ok, other, gone, worker_env = json.loads(
             subprocess.run(
                 [sys.executable, "-c", probe, f"127.0.0.1:{port}", str(npy)],
                 env=env,
@@ -536,6 +541,7 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         )
         node_id = next(n for n, c in cpus.items() if c == 2)
         assert ok == [], ok
+        assert worker_env == "from-the-driver"
         assert len(other) == 1 and node_id in other[0] and "other data" in other[0], other
         assert len(gone) == 1 and node_id in gone[0] and "not readable on" in gone[0], gone
         ran_on = {t.user_attrs.get("node") for t in study.trials}
