@@ -36,12 +36,16 @@ from search.attrs import (
     AUC_FOLDS,
     CONFIG,
     DATASET_FINGERPRINT,
+    FOLD_EPOCHS,
+    IMAGES_PER_S,
     MODELS_DIR,
+    SECONDS,
     SPACE,
     get_record,
     set_refit,
 )
 from search.config import weights_arg
+from search.deadline import MARGIN, PREDICT_COST, REFIT_FIXED_S, Pace, full_fit_plan
 from search.engine import (
     PoolImages,
     TrainData,
@@ -80,6 +84,13 @@ class RefitConfig:
     # budget less predicting and writing); their schedules shorten to fit. None = no limit
     train_until: float | None = None
     other_data: bool = False  # allow data whose fingerprint differs from the study's
+    # pcam-refit's default: plan the final model (``plan_final``): the params trained on every
+    # labelled row for the final model's epochs (fit to ``seconds`` when given), or the
+    # search's own fold models when no more epochs than the search's fit
+    final: bool = False
+    seconds: float | None = None  # --time: the whole refit ends within this, from t_start
+    t_start: float | None = None  # time.monotonic() when the command started
+    final_plan: FinalPlan | None = None  # set by refit() when ``final``
     device: str | None = None  # None = CUDA when present
     seed: int = 0
     progress: bool = True
@@ -108,6 +119,7 @@ class RefitResult:
     submission: Path | None
     seconds: dict = field(default_factory=dict)
     layout: str | None = None  # the data's layout ("kaggle": the submission is for Kaggle)
+    path: str = "reuse"  # "full", "reuse" or "retrain": which models were submitted
 
 
 def pick_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -395,6 +407,96 @@ def open_setup(cfg: RefitConfig) -> Setup:
     return Setup(study, search_cfg, cache, data, fold, k, where, differs)
 
 
+@dataclass(frozen=True)
+class FinalPlan:
+    """What ``pcam-refit`` builds by default: ``path`` "full" (``models`` seeds on every
+    labelled row, ``epochs`` each) or "reuse" (the search's own fold models); ``why``."""
+
+    path: str
+    models: int
+    epochs: int
+    why: str
+
+
+def trial_pace(trial: FrozenTrial) -> Pace | None:
+    """How fast ``trial`` trained in the search (its seconds per fold-epoch and img/s)."""
+    sec, fe = trial.user_attrs.get(SECONDS), trial.user_attrs.get(FOLD_EPOCHS)
+    ips = trial.user_attrs.get(IMAGES_PER_S)
+    if not sec or not fe or not ips:
+        return None
+    return Pace(float(sec) / float(fe), float(ips))
+
+
+def plan_final(
+    k: int,
+    search_epochs: int,
+    cap: int,
+    seed_epochs: int,
+    pace: Pace | None,
+    seconds: float | None,
+    predict_images: int,
+    has_saved: bool,
+) -> FinalPlan:
+    """The final model of ``pcam-refit``'s default. At equal compute one model on every
+    labelled row for the final model's epochs beats the search's k fold models (README, "the
+    final model"), so that is the plan: ``cap`` epochs with no time limit; with ``seconds``,
+    the seeds and epochs that fit at the trial's ``pace`` (``full_fit_plan``, as
+    ``--budget``'s final step). Where no more than the search's epochs fit and the search
+    kept the trial's fold models, those are submitted instead (no training)."""
+    full_rows = f"all labelled patches (the search's trials trained {search_epochs} epochs)"
+    if seconds is None:
+        why = f"no --time: one model on {full_rows} for {cap} epochs, the final model's cap"
+        return FinalPlan("full", 1, cap, why)
+    if pace is None:
+        why = (
+            f"the trial's pace is unknown: one model on {full_rows}, ending within {seconds:.0f} s"
+        )
+        return FinalPlan("full", 1, cap, why)
+    predict_s = predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
+    n, epochs = full_fit_plan(seconds, k, pace, predict_s, cap, seed_epochs)
+    if epochs <= search_epochs and has_saved:
+        why = (
+            f"in {seconds:.0f} s no more than the search's {search_epochs} epochs fit: its own "
+            "fold models, no training"
+        )
+        return FinalPlan("reuse", 0, 0, why)
+    epochs = max(epochs, 1)
+    what = f"{n} models (seeds)" if n > 1 else "one model"
+    why = f"{what} on {full_rows} for {epochs} epochs: what fits {seconds:.0f} s at its pace"
+    return FinalPlan("full", n, epochs, why)
+
+
+def _final_config(cfg: RefitConfig, su: Setup) -> RefitConfig:
+    """``cfg`` with the final model's plan filled in (``cfg.final``); said on the console by
+    ``_models``."""
+    from dataclasses import replace
+
+    trial = pick_trial(su.study, cfg.trial)
+    sc = su.search_cfg
+    search_epochs = int(sc.get("max_epochs", 1))
+    cap = int(sc.get("final_max_epochs") or 48)
+    seed_epochs = int(sc.get("final_seed_epochs") or cap)
+    t0 = time.monotonic() if cfg.t_start is None else cfg.t_start
+    left = None if cfg.seconds is None else cfg.seconds - (time.monotonic() - t0)
+    views = len(su.cache.rows("test")) * cfg.tta
+    saved = saved_models(trial, su.cache, search_epochs, search_epochs) is not None
+    plan = plan_final(su.k, search_epochs, cap, seed_epochs, trial_pace(trial), left, views, saved)
+    if cfg.epochs:  # --epochs: the full-data model's length, as asked
+        plan = FinalPlan("full", max(plan.models, 1), cfg.epochs, f"--epochs {cfg.epochs}")
+    until = None
+    if cfg.seconds is not None and plan.path == "full":
+        pace = trial_pace(trial)
+        predict_s = views / pace.images_per_s * PREDICT_COST * MARGIN if pace else 0.0
+        until = t0 + cfg.seconds - predict_s - REFIT_FIXED_S
+    return replace(
+        cfg,
+        final_plan=plan,
+        full_models=plan.models if plan.path == "full" else 0,
+        epochs=plan.epochs if plan.path == "full" else None,
+        train_until=until,
+    )
+
+
 @dataclass
 class _Plan:
     """Step 1 of a refit: which trial, with what params and epochs, written where."""
@@ -455,6 +557,8 @@ def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldMo
         f"refit trial {pl.trial.number} of study {cfg.study!r} (its search value, the mean "
         f"of its folds' AUCs, {pl.trial.value:.4f}): {how}, TTA x{cfg.tta}"
     )
+    if cfg.final_plan is not None:
+        console.print(f"why: {cfg.final_plan.why}", highlight=False)
     args = (cfg, pl.params, su.data)
     if full:
         oof = _search_oof(pl.trial, su.cache, len(su.data.labels))
@@ -545,6 +649,10 @@ def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> Non
         "oof_auc_best_epochs": res.oof_auc_best,
         "best_epochs": fm.best_epochs,
         "trained": fm.trained,
+        # which models were submitted: "full" (trained on every labelled row), "reuse" (the
+        # search's own fold models) or "retrain" (fold models trained again)
+        "path": res.path,
+        "plan": cfg.final_plan.why if cfg.final_plan else None,
         # full-data models: oof_auc is the search's k-fold estimate of these params (at its
         # epochs), not of these models, which saw every labelled patch
         "full_fit": cfg.full_models if fm.full else 0,
@@ -566,12 +674,18 @@ def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> Non
     set_refit(su.study, json.loads(json.dumps(record)), pl.out_dir / "refit.json")
 
 
+def _path(fm: _FoldModels) -> str:
+    return "full" if fm.full else "retrain" if fm.trained else "reuse"
+
+
 def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     """Plan, get the models (reuse, retrain or full fit), score OOF, predict, record (see
     the module docstring)."""
     t0 = time.perf_counter()
     check_outputs_writable(cfg)
     su = open_setup(cfg)
+    if cfg.final:
+        cfg = _final_config(cfg, su)
     pl = _plan(cfg, su)
     fm = _models(cfg, su, pl, console)
     t_train = time.perf_counter() - t0
@@ -592,6 +706,7 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         submission=test.submission,
         seconds={"train": round(t_train, 1), "predict": round(test.seconds, 1)},
         layout=su.cache.meta.get("layout"),
+        path=_path(fm),
     )
     _record(cfg, su, pl, fm, result)
     return result

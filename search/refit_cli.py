@@ -1,8 +1,11 @@
 """``pcam-refit`` and ``pcam-predict``.
 
-pcam-refit --best                    # best COMPLETE trial of study "pcam": its own fold models
+pcam-refit --best                    # best COMPLETE trial of study "pcam": its params trained
+                                     # on every labelled patch for the final model's epochs
+pcam-refit --best --time 600         # the same, ending within 10 minutes (seeds if they fit)
+pcam-refit --best --reuse            # its own fold models from the search: no training
 pcam-refit --best --retrain          # the same params, fold models trained again
-pcam-refit --trial 17 --epochs 20    # a chosen COMPLETE trial, retrained longer
+pcam-refit --trial 17 --epochs 20    # a chosen COMPLETE trial, one full-data model x 20 epochs
 pcam-refit --ensemble 10             # greedy ensemble selection over the 10 best kept trials
 pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -73,11 +77,26 @@ def refit_parser() -> argparse.ArgumentParser:
         help="refit on data whose content differs from what the study searched (refused "
         "otherwise; recorded in refit.json)",
     )
-    ap.add_argument(
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument(
+        "--reuse",
+        action="store_true",
+        help="submit the trial's own fold models from the search: no training, instant "
+        "(default: the params trained on every labelled patch for the final model's epochs, "
+        "which beats the fold models at equal compute)",
+    )
+    how.add_argument(
         "--retrain",
         action="store_true",
-        help="train the trial's fold models again (default: reuse the ones the search kept, "
-        "no training; retrains when it kept none)",
+        help="train the trial's k fold models again (for --epochs)",
+    )
+    ap.add_argument(
+        "--time",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the refit ends within S seconds: the final model's epochs (and seeds) are "
+        "planned for them at the trial's pace, and its training stops in time",
     )
     ap.add_argument(
         "--full",
@@ -94,8 +113,8 @@ def refit_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
-        help="epochs per model when training (default: the search's --max-epochs; another "
-        "value retrains)",
+        help="epochs per model when training (default: the final model's cap for a "
+        "full-data model, the search's --max-epochs for --retrain)",
     )
     ap.add_argument(
         "--tta",
@@ -118,6 +137,7 @@ def refit_parser() -> argparse.ArgumentParser:
 
 
 def refit_main(argv: list[str] | None = None) -> int:
+    t_start = time.monotonic()  # --time counts from here
     args = refit_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
@@ -131,8 +151,14 @@ def refit_main(argv: list[str] | None = None) -> int:
             "[red]error:[/] --full N needs N >= 1 (it trains; no --retrain)", highlight=False
         )
         return EXIT_BAD_INPUT
+    if args.reuse and args.epochs:
+        err.print("[red]error:[/] --reuse trains nothing (no --epochs)", highlight=False)
+        return EXIT_BAD_INPUT
+    if args.time is not None and args.time <= 0:
+        err.print(f"[red]error:[/] --time must be > 0 seconds, got {args.time}", highlight=False)
+        return EXIT_BAD_INPUT
     if args.ensemble is not None and (
-        args.ensemble < 1 or args.retrain or args.epochs or args.full
+        args.ensemble < 1 or args.retrain or args.epochs or args.full or args.reuse
     ):
         err.print(
             "[red]error:[/] --ensemble N needs N >= 1 and trains nothing (no --retrain, "
@@ -153,6 +179,10 @@ def refit_main(argv: list[str] | None = None) -> int:
         force=args.force,
         retrain=args.retrain,
         full_models=args.full,
+        # the default: plan the final model (full-data fit, or reuse when nothing more fits)
+        final=not (args.reuse or args.retrain or args.full),
+        seconds=args.time,
+        t_start=t_start,
         other_data=args.other_data,
         device=args.device,
         seed=args.seed,
@@ -173,7 +203,8 @@ def refit_main(argv: list[str] | None = None) -> int:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
     folds = ", ".join(f"{a:.4f}" for a in r.oof_auc_folds)
-    what = "CV AUC of these params, the search's fold models" if cfg.full_models else "OOF AUC"
+    full = r.path == "full"
+    what = "CV AUC of these params, the search's fold models" if full else "OOF AUC"
     out.print(f"{what} {r.oof_auc:.4f} (folds {folds})", highlight=False)
     if r.test_auc is not None:
         n = len(r.test_auc_folds or r.oof_auc_folds)

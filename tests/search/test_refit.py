@@ -65,7 +65,7 @@ def refitted(_kaggle_master, tmp_path_factory):
         )
         == 0
     )
-    assert refit_main(["--best", "--tta", "8", "--no-progress", *common]) == 0
+    assert refit_main(["--best", "--reuse", "--tta", "8", "--no-progress", *common]) == 0
     return root, _kaggle_master
 
 
@@ -273,7 +273,7 @@ def test_refit_gap_scores_the_saved_best_epoch_weights(_kaggle_master, tmp_path)
     )
 
 
-def test_refit_best_reuses_the_searchs_fold_models_without_training(refitted):
+def test_refit_reuse_submits_the_searchs_fold_models_without_training(refitted):
     # the best trial's own fold models (saved by the search) are the submission: no training,
     # the same weights bit for bit, and its OOF AUC per fold is the trial's own value
     root, _ = refitted
@@ -394,3 +394,65 @@ def test_study_user_attrs_stay_short_big_records_elsewhere(refitted):
     assert get_record(study, "config")["folds"] == 2
     assert "fixed" in get_record(study, "space") and get_record(study, "runs")
     assert get_record(study, "refit")["test_auc_folds"]
+
+
+def test_plan_final_trains_the_cap_without_a_time_limit():
+    from search.refit import plan_final
+
+    plan = plan_final(3, 12, 48, 48, None, None, 1000, True)
+    assert (plan.path, plan.models, plan.epochs) == ("full", 1, 48)
+    assert "48 epochs" in plan.why
+
+
+def test_plan_final_with_time_fits_epochs_then_seeds_then_reuses():
+    from search.deadline import Pace
+    from search.refit import plan_final
+
+    pace = Pace(seconds_per_fold_epoch=2.0, images_per_s=500.0)  # a trial's pace
+    # ~30 fold-epochs' worth: fewer than the cap of 48, one model
+    short = plan_final(3, 4, 48, 48, pace, 40.0, 1000, True)
+    assert short.path == "full" and short.models == 1 and 4 < short.epochs < 48
+    # time for two models of 48 epochs each: a second seed
+    long = plan_final(3, 4, 48, 48, pace, 200.0, 1000, True)
+    assert (long.path, long.models, long.epochs) == ("full", 2, 48)
+    # no more than the search's epochs fit: its own fold models, when it kept them
+    tiny = plan_final(3, 4, 48, 48, pace, 5.0, 1000, True)
+    assert tiny.path == "reuse" and "no more than the search's 4 epochs" in tiny.why
+    # ... and when it did not, the full-data model trains what it can (its end is hard)
+    assert plan_final(3, 4, 48, 48, pace, 5.0, 1000, False).path == "full"
+
+
+def test_refit_default_trains_on_every_labelled_patch_and_records_the_path(
+    _kaggle_master, tmp_path, capsys
+):
+    # pcam-refit --best by default trains the best params on every labelled patch (at equal
+    # compute better than the search's fold models); --reuse submits those fold models
+    (tmp_path / "space.toml").write_text(SPACE)
+    common = ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(tmp_path / "cache")]
+    args = ["--data", str(_kaggle_master), "--space", str(tmp_path / "space.toml")]
+    args += ["--trials", "1", "--max-epochs", "1", "--folds", "2", "--no-asha", "--no-progress"]
+    assert search_main([*args, *common]) == 0
+    base = ["--best", "--tta", "1", "--no-progress", "--force", *common]
+    assert refit_main([*base, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "trained on all" in out and "why: --epochs 2" in out
+    rec = json.loads(next((tmp_path / "studies").rglob("refit.json")).read_text())
+    assert rec["path"] == "full" and rec["full_fit"] == 1 and rec["epochs_trained"] == [2]
+    assert rec["test_auc"] is not None
+    assert refit_main([*base, "--reuse"]) == 0
+    rec = json.loads(next((tmp_path / "studies").rglob("refit.json")).read_text())
+    assert rec["path"] == "reuse" and rec["trained"] is False
+    # --time too short for more epochs than the search's: its fold models, and it says why
+    assert refit_main([*base, "--time", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "no more than the search's 1 epochs fit" in out
+    rec = json.loads(next((tmp_path / "studies").rglob("refit.json")).read_text())
+    assert rec["path"] == "reuse" and "--time" not in (rec["plan"] or "")
+
+
+def test_refit_reuse_and_epochs_or_bad_time_are_refused(tmp_path, capsys):
+    common = ["--studies-dir", str(tmp_path / "studies")]
+    assert refit_main(["--best", "--reuse", "--epochs", "3", *common]) == 2
+    assert "--reuse trains nothing" in capsys.readouterr().err
+    assert refit_main(["--best", "--time", "0", *common]) == 2
+    assert "--time must be > 0" in capsys.readouterr().err

@@ -171,7 +171,7 @@ def test_refit_on_flipped_labels_is_refused_unless_other_data_is_said(
     labels = pd.read_csv(data / "train_labels.csv", dtype=str)
     labels.loc[:29, "label"] = labels.loc[:29, "label"].map({"0": "1", "1": "0"})
     labels.to_csv(data / "train_labels.csv", index=False)
-    refit = ["--best", "--no-progress", "--tta", "1", "--data", str(data), *common]
+    refit = ["--best", "--reuse", "--no-progress", "--tta", "1", "--data", str(data), *common]
     assert refit_main(refit) == 2
     assert "--other-data" in capsys.readouterr().err
     assert refit_main([*refit, "--other-data"]) == 0
