@@ -17,7 +17,14 @@ labels) and the same end-to-end wall budget (search + building the submission), 
   (d) one fixed, sensible configuration (the hand-chosen notebook recipe: width 16, 48 px,
       one-cycle, full augmentation) trained on every fold for as many epochs as fit the budget;
   (e) the same recipe trained as (a)'s final model is (one model on every labelled row, for
-      as many epochs as fit): what (a) gains from its final fit alone, without searching.
+      as many epochs as fit): what (a) gains from its final fit alone, without searching;
+  (f) the users' flow: ``pcam-search --timeout T`` (T = ``--flow-share`` of the budget), then
+      ``pcam-refit --best --time R`` with R what the search left of the budget.
+
+``--load N``: N busy-looping processes run beside each method (a loaded machine; 1 = one of
+the two cores taken). Results are kept as "<setting>/load<N>".
+For (a) and (f) the deadline's waste is printed: fold-epochs of trials the run stopped
+unfinished (interrupted) over all fold-epochs trained in the search.
 
 For each: the submission's test AUC (k fold models x 8 dihedral views), the CV AUC it was
 chosen by, CV - test, fold-epochs trained (search + submission) and wall seconds. Writes
@@ -165,6 +172,61 @@ def run_cli(name: str, data_dir: Path, budget: float, extra: list[str]) -> dict:
         "search_s": wall - refit["seconds"]["train"] - refit["seconds"]["predict"],
         "trials": len(done),
         "complete": sum(t.state.name == "COMPLETE" for t in s.trials),
+        "waste": _waste(s),
+        "best_params": s.best_params,
+    }
+
+
+def _waste(s: optuna.Study) -> float:
+    """Fold-epochs of interrupted trials (stopped unfinished by the run) over all trained."""
+    fe = [
+        (t.user_attrs.get("fold_epochs", 0), bool(t.user_attrs.get("interrupted")))
+        for t in s.trials
+    ]
+    total = sum(n for n, _ in fe)
+    return sum(n for n, cut in fe if cut) / total if total else 0.0
+
+
+def users_flow(name: str, data_dir: Path, budget: float, share: float, seed: int = 0) -> dict:
+    """(f): ``pcam-search --timeout T`` then ``pcam-refit --best --time R``, R = the rest."""
+    import shutil
+
+    studies = OUT / "studies" / name
+    shutil.rmtree(studies, ignore_errors=True)
+    bin_dir = Path(sys.executable).parent
+    where = ["--cache-dir", str(OUT / "cache"), "--studies-dir", str(studies)]
+    search = [str(bin_dir / "pcam-search"), "--data", str(data_dir), *where]
+    search += ["--trials", "100000", "--timeout", str(budget * share), "--no-progress"]
+    search += ["--seed", str(seed)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(search, capture_output=True, text=True, env=dict(os.environ))
+    log = proc.stdout + proc.stderr
+    search_s = time.perf_counter() - t0
+    left = max(budget - search_s, 1.0)
+    refit = [str(bin_dir / "pcam-refit"), "--best", "--time", f"{left:.0f}", *where]
+    refit += ["--no-progress", "--force", "--seed", str(seed)]
+    proc2 = subprocess.run(refit, capture_output=True, text=True, env=dict(os.environ))
+    wall = time.perf_counter() - t0
+    (studies / "console.log").write_text(log + proc2.stdout + proc2.stderr)
+    if proc.returncode != 0 or proc2.returncode != 0:
+        sys.exit(
+            f"users' flow failed:\n{log[-3000:]}\n{proc2.stdout[-2000:]}{proc2.stderr[-2000:]}"
+        )
+    s = optuna.load_study(study_name="pcam", storage=f"sqlite:///{studies / 'pcam.db'}")
+    rec = get_record(s, "refit")
+    done = [t for t in s.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    return {
+        "test_auc": rec["test_auc"],
+        "cv_auc": rec["oof_auc"],
+        "fold_epochs": sum(t.user_attrs.get("fold_epochs", 0) for t in s.trials)
+        + _final_fold_epochs(rec, get_record(s, "config")["folds"]),
+        "final_epochs": rec["epochs"],
+        "path": rec.get("path"),
+        "wall": wall,
+        "search_s": search_s,
+        "trials": len(done),
+        "complete": sum(t.state.name == "COMPLETE" for t in s.trials),
+        "waste": _waste(s),
         "best_params": s.best_params,
     }
 
@@ -315,7 +377,13 @@ METHODS = {
     "c": "plain Optuna + SHA",
     "d": "fixed config",
     "e": "fixed config, full-data fit",
+    "f": "users' flow: search, refit",
 }
+
+
+def _busy() -> None:
+    while True:
+        pass
 
 
 def main() -> None:
@@ -326,6 +394,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (see above)")
     ap.add_argument("--curve", type=int, default=0, help="also the best-so-far of N trials")
     ap.add_argument("--curve-of", type=Path, help="only print the best-so-far of this study db")
+    ap.add_argument("--flow-share", type=float, default=0.4, help="(f): the search's share")
+    ap.add_argument("--load", type=int, default=0, help="busy processes beside each method")
     args = ap.parse_args()
     if args.curve_of:
         return curve_table(args.curve_of)
@@ -339,20 +409,21 @@ def main() -> None:
         data_dir = dataset(name)
         search_s = args.budget * 0.75  # (c): its refit (12 epochs) gets the rest
         key = name if args.seed == 0 else f"{name}/seed{args.seed}"
+        key += f"/load{args.load}" if args.load else ""
         seed = ["--seed", str(args.seed)]
         tag = key.replace("/", "-")  # its studies folder
         for m in args.methods:
             print(f"[{name}] ({m}) {METHODS[m]} ...", flush=True)
-            if m == "a":
-                r = run_cli(f"{tag}-a", data_dir, args.budget, seed)
-            elif m == "b":
-                r = run_cli(f"{tag}-b", data_dir, args.budget, OLD + seed)
-            elif m == "c":
-                r = plain_optuna(data_dir, search_s, args.seed)
-            elif m == "d":
-                r = fixed_config(data_dir, args.budget, args.seed)
-            else:
-                r = fixed_full(data_dir, args.budget, args.seed)
+            import multiprocessing as mp
+
+            busy = [mp.Process(target=_busy, daemon=True) for _ in range(args.load)]
+            for b in busy:
+                b.start()
+            try:
+                r = _run_method(m, tag, name, data_dir, args, search_s, seed)
+            finally:
+                for b in busy:
+                    b.terminate()
             r["gap"] = r["cv_auc"] - r["test_auc"]
             results.setdefault(key, {})[m] = {**r, "budget": args.budget}
             print(f"    {json.dumps({k: v for k, v in r.items() if k != 'best_params'})}")
@@ -364,10 +435,25 @@ def main() -> None:
         curve(args.curve)
 
 
+def _run_method(m: str, tag: str, name: str, data_dir: Path, args, search_s: float, seed) -> dict:
+    """One method's run on one setting (see the module docstring)."""
+    if m == "a":
+        return run_cli(f"{tag}-a", data_dir, args.budget, seed)
+    if m == "b":
+        return run_cli(f"{tag}-b", data_dir, args.budget, OLD + seed)
+    if m == "c":
+        return plain_optuna(data_dir, search_s, args.seed)
+    if m == "d":
+        return fixed_config(data_dir, args.budget, args.seed)
+    if m == "e":
+        return fixed_full(data_dir, args.budget, args.seed)
+    return users_flow(f"{tag}-f", data_dir, args.budget, args.flow_share, args.seed)
+
+
 def table(results: dict) -> None:
     print(
         f"\n{'setting':<10}{'method':<30}{'test AUC':>9}{'vs (d)':>8}{'CV AUC':>8}{'CV-test':>8}"
-        f"{'fold-ep':>8}{'trials':>7}{'wall s':>7}"
+        f"{'fold-ep':>8}{'trials':>7}{'wall s':>7}{'waste':>7}"
     )
     for name, by in results.items():
         ref = by.get("d", {}).get("test_auc")
@@ -376,8 +462,12 @@ def table(results: dict) -> None:
             print(
                 f"{name:<10}{f'({m}) ' + METHODS[m]:<30}{r['test_auc']:>9.4f}{vs:>8}"
                 f"{r['cv_auc']:>8.4f}{r['gap']:>+8.4f}{r['fold_epochs']:>8d}{r['trials']:>7d}"
-                f"{r['wall']:>7.0f}"
+                f"{r['wall']:>7.0f}{_pct(r.get('waste')):>7}"
             )
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def plot(results: dict) -> None:
