@@ -153,7 +153,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_KEEP_TOP,
         help="keep the fold models of this many best COMPLETE trials in studies/<study>/models "
-        "(pcam-refit builds the submission from them without training; default: %(default)s)",
+        "(pcam-refit --reuse submits them without training; pcam-refit --ensemble selects "
+        "among them; default: %(default)s)",
     )
     a(
         "--cpus-per-trial",

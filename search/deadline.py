@@ -26,10 +26,12 @@ recorded as interrupted, so the study holds only fully trained COMPLETE trials. 
 trials that could run the full length would leave the workers idle for the last full-trial
 time, ~20% of a 10-minute budget on 2 cores, measured; most trials end at the first rung.)
 
-A budget promises a submission, so with ``--budget`` one trial is *guarded*: while no trial is
-COMPLETE (in this run or before), the next trial started (a new study's first: the space's
-known-good ``[[start]]`` recipe) is never cut and the run waits for it past the end; if it ends
-without a value, the next trial started is guarded. And when the budget is too small for the
+A deadline run promises something to submit, so with ``--budget`` or ``--timeout`` one trial
+is *guarded*: while no trial is COMPLETE (in this run or before), the next trial started (a new
+study's first: the space's known-good ``[[start]]`` recipe) is never cut and the run waits for
+it past the end; if it ends without a value, the next trial started is guarded. (Without it a
+loaded machine could end a ``--timeout`` search with the start recipe interrupted and no
+COMPLETE trial, or with a weaker one: measured.) And when the budget is too small for the
 final model's target epochs even with the search at its least share (``starved``), every
 search second is a final epoch lost: the search ends as soon as a trial is COMPLETE (measured,
 session 5: a fixed recipe trained for the whole budget beat a search at 300-600 s on 2 cores).
@@ -106,9 +108,9 @@ class Deadline:
         return self.timeout is not None or self.budget is not None
 
     def needs_guard(self) -> bool:
-        """Whether the next trial started is to be guarded: a budget, no COMPLETE trial yet,
-        none guarded."""
-        return self.budget is not None and not self.settled and self.guard is None
+        """Whether the next trial started is to be guarded: a deadline (budget or timeout),
+        no COMPLETE trial yet, none guarded."""
+        return self.active and not self.settled and self.guard is None
 
     def finished(self, trial: str, complete: bool) -> None:
         """Record that ``trial`` ended (``complete``: COMPLETE with a value)."""

@@ -24,13 +24,15 @@ def test_deadline_without_limits_always_starts_and_never_expires():
 
 
 def test_deadline_first_trial_starts_before_any_pace_is_known():
-    d = Deadline(full_fold_epochs=36, timeout=100)
+    d = Deadline(full_fold_epochs=36, timeout=100, settled=True)
     assert d.may_start(99) and not d.may_start(100) and d.expired(100)
+    # with no COMPLETE trial yet, the next (guarded) trial starts whenever it is asked for
+    assert Deadline(full_fold_epochs=36, timeout=100).may_start(100)
 
 
 def test_deadline_refuses_a_trial_that_cannot_finish():
     # without ASHA a trial finishes after all 36 fold-epochs: 2 s each x margin = ~83 s
-    d = Deadline(full_fold_epochs=36, timeout=600)
+    d = Deadline(full_fold_epochs=36, timeout=600, settled=True)  # a COMPLETE trial exists
     d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
     full = 2 * 36 * MARGIN
     assert d.full_trial_s() == pytest.approx(full)
@@ -39,7 +41,7 @@ def test_deadline_refuses_a_trial_that_cannot_finish():
 
 def test_deadline_with_asha_starts_a_trial_that_can_reach_its_first_rung():
     # ASHA decides at 3 fold-epochs (PRUNED there, or it goes on): 2 s x 3 x margin
-    d = Deadline(full_fold_epochs=36, first_rung=3, timeout=600)
+    d = Deadline(full_fold_epochs=36, first_rung=3, timeout=600, settled=True)
     d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
     rung = 2 * 3 * MARGIN
     assert d.may_start(600 - rung - 1) and not d.may_start(600 - rung)
@@ -165,9 +167,14 @@ def test_deadline_guard_lets_the_first_budget_trial_finish_past_the_end():
     assert not d.needs_guard() and not d.may_start(10_000) and d.stop_all(200)
 
 
-def test_deadline_guard_only_with_a_budget_and_no_complete_trial():
-    assert not Deadline(full_fold_epochs=36, timeout=100).needs_guard()
+def test_deadline_guard_with_any_deadline_until_a_trial_is_complete():
+    # a --timeout search finishes its start recipe too: without a COMPLETE trial the
+    # users' flow (search, then pcam-refit) has nothing to submit
+    assert Deadline(full_fold_epochs=36, timeout=100).needs_guard()
+    assert Deadline(full_fold_epochs=36, budget=100).needs_guard()
+    assert not Deadline(full_fold_epochs=36).needs_guard()  # no deadline: nothing is cut
     assert not Deadline(full_fold_epochs=36, budget=100, settled=True).needs_guard()
+    assert not Deadline(full_fold_epochs=36, timeout=100, settled=True).needs_guard()
 
 
 def test_deadline_starved_budget_stops_the_search_at_its_first_complete_trial():
