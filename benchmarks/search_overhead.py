@@ -27,6 +27,7 @@ import optuna
 
 from search import ray_adapter
 from search import study as studies
+from search.deadline import Deadline
 from search.engine import TrainData
 from search.progress import Tally
 from search.space import load_space, suggest
@@ -71,7 +72,7 @@ def _ours(url: str, space, trials: int, epochs: int, concurrency: int, tmp: Path
         grace_period=1,
         reduction_factor=3,
         asha=True,
-        timeout=None,
+        deadline=Deadline(full_fold_epochs=epochs),  # no deadline: k = 1, all epochs
         tally=Tally(target=trials),
         driver=studies.driver_id(),
         storage_path=str(tmp / "ray"),
