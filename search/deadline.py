@@ -80,6 +80,11 @@ class Pace:
     images_per_s: float
 
 
+def predict_seconds(images: int, pace: Pace) -> float:
+    """Estimated seconds to predict ``images`` (test patches x TTA views) at ``pace``."""
+    return images / max(pace.images_per_s, 1e-9) * PREDICT_COST
+
+
 @dataclass
 class Deadline:
     """The search's end time and the start rule (see the module docstring). Times in seconds
@@ -187,7 +192,7 @@ class Deadline:
 
     def predict_s(self, pace: Pace) -> float:
         """Estimated seconds to predict the test set at ``pace`` (TTA views included)."""
-        return self.predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
+        return predict_seconds(self.predict_images, pace)
 
     def may_start(self, elapsed: float) -> bool:
         """Whether a new trial started now could reach its first rung before the end."""

@@ -699,20 +699,28 @@ def train_cv(
     plan = plan_pool_for(p, len(data.labels), k, dev, gpu_share) if pool is None else None
     place = pool or plan.where
     args = (p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race_epochs)
-    try:
-        try:
-            return _finish(_train_cv(*args, place), keep_states, keep_oof)
-        except _PoolOutOfMemory as e:
-            release(dev)
-            note = f"the device pool ran out of memory before the first report ({e}): host path"
-            logging.getLogger(__name__).warning(note)
-            return _finish(_train_cv(*args, "host"), keep_states, keep_oof, note)
-    finally:
-        release(dev)  # reused Ray actors: the next trial finds this one's blocks free
+    trained, note = _host_if_pool_oom(lambda where: _train_cv(*args, where), place, dev)
+    return _finish(trained, keep_states, keep_oof, note)
 
 
 class _PoolOutOfMemory(RuntimeError):
     """CUDA ran out of memory with the pool on the device, before anything was reported."""
+
+
+def _host_if_pool_oom(train: Callable[[str], object], place: str, dev: torch.device):
+    """(``train(place)``, "") - or, when the device pool ran out of memory before the first
+    report, (``train("host")``, why): same seeds, same result. The device's cached blocks
+    are released after either (reused Ray actors: the next trial finds them free)."""
+    try:
+        try:
+            return train(place), ""
+        except _PoolOutOfMemory as e:
+            release(dev)
+            note = f"the device pool ran out of memory before the first report ({e}): host path"
+            logging.getLogger(__name__).warning(note)
+            return train("host"), note
+    finally:
+        release(dev)
 
 
 @dataclass
@@ -891,17 +899,7 @@ def train_full(
     configure(dev, threads)
     place = plan_pool_for(p, len(data.labels), 1, dev, 1.0).where
     args = (p, data, epochs, seeds, dev, pretrained, on_epoch, seconds)
-    try:
-        try:
-            return _train_full(*args, place)
-        except _PoolOutOfMemory as e:
-            release(dev)
-            logging.getLogger(__name__).warning(
-                "the device pool ran out of memory in the first epoch (%s): host path", e
-            )
-            return _train_full(*args, "host")
-    finally:
-        release(dev)
+    return _host_if_pool_oom(lambda where: _train_full(*args, where), place, dev)[0]
 
 
 def _train_full(p, data, epochs, seeds, dev, pretrained, on_epoch, seconds, place) -> list[dict]:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,8 @@ from search.attrs import (
     set_refit,
 )
 from search.config import weights_arg
-from search.deadline import MARGIN, PREDICT_COST, REFIT_FIXED_S, Pace, full_fit_plan
+from search.deadline import MARGIN, REFIT_FIXED_S, Pace, full_fit_plan, predict_seconds
+from search.defaults import CPU_DEFAULTS
 from search.engine import (
     PoolImages,
     TrainData,
@@ -452,7 +453,7 @@ def plan_final(
             f"the trial's pace is unknown: one model on {full_rows}, ending within {seconds:.0f} s"
         )
         return FinalPlan("full", 1, cap, why)
-    predict_s = predict_images / max(pace.images_per_s, 1e-9) * PREDICT_COST
+    predict_s = predict_seconds(predict_images, pace)
     n, epochs = full_fit_plan(seconds, k, pace, predict_s, cap, seed_epochs)
     if epochs <= search_epochs and has_saved:
         why = (
@@ -469,24 +470,22 @@ def plan_final(
 def _final_config(cfg: RefitConfig, su: Setup) -> RefitConfig:
     """``cfg`` with the final model's plan filled in (``cfg.final``); said on the console by
     ``_models``."""
-    from dataclasses import replace
-
     trial = pick_trial(su.study, cfg.trial)
     sc = su.search_cfg
     search_epochs = int(sc.get("max_epochs", 1))
-    cap = int(sc.get("final_max_epochs") or 48)
+    cap = int(sc.get("final_max_epochs") or CPU_DEFAULTS.final_max_epochs)
     seed_epochs = int(sc.get("final_seed_epochs") or cap)
     t0 = time.monotonic() if cfg.t_start is None else cfg.t_start
     left = None if cfg.seconds is None else cfg.seconds - (time.monotonic() - t0)
     views = len(su.cache.rows("test")) * cfg.tta
+    pace = trial_pace(trial)
     saved = saved_models(trial, su.cache, search_epochs, search_epochs) is not None
-    plan = plan_final(su.k, search_epochs, cap, seed_epochs, trial_pace(trial), left, views, saved)
+    plan = plan_final(su.k, search_epochs, cap, seed_epochs, pace, left, views, saved)
     if cfg.epochs:  # --epochs: the full-data model's length, as asked
         plan = FinalPlan("full", max(plan.models, 1), cfg.epochs, f"--epochs {cfg.epochs}")
     until = None
     if cfg.seconds is not None and plan.path == "full":
-        pace = trial_pace(trial)
-        predict_s = views / pace.images_per_s * PREDICT_COST * MARGIN if pace else 0.0
+        predict_s = predict_seconds(views, pace) * MARGIN if pace else 0.0
         until = t0 + cfg.seconds - predict_s - REFIT_FIXED_S
     return replace(
         cfg,
