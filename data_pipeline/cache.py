@@ -53,6 +53,47 @@ def default_cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "pcam-search"
 
 
+CACHE_HINT = "set PCAM_CACHE_DIR (or --cache-dir) to a folder you can write"
+
+
+def cache_root_dir(cache_root: Path | None = None) -> Path:
+    """``cache_root`` (else ``default_cache_root()``), created if it is not there. A file in
+    its place, or a folder that cannot be created (a read-only HOME), is a ``DataError`` that
+    names it and what to set. An existing read-only folder is fine: a built cache is only
+    read."""
+    root = Path(cache_root) if cache_root else default_cache_root()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the cache folder {root} is a file, not a folder; {CACHE_HINT}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(
+            f"cannot create the cache folder {root} ({e.strerror}); {CACHE_HINT}"
+        ) from None
+    return root
+
+
+# Besides the pixels: index, report and the folds (a few MB), and room for the rest of the
+# disk's users. A memmap written past the disk's end kills the process with SIGBUS (no error
+# Python can catch), so the space is checked before the file is made.
+FREE_MARGIN_BYTES = 64 << 20
+
+
+def check_free_space(folder: Path, need: int) -> None:
+    """A ``DataError`` naming ``folder`` and the bytes needed when its disk has less free."""
+    free = shutil.disk_usage(folder).free
+    if free < need + FREE_MARGIN_BYTES:
+        raise DataError(
+            f"not enough free disk for the cache in {folder}: it needs {_mb(need)} "
+            f"(+{_mb(FREE_MARGIN_BYTES)} to spare), {_mb(free)} free; free some space or "
+            f"{CACHE_HINT}"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
 def available_cpus() -> int:
     """CPUs this process may use (affinity-aware, unlike ``os.cpu_count``)."""
     try:
@@ -278,6 +319,7 @@ def validate(
     workers = workers or available_cpus()
     layout, entries, problems = scan(root, workdir)
     if out is not None:
+        check_free_space(out.parent, len(entries) * int(np.prod(SHAPE)))
         np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(entries), *SHAPE))
     with _progress(
         progress, f"decoding {len(entries)} patches ({workers} workers)", len(entries)
@@ -310,7 +352,7 @@ def check(
     root: Path, cache_root: Path | None = None, workers: int | None = None, progress: bool = True
 ) -> list[Problem]:
     """Every problem in ``root`` (decoding all images), without building a cache."""
-    workdir = Path(cache_root or default_cache_root()) / "unpacked"
+    workdir = cache_root_dir(cache_root) / "unpacked"
     try:
         return validate(Path(root), workdir, None, workers, progress)[3]
     except DataError as e:
@@ -387,7 +429,7 @@ def build_cache(
     and ``skip_bad`` is False; with ``skip_bad`` bad rows are left out and listed in report.csv.
     """
     root = Path(root).resolve()
-    cache_root = Path(cache_root or default_cache_root()).resolve()
+    cache_root = cache_root_dir(cache_root).resolve()
     layout = detect_layout(root)
     fp = fingerprint(root, layout, skip_bad)
     final = cache_root / _cache_name(root, layout, fp)
@@ -426,6 +468,7 @@ def build_cache(
             os.replace(raw, images)
         else:
             src = np.load(raw, mmap_mode="r")
+            check_free_space(tmp, len(keep) * int(np.prod(SHAPE)))
             dst = np.lib.format.open_memmap(
                 images, mode="w+", dtype=np.uint8, shape=(len(keep), *SHAPE)
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.cache import Cache, default_cache_root, open_cache
+from data_pipeline.cache import Cache, cache_root_dir, open_cache
 from data_pipeline.synth import SynthConfig, ensure_embedded
 
 
@@ -21,7 +21,7 @@ class DataConfig:
 
     @property
     def cache_root(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_root()
+        return cache_root_dir(self.cache_dir)
 
     def source(self) -> Path:
         """The folder read: ``data``, or the embedded dataset (generated on first use)."""

@@ -7,7 +7,6 @@ inflates AUC; grouping by slide is what makes the CV score predict the leaderboa
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.constants import STRATEGIES
 
 # Below this share of labelled ids with a slide, "slide" folds are mostly patch folds (the
@@ -147,10 +147,8 @@ def folds_for_cache(cache, k: int = 5, seed: int = 0, strategy: str = "slide") -
         idx["label"].to_numpy(), idx["slide"].to_numpy(), idx["hash"].to_numpy(), k, seed, strategy
     )
     df = pd.DataFrame({"id": idx["id"].to_numpy(), "row": rows, "fold": folds})
-    path.parent.mkdir(exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     summary = {
         "k": k,
         "seed": seed,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import shutil
 import zlib
 from pathlib import Path
@@ -22,6 +21,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from data_pipeline.atomic import atomic_path
 from data_pipeline.problems import DataError, Problem
 
 SPLITS = ("train", "valid", "test")
@@ -71,15 +71,8 @@ def unpack(path: Path, workdir: Path) -> Path:
     out = Path(workdir) / f"{path.name[:-3]}.{key}"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=16 << 20)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, length=16 << 20)
     return out
 
 

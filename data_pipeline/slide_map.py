@@ -10,13 +10,13 @@ atomically and reports its coverage.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from data_pipeline import cache as cache_mod
+from data_pipeline.atomic import atomic_path
 from data_pipeline.problems import DataError
 
 SLIDE_MAP_CSV = "patch_id_wsi.csv"
@@ -69,9 +69,8 @@ def build_slide_map(
     kc = cache_mod.open_cache(kaggle_dir, cache_root, True, workers, progress)
     pc = cache_mod.open_cache(pcam_dir, cache_root, True, workers, progress)
     mapping, ambiguous = match_slides(kc.index, pc.index)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    mapping.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        mapping.to_csv(tmp, index=False)
     split = kc.index.set_index("id")["split"]
     got = split.loc[mapping["id"]].value_counts()
     total = kc.index["split"].value_counts()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -133,7 +134,15 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        # weights_only refused it (objects other than tensors: nothing was executed) or it is
+        # not a torch file at all. torch's own message suggests weights_only=False, which is
+        # exactly what must not be done with a file of unknown origin: not passed on.
+        refused = "unsupported global" in str(e).lower()  # weights_only met a class or function
+        kind = "holds objects other than tensors" if refused else "is not a torch file"
+        raise ValueError(f"{path}: not a weights file: it {kind}; refusing to load it") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -32,6 +32,7 @@ IMAGES_PER_S = "images_per_s"  # training throughput
 EARLY_STOPPED = "early_stopped"  # early stopping (patience) ended every fold: COMPLETE
 MODELS_DIR = "models_dir"  # its kept fold models (--keep-top), while kept
 INTERRUPTED = "interrupted"  # stopped by a deadline or Ctrl-C: re-run on resume
+RETRY_OF = "retry_of"  # the interrupted trial whose params this one re-runs (its number)
 FAIL_REASON = "fail_reason"
 ERROR_TYPE = "error_type"
 ERROR_MESSAGE = "error_message"

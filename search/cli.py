@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import models
-from data_pipeline.cache import available_cpus
+from data_pipeline.cache import available_cpus, cache_root_dir
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import (
     folds_file,
@@ -69,6 +69,7 @@ from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
 
+EXIT_FAILED = 1  # the search ran and nothing completed
 EXIT_BAD_INPUT = 2
 METRIC_NAME = "mean fold AUC"  # what a trial's value is, as optuna-dashboard labels it
 EXIT_INTERRUPTED = 130
@@ -80,7 +81,9 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
     """The one config of this run: flags, else the CPU or GPU defaults."""
     d = for_device(has_gpu)
     pick = lambda v, default: default if v is None else v  # noqa: E731
-    budgeted = args.budget is not None and args.search_share < 1  # a final model is trained
+    # a final model trains long after a deadline search (--budget's last step, or pcam-refit
+    # --best after --timeout): its trials are short complete runs that rank the params
+    short = args.budget is not None and args.search_share < 1 or args.timeout is not None
     return SearchConfig(
         data=DataConfig(
             data=args.data, cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers
@@ -91,7 +94,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         trials=args.trials,
         folds=pick(args.folds, d.folds),
         fold_strategy=pick(args.fold_strategy, "slide"),
-        max_epochs=pick(args.max_epochs, d.budget_max_epochs if budgeted else d.max_epochs),
+        max_epochs=pick(args.max_epochs, d.budget_max_epochs if short else d.max_epochs),
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
         asha=not args.no_asha,
@@ -343,6 +346,9 @@ def run(
     if not study.trials:  # a new study starts from the space's known-good recipes
         for params in space.start:
             study.enqueue_trial(params, skip_if_exists=True)
+    requeued = studies.requeue_interrupted(study)
+    if requeued:
+        console.print(f"re-running first the params of interrupted trial(s) {requeued}")
     meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
     interrupted = _search(
         cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
@@ -372,9 +378,25 @@ def run(
     if interrupted:
         console.print("[yellow]interrupted: run the same command again to continue[/]")
         return EXIT_INTERRUPTED
+    if studies.best_trial(study) is None:
+        return _no_result(console, study)
     if cfg.budget is not None:
         return _refit_in_budget(cfg, console, t_cmd, deadline)
     return 0
+
+
+def _no_result(console: Console, study: optuna.Study) -> int:
+    """A search that left no COMPLETE trial failed: say which error ended most trials."""
+    f = studies.failures(study)
+    why = (
+        f"{f.total} trial(s) failed; the commonest error, in {f.count}: {f.error_type}: "
+        f"{f.example}"
+        if f.total
+        else "no trial finished training"
+    )
+    name = study.study_name
+    console.print(f"[red]error:[/] study {name!r} has no COMPLETE trial: {escape(why)}")
+    return EXIT_FAILED
 
 
 def _check_nodes(data: TrainData) -> None:
@@ -600,6 +622,7 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         studies.check_study_name(args.study)
         url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
         studies.check_storage(url, write=True)
+        cache_root_dir(args.cache_dir)  # a file there, or a read-only HOME: said before Ray
         from search import ray_adapter
 
         if args.address is None:

@@ -87,7 +87,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="epochs of a trial never stopped early (default: "
-        f"{cpu_gpu('max_epochs')}; with --budget {cpu_gpu('budget_max_epochs')})",
+        f"{cpu_gpu('max_epochs')}; with --budget or --timeout {cpu_gpu('budget_max_epochs')}: "
+        "short complete trials, the winner then trains long in the final model)",
     )
     a(
         "--grace-period",
@@ -120,8 +121,9 @@ def parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=None,
-        help="seconds for this search: no trial starts that could not finish by then; "
-        "trials still running at the end are stopped and re-run on resume",
+        help="seconds for this search: no trial starts that could not pass its first rung by "
+        "then, and one that cannot finish at its pace now is stopped; stopped trials are "
+        "re-run first on resume (the same command again); then pcam-refit --best",
     )
     a(
         "--budget",

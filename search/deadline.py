@@ -18,9 +18,10 @@ time for the search, measured from its start:
   refit x ``refit_factor``, plus the predictions.
 
 A trial starts only if it can *finish* before the end: reach ASHA's first rung (``first_rung``
-fold-epochs), where it either ends as PRUNED or goes on, at the pace the trials so far ran
-(their 75th percentile: the long-running winners are the slower configurations). A running
-trial whose own pace says it cannot train every fold-epoch before the end is stopped at once
+fold-epochs), where it either ends as PRUNED or goes on, at the pace the trials that reported
+last ran (their 75th percentile: the long-running winners are the slower configurations; the
+latest, so a machine that got busy mid-search counts at once). A running trial whose own pace
+now says it cannot train every fold-epoch before the end is stopped at once
 (its worker goes to one that can), and trials still running at the end are stopped; both are
 recorded as interrupted, so the study holds only fully trained COMPLETE trials. (Starting only
 trials that could run the full length would leave the workers idle for the last full-trial
@@ -70,6 +71,9 @@ REFIT_FIXED_S = 10.0  # loading data, saving the ensemble, writing the submissio
 # trial spread by ~0.02 on the embedded set); the fastest of them trains the final model: it
 # fits the most epochs into the rest of the budget, and epochs are what pay there
 TIE_AUC = 0.005
+# A new trial's length is estimated from the paces of the trials that reported last: as many
+# as run at once on a 2-4 worker machine, so a load that began mid-search counts at once
+RECENT_TRIALS = 4
 
 
 @dataclass
@@ -100,7 +104,11 @@ class Deadline:
     retrain: bool = False  # the refit trains the best params again (else reuses its models)
     search_share: float = 1.0  # with a budget: the least share the search gets
     final_fold_epochs: int = 0  # with a budget: k x the final model's target epochs (0: none)
-    paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace
+    paces: dict[str, Pace] = field(default_factory=dict)  # trial id -> pace, latest report last
+    # trial id -> seconds per fold-epoch between its last two reports: the pace *now* (another
+    # process taking part of the CPU shows here first, long before in a trial's average)
+    recent: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, tuple[float, int]] = field(default_factory=dict)  # trial -> (s, fold-ep)
     best: str | None = None  # trial id of the best COMPLETE trial so far
     not_started: int = 0  # suggestions refused because a full trial would not fit
     cut: set[str] = field(default_factory=set)  # trials stopped: they could not finish in time
@@ -131,9 +139,15 @@ class Deadline:
         return self.final_s() > self.budget * (1 - self.search_share)
 
     def observe(self, trial: str, seconds: float, fold_epochs: int, images_per_s: float) -> None:
-        """Record a trial's pace from its latest report."""
-        if fold_epochs > 0 and seconds > 0:
-            self.paces[trial] = Pace(seconds / fold_epochs, images_per_s)
+        """Record a trial's pace from its latest report (its average, and since the last)."""
+        if fold_epochs <= 0 or seconds <= 0:
+            return
+        self.paces.pop(trial, None)  # re-inserted last: the latest reports are the newest paces
+        self.paces[trial] = Pace(seconds / fold_epochs, images_per_s)
+        s0, fe0 = self._last.get(trial, (0.0, 0))
+        if fold_epochs > fe0:
+            self.recent[trial] = (seconds - s0) / (fold_epochs - fe0)
+            self._last[trial] = (seconds, fold_epochs)
 
     def full_trial_s(self) -> float | None:
         """Estimated seconds of a trial that runs every fold-epoch; None before any report."""
@@ -144,10 +158,20 @@ class Deadline:
         return self._estimate(self.first_rung or self.full_fold_epochs)
 
     def _estimate(self, fold_epochs: int) -> float | None:
+        """At the pace of the trials that reported last (the machine's load now, not the first
+        trials'): the 75th percentile of their seconds per fold-epoch, each the slower of its
+        average and its pace since its previous report."""
         if not self.paces:
             return None
-        pace = float(np.percentile([p.seconds_per_fold_epoch for p in self.paces.values()], 75))
-        return pace * fold_epochs * MARGIN
+        latest = list(self.paces)[-RECENT_TRIALS:]
+        rates = [
+            max(self.paces[t].seconds_per_fold_epoch, self.recent.get(t, 0.0)) for t in latest
+        ]
+        return float(np.percentile(rates, 75)) * fold_epochs * MARGIN
+
+    def _rate(self, trial: str) -> float:
+        """Seconds per fold-epoch of ``trial``: the slower of its average and its pace now."""
+        return max(self.paces[trial].seconds_per_fold_epoch, self.recent.get(trial, 0.0))
 
     def refit_s(self) -> float:
         """Estimated seconds of the refit of the best trial (0 without a budget)."""
@@ -211,16 +235,17 @@ class Deadline:
         """Whether a running trial, ``fold_epochs`` done in ``seconds``, should stop now: it is
         past its first rung (before it, ASHA may still end it as PRUNED, and it was started
         because it could get there) and its own pace says it cannot train every fold-epoch
-        before the end. The guarded trial is never cut; the others are at the end, while the
-        run waits for it."""
+        before the end: at the slower of its average pace and its pace since its previous
+        report (the pace now: a machine that got busy shows there first). The guarded trial is
+        never cut; the others are at the end, while the run waits for it."""
         if trial is not None and trial == self.guard:
             return False
         if self.guard is not None and self.expired(elapsed):
             return True
         if fold_epochs <= 0 or seconds <= 0 or fold_epochs < (self.first_rung or 0):
             return False
-        left = (self.full_fold_epochs - fold_epochs) * seconds / fold_epochs
-        return not self.can_finish(elapsed, left)
+        rate = max(seconds / fold_epochs, self.recent.get(trial, 0.0) if trial else 0.0)
+        return not self.can_finish(elapsed, (self.full_fold_epochs - fold_epochs) * rate)
 
     def can_finish(self, elapsed: float, seconds_left: float) -> bool:
         """Whether a running trial that needs ``seconds_left`` more ends before the end."""

@@ -34,7 +34,8 @@ class DeviceDefaults:
     space: str  # space file in studies/
     folds: int
     max_epochs: int
-    budget_max_epochs: int  # --budget: trials are short complete runs; the winner trains long
+    # --budget / --timeout: trials are short complete runs; the winner trains long after
+    budget_max_epochs: int
     final_target_epochs: int  # --budget: epochs the final model's reserve is sized for
     final_max_epochs: int  # --budget: the most epochs one final model trains
     final_seed_epochs: int  # --budget, full fit: a 2nd (3rd) seed once each gets this many
@@ -53,9 +54,10 @@ class DeviceDefaults:
 # eta 3) fall at 3, 9 and 27 fold-epochs = fold 0 at epoch 3, all folds at epoch 3, epoch 9;
 # the winners train 12 epochs (36 fold-epochs). Epoch 1 ranks warm-up schedules wrongly
 # (README, "Choosing the CPU defaults"), so the first rung is at epoch 3, on fold 0 alone.
-# With --budget the trials are complete 4-epoch runs (12 fold-epochs, rungs at 3 and 9): a
-# 12-epoch trial costs ~3 minutes on 2 cores, so a 5-minute search finished one (measured,
-# README); the winner's params then train for as many epochs as the rest of the budget fits.
+# With --budget or --timeout the trials are complete 4-epoch runs (12 fold-epochs, rungs at 3
+# and 9): a 12-epoch trial costs ~3 minutes on 2 cores, so a 5-minute search finished one
+# (measured); the winner's params then train for as many epochs as the final model's time
+# fits (--budget's last step, or pcam-refit --best --time).
 CPU_DEFAULTS = DeviceDefaults(
     "cpu",
     folds=3,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save
 
 import models
+from data_pipeline.atomic import atomic_path
 from search.engine import (
     PoolImages,
     TrainParams,
@@ -177,14 +177,14 @@ def write_files(folder: Path, files: dict) -> Path:
     existing folder is replaced only after the new one is whole, so a killed writer leaves
     no half-written ensemble that loads."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    tmp.mkdir()
-    for name, data in files.items():
+    for name in files:
         if Path(name).name != name:  # only plain names: nothing lands outside the folder
             raise EnsembleError(f"refusing to write {name!r} into {folder}")
-        (tmp / name).write_bytes(data)
-    return _swap_in(tmp, folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return folder
 
 
 def save_ensemble(
@@ -193,22 +193,6 @@ def save_ensemble(
     """Write fold weights + ``ensemble.json`` (+ ``oof.safetensors``) into ``folder``
     atomically: ``ensemble_files`` then ``write_files``."""
     return write_files(folder, ensemble_files(states, meta, oof))
-
-
-def _swap_in(tmp: Path, folder: Path) -> Path:
-    """Put the whole ``tmp`` folder in place of ``folder``; an old one is removed only after."""
-    old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _rmtree(old)
-    return folder
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
 
 
 def load_oof(folder: Path) -> np.ndarray | None:
@@ -260,19 +244,17 @@ def save_members(folder: Path, members: list[tuple[Path, float, dict]], meta: di
     import shutil
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    _rmtree(tmp)
-    tmp.mkdir()
-    entries = []
-    for i, (src, weight, info) in enumerate(members):
-        name = f"member-{i}"
-        shutil.copytree(src, tmp / name)
-        sha = _sha256(tmp / name / "ensemble.json")
-        entries.append({**info, "dir": name, "weight": weight, "sha256": sha})
-    meta = {**meta, MEMBERS: entries, "version": importlib.metadata.version("pcam-search")}
-    (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
-    return _swap_in(tmp, folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        entries = []
+        for i, (src, weight, info) in enumerate(members):
+            name = f"member-{i}"
+            shutil.copytree(src, tmp / name)
+            sha = _sha256(tmp / name / "ensemble.json")
+            entries.append({**info, "dir": name, "weight": weight, "sha256": sha})
+        meta = {**meta, MEMBERS: entries, "version": importlib.metadata.version("pcam-search")}
+        (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+    return folder
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -293,7 +275,45 @@ def _read_meta(folder: Path) -> dict:
         raise EnsembleError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not (MEMBERS in meta or {"params", "folds"} <= set(meta)):
         raise EnsembleError(f"{meta_path}: neither a fold ensemble nor a multi-trial one")
+    problem = _members_problem(meta) if MEMBERS in meta else _folds_problem(meta)
+    if problem:
+        raise EnsembleError(f"{meta_path}: {problem}")
     return meta
+
+
+def _entries_problem(entries, key: str, what: str) -> str:
+    """Why a list of ``{key: name, "sha256": hex}`` entries is malformed ("" if it is not)."""
+    if not isinstance(entries, list) or not entries:
+        return f"{what} must be a non-empty list, got {entries!r:.80}"
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get(key), str) or not e[key]:
+            return f"{what}[{i}] has no {key!r}"
+        if not isinstance(e.get("sha256"), str) or len(e["sha256"]) != 64:
+            return f"{what}[{i}] ({e[key]}) has no sha256"
+    return ""
+
+
+def _folds_problem(meta: dict) -> str:
+    """Why a fold ensemble's ``ensemble.json`` is malformed ("" if it is not)."""
+    if not isinstance(meta["params"], dict):
+        return "'params' must be a table of the trial's params"
+    norm = meta.get("norm")
+    if not isinstance(norm, dict) or not all(
+        isinstance(norm.get(k), list) and len(norm[k]) == 3 for k in ("mean", "std")
+    ):
+        return "'norm' must hold the 3-channel 'mean' and 'std' the models were trained with"
+    return _entries_problem(meta["folds"], "file", "'folds'")
+
+
+def _members_problem(meta: dict) -> str:
+    """Why a multi-trial ensemble's ``ensemble.json`` is malformed ("" if it is not)."""
+    problem = _entries_problem(meta[MEMBERS], "dir", f"{MEMBERS!r}")
+    if problem:
+        return problem
+    for i, e in enumerate(meta[MEMBERS]):
+        if not isinstance(e.get("weight"), int | float) or isinstance(e["weight"], bool):
+            return f"{MEMBERS!r}[{i}] ({e['dir']}) has no numeric 'weight'"
+    return ""
 
 
 def load_ensemble(
@@ -335,8 +355,9 @@ def _load_members(folder: Path, meta: dict, device) -> WeightedEnsemble:
     members, weights = [], []
     for entry in meta[MEMBERS]:
         sub = _inside(folder, entry["dir"])
-        if not (sub / "ensemble.json").is_file() or _sha256(sub / "ensemble.json") != entry.get(
-            "sha256"
+        if (
+            not (sub / "ensemble.json").is_file()
+            or _sha256(sub / "ensemble.json") != entry["sha256"]
         ):
             raise EnsembleError(f"{sub}: missing or differs from the hash saved with the ensemble")
         if MEMBERS in _read_meta(sub):

@@ -51,11 +51,7 @@ from search.attrs import (
     AUC_FOLDS,
     DEVICE,
     DRIVER,
-    EARLY_STOPPED,
     EPOCHS_RUN,
-    ERROR_MESSAGE,
-    ERROR_TYPE,
-    FAIL_REASON,
     FOLD_EPOCHS,
     IMAGES_PER_S,
     INTERMEDIATE_FOLDS,
@@ -79,6 +75,7 @@ from search.engine import (
     train_cv,
 )
 from search.ensemble import ensemble_files, write_files
+from search.outcome import WORKER_GONE, TrialError, classify
 from search.progress import Tally
 
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
@@ -311,8 +308,8 @@ def _finite(v) -> float | None:
     return v if v is not None and math.isfinite(v) else None
 
 
-def _error_of(trial) -> tuple[str, str]:
-    """(type name, message) of the exception that ended a Ray trial.
+def _error_of(trial) -> TrialError:
+    """The exception that ended a Ray trial (type name, message, module).
 
     Read from the trial's local error files (written by Ray before the searcher hears of the
     failure; ``Trial.get_pickled_error`` reads the synced copy, which is not there yet).
@@ -326,16 +323,21 @@ def _error_of(trial) -> tuple[str, str]:
         except Exception:  # an error class that cannot be rebuilt here: use the text file
             exc = None
     if exc is not None:
-        cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the trainable's error
-        return type(cause).__name__, str(cause).strip()[:2000]
+        # RayTaskError wraps the trainable's own error; Ray's other errors are the machinery's
+        task_error = isinstance(exc, ray.exceptions.RayTaskError)
+        cause = getattr(exc, "cause", None) if task_error else None
+        cause = cause if isinstance(cause, BaseException) else exc
+        kind = type(cause)
+        return TrialError(kind.__name__, str(cause).strip()[:2000], kind.__module__)
     text_path = getattr(trial, "error_file", None)
     if text_path and os.path.isfile(text_path):
         with open(text_path) as f:
             lines = [ln for ln in f.read().splitlines() if ln.strip()]
         if lines:  # last line of the traceback: "pkg.mod.ErrorType: message"
             head, _, msg = lines[-1].partition(": ")
-            return head.rsplit(".", 1)[-1], msg[:2000]
-    return "WorkerError", "the trial's worker failed without a recorded error"
+            module, _, name = head.rpartition(".")
+            return TrialError(name, msg[:2000], module)
+    return TrialError(WORKER_GONE, "the trial's worker failed without a recorded error")
 
 
 class _TruthfulSearch(OptunaSearch):
@@ -462,29 +464,18 @@ class _TruthfulSearch(OptunaSearch):
             if result.get("pool"):
                 attrs[POOL] = result["pool"]
         value = float(result[METRIC]) if result and METRIC in result else float("nan")
-
-        error_text = ""
-        if error:
-            etype, msg = _error_of(self._registry.trials.get(trial_id))
-            attrs.update({ERROR_TYPE: etype, ERROR_MESSAGE: msg})
-            state, error_text = TrialState.FAIL, f"{etype}: {msg}"
-        elif fold_epochs >= self._full and math.isfinite(value):
-            state = TrialState.COMPLETE  # every fold trained every epoch: the mean over k
-        elif result and result.get("self_stopped") and math.isfinite(value):
-            # early stopping (patience) ended every fold: finished on its own terms
-            attrs[EARLY_STOPPED] = True
-            state = TrialState.COMPLETE
-        elif fold_epochs >= self._full:
-            attrs.update({ERROR_TYPE: "NonFiniteAUC", ERROR_MESSAGE: f"final mean AUC is {value}"})
-            state, error_text = TrialState.FAIL, f"NonFiniteAUC: final mean AUC is {value}"
-        elif trial_id in self._stopped_early:
-            state = TrialState.PRUNED
-        else:  # deadline, Ctrl-C, or never started: not this trial's fault
-            reason = self.interrupted_reason
-            if trial_id in self._deadline.cut:
-                reason = "at its pace it could not finish before the deadline"
-            attrs.update({INTERRUPTED: True, FAIL_REASON: reason})
-            state = TrialState.FAIL
+        outcome = classify(
+            fold_epochs=fold_epochs,
+            full_fold_epochs=self._full,
+            value=value,
+            error=_error_of(self._registry.trials.get(trial_id)) if error else None,
+            self_stopped=bool(result and result.get("self_stopped")),
+            pruned=trial_id in self._stopped_early,
+            cut_by_deadline=trial_id in self._deadline.cut,
+            stop_reason=self.interrupted_reason,
+        )
+        attrs.update(outcome.attrs)
+        state, error_text = TrialState[outcome.state], outcome.error_text
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
         self._deadline.finished(trial_id, state == TrialState.COMPLETE)
@@ -562,10 +553,34 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
     if forwarded:
         kwargs["runtime_env"] = {"env_vars": forwarded}
     if address:
+        check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
     return ray.cluster_resources()
+
+
+CONNECT_TIMEOUT_S = 10.0  # a cluster address that does not answer by then is an error
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A ``ConnectionError`` naming ``address`` when nothing listens there: ``ray.init`` would
+    retry a dead GCS address for minutes. ``auto`` (Ray finds the local cluster) is left to
+    Ray."""
+    if address in ("auto", "local"):
+        return
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectionError(f"--address {address!r}: expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({why} within {timeout:.0f} s): start one "
+            "there with `ray start --head`, or leave --address out for a private Ray"
+        ) from None
 
 
 ENV_PREFIX = "PCAM_"  # environment variables of the project, forwarded to Ray's workers

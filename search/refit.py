@@ -11,7 +11,6 @@ were kept) ``train_cv`` for the full epoch budget -> ``studies/<study>/refit/tri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from sklearn.metrics import roc_auc_score
 
 import models
+from data_pipeline.atomic import atomic_path
 from data_pipeline.cache import Cache
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import folds_file, folds_for_cache
@@ -187,10 +187,8 @@ def write_csv_atomic(df: pd.DataFrame, path: Path, force: bool) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise RefitError(f"{path} exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     return path
 
 
@@ -260,14 +258,10 @@ def _reuse(saved: Path, out_dir: Path, trial: int) -> _FoldModels:
         raise RefitError(f"{saved}: saved without out-of-fold probabilities; use --retrain")
     load_ensemble(saved, "cpu")  # checks every file against its hash before we copy it
     dest = out_dir / "ensemble"
-    tmp = dest.with_name(f".ensemble.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(saved, tmp)
-    meta = json.loads((tmp / "ensemble.json").read_text())
-    (tmp / "ensemble.json").write_text(json.dumps({**meta, "trial": trial}, indent=2))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copytree(saved, tmp)
+        meta = json.loads((tmp / "ensemble.json").read_text())
+        (tmp / "ensemble.json").write_text(json.dumps({**meta, "trial": trial}, indent=2))
     return _FoldModels(dest, oof, oof, None, None, trained=False)
 
 

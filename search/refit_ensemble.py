@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from sklearn.metrics import roc_auc_score
 
+from data_pipeline.atomic import atomic_path
 from search.attrs import MODELS_DIR, set_refit
 from search.ensemble import load_ensemble, load_oof, save_members
 from search.refit import (
@@ -117,10 +117,8 @@ def _cached(path: Path, compute) -> np.ndarray:
     if path.is_file():
         return np.load(path, allow_pickle=False)
     pred = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, pred)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, pred)
     return pred
 
 

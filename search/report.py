@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import html
 import math
-import os
 import sys
 import webbrowser
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from data_pipeline.atomic import write_text_atomic
 from data_pipeline.version import add_version
 from search import study as studies
 from search.attrs import (
@@ -709,10 +709,7 @@ def write_report(study: optuna.Study, out_dir: Path, png: bool = False) -> Path:
     ``<n>.png`` beside it.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "report.html"
-    tmp = path.with_name(f".report.html.tmp{os.getpid()}")
-    tmp.write_text(render(study), encoding="utf-8")
-    os.replace(tmp, path)
+    path = write_text_atomic(out_dir / "report.html", render(study))
     if png:
         for i, (_, fig) in enumerate(sections(study)):
             if not isinstance(fig, str):

@@ -12,6 +12,8 @@ import re
 import socket
 import sqlite3
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -20,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from data_pipeline.cache import pid_alive
-from search.attrs import DRIVER, FAIL_REASON, INTERRUPTED
+from search.attrs import DRIVER, ERROR_MESSAGE, ERROR_TYPE, FAIL_REASON, INTERRUPTED, RETRY_OF
 
 SQLITE_TIMEOUT_S = 60  # seconds a writer waits for a lock before "database is locked"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -209,6 +211,52 @@ def fail_zombies(study: optuna.Study) -> list[int]:
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         failed.append(t.number)
     return failed
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Queue the params of every interrupted trial (deadline, Ctrl-C, a Ray failure) again,
+    once each: the queued trial carries ``retry_of`` = the interrupted trial's number, so a
+    second resume does not queue it twice (Optuna's ``RetryFailedTrialCallback`` is the same
+    idea for trials that fail at runtime). Returns the numbers queued again."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    queued = []
+    for t in trials:
+        if t.state != TrialState.FAIL or not t.user_attrs.get(INTERRUPTED) or not t.params:
+            continue
+        if t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+            queued.append(t.number)
+    return queued
+
+
+@dataclass(frozen=True)
+class Failures:
+    """The commonest error of a study's FAIL trials (interrupted ones excluded)."""
+
+    total: int  # FAIL trials of the params' own
+    error_type: str  # the commonest ERROR_TYPE ("" when none)
+    count: int  # trials it ended
+    example: str  # one of their messages, shortened
+
+
+def failures(study: optuna.Study) -> Failures:
+    """Which error ended most of ``study``'s failed trials (see ``Failures``)."""
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if not t.user_attrs.get(INTERRUPTED)
+    ]
+    if not failed:
+        return Failures(0, "", 0, "")
+    counts = Counter(t.user_attrs.get(ERROR_TYPE, "unknown error") for t in failed)
+    kind, n = counts.most_common(1)[0]
+    example = next(
+        str(t.user_attrs.get(ERROR_MESSAGE, ""))
+        for t in failed
+        if t.user_attrs.get(ERROR_TYPE, "unknown error") == kind
+    )
+    return Failures(len(failed), kind, n, example.splitlines()[0][:200] if example else "")
 
 
 def count_finished(study: optuna.Study) -> int:

@@ -1,4 +1,7 @@
+import subprocess
+
 import pandas as pd
+import pytest
 
 from data_pipeline.cli import main
 
@@ -61,3 +64,49 @@ def test_main_with_slide_map_has_no_warning(kaggle_dir, capsys):
     assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1", "--k", "3"]) == 0
     out, err = capsys.readouterr()
     assert "/slide-k3-s0.csv" in out and "warning" not in err
+
+
+def test_main_cache_dir_that_is_a_file_is_named(kaggle_dir, tmp_path, monkeypatch, capsys):
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("PCAM_CACHE_DIR", str(not_a_folder))
+    assert main(["build", str(kaggle_dir), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the cache folder {not_a_folder} is a file" in err and "PCAM_CACHE_DIR" in err
+
+
+def test_main_read_only_home_names_the_folder_and_what_to_set(
+    kaggle_dir, tmp_path, monkeypatch, capsys
+):
+    # no PCAM_CACHE_DIR and a HOME that cannot be written (a tmpfs mounted read-only: tests
+    # run as root, where permission bits do not stop writes)
+    home = tmp_path / "home"
+    home.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(home)])
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        monkeypatch.delenv("PCAM_CACHE_DIR", raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        assert main(["build", str(kaggle_dir), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot create the cache folder {home / '.cache' / 'pcam-search'}" in err
+        assert "PCAM_CACHE_DIR" in err and "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
+
+
+def test_main_build_on_a_full_disk_names_the_folder_and_bytes(kaggle_dir, tmp_path, capsys):
+    # a memmap written past the disk's end is SIGBUS: the space is checked first
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(small)])
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        assert main(["build", str(kaggle_dir), "--cache-dir", str(small), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"not enough free disk for the cache in {small}" in err and " MB" in err
+        assert [p.name for p in small.iterdir() if p.name.startswith(".building")] == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

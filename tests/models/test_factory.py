@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -68,11 +70,33 @@ def test_create_pretrained_path_loads_backbone_weights(tmp_path, fmt):
     assert m.fc.out_features == 1  # head replaced, not loaded
 
 
-def test_create_pretrained_refuses_pickled_objects(tmp_path):
+class _Payload:
+    def __reduce__(self):  # unpickling this would run a command: it must never be unpickled
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ({"state_dict": {"x": torch.zeros(1)}, "obj": object()}, "holds objects other than"),
+        ({"x": _Payload()}, "holds objects other than tensors"),
+        (b"not a torch file at all", "is not a torch file"),
+    ],
+)
+def test_create_pretrained_refuses_a_file_that_is_not_weights(
+    tmp_path, monkeypatch, content, says
+):
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "obj": object()}, path)
-    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError) as e:
         models.create("resnet18", pretrained=path)
+    assert str(e.value).startswith(f"{path}: not a weights file") and says in str(e.value)
+    assert "weights_only" not in str(e.value)  # no advice to load it unsafely
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_create_pretrained_wrong_architecture_is_error(tmp_path):

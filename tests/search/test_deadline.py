@@ -7,6 +7,7 @@ from search.deadline import (
     FULL_FIT_FACTOR,
     MARGIN,
     PREDICT_COST,
+    RECENT_TRIALS,
     REFIT_FACTOR,
     REFIT_FIXED_S,
     STOP_S,
@@ -53,6 +54,31 @@ def test_deadline_full_trial_uses_the_slower_trials_pace():
         d.observe(str(i), seconds=pace * 3, fold_epochs=3, images_per_s=100)
     # 75th percentile of (1, 1, 1, 5) s per fold-epoch = 2
     assert d.full_trial_s() == pytest.approx(2 * 10 * MARGIN)
+
+
+def test_deadline_new_trials_are_sized_at_the_latest_trials_pace():
+    # the first trials ran at 1 s per fold-epoch, then the machine got busy (3 s): a new trial
+    # is sized at the pace of the trials that reported last, not of the first ones
+    d = Deadline(full_fold_epochs=12, first_rung=3, timeout=600, settled=True)
+    for i in range(RECENT_TRIALS):
+        d.observe(f"early{i}", seconds=12, fold_epochs=12, images_per_s=100)
+    for i in range(RECENT_TRIALS):
+        d.observe(f"late{i}", seconds=9, fold_epochs=3, images_per_s=100)
+    assert d.first_rung_s() == pytest.approx(3 * 3 * MARGIN)
+
+
+def test_deadline_should_cut_at_the_pace_now():
+    # 9 fold-epochs in 9 s, then 3 more took 12 s (4 s each: another job took the CPU). The
+    # average (1.75 s) says the last 24 fit the 60 s left; the pace now (4 s) says they do not
+    d = Deadline(full_fold_epochs=36, first_rung=3, timeout=100, settled=True)
+    d.observe("t", seconds=9, fold_epochs=9, images_per_s=100)
+    assert not d.should_cut(40, 9, 9, "t")
+    d.observe("t", seconds=21, fold_epochs=12, images_per_s=100)
+    assert d.recent["t"] == pytest.approx(4.0)
+    assert d.should_cut(40, 12, 21, "t")
+    # a trial at a steady pace that fits is not cut
+    d.observe("u", seconds=12, fold_epochs=12, images_per_s=100)
+    assert not d.should_cut(40, 12, 12, "u")
 
 
 def test_deadline_budget_reserves_the_best_trials_refit():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -181,6 +182,28 @@ def test_load_ensemble_refuses_pickled_weights(refitted, tmp_path):
     meta["folds"][0]["sha256"] = hashlib.sha256(evil).hexdigest()  # even with a matching hash
     (ens / "ensemble.json").write_text(json.dumps(meta))
     with pytest.raises(EnsembleError, match="not a valid safetensors file"):
+        load_ensemble(ens)
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        (lambda m: m.update(folds=[]), "'folds' must be a non-empty list"),
+        (lambda m: m.update(folds={"file": "fold0.safetensors"}), "'folds' must be a non-empty"),
+        (lambda m: m["folds"][0].pop("sha256"), "'folds'[0] (fold0.safetensors) has no sha256"),
+        (lambda m: m["folds"][1].pop("file"), "'folds'[1] has no 'file'"),
+        (lambda m: m.pop("norm"), "'norm' must hold"),
+        (lambda m: m["norm"].update(mean=[0.5]), "'norm' must hold"),
+        (lambda m: m.update(params=[1, 2]), "'params' must be a table"),
+    ],
+)
+def test_load_ensemble_names_a_malformed_ensemble_json(refitted, tmp_path, change, says):
+    root, _ = refitted
+    ens = Path(shutil.copytree(_refit_dir(root) / "ensemble", tmp_path / "ens"))
+    meta = json.loads((ens / "ensemble.json").read_text())
+    change(meta)
+    (ens / "ensemble.json").write_text(json.dumps(meta))
+    with pytest.raises(EnsembleError, match=re.escape(f"{ens / 'ensemble.json'}: {says}")):
         load_ensemble(ens)
 
 

@@ -25,7 +25,7 @@ import torch
 from optuna.trial import TrialState
 
 from search import study as studies
-from search.attrs import MODELS_DIR, get_record
+from search.attrs import MODELS_DIR, RETRY_OF, get_record
 from search.cli import main
 from search.config import CPU_DEFAULTS
 from search.deadline import TIE_AUC
@@ -241,6 +241,10 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
     assert all(t.state != TrialState.RUNNING for t in after.values())
     for n in zombies:
         assert after[n].state == TrialState.FAIL and after[n].user_attrs["interrupted"]
+        # ... and their params were run again, once each
+        retries = [t for t in after.values() if t.user_attrs.get(RETRY_OF) == n]
+        assert len(retries) == 1 and retries[0].params == after[n].params
+        assert retries[0].state != TrialState.WAITING
     # nothing finished was lost or changed
     for t in before:
         if t.number in finished_before:
@@ -589,6 +593,18 @@ def test_search_self_stopped_trial_is_complete(_kaggle_master, tmp_path):
         assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
 
 
+def test_search_with_no_complete_trial_exits_1_naming_the_commonest_error(
+    _kaggle_master, tmp_path, capsys
+):
+    # lr 1e30 makes every trial's loss NaN: the search ran, nothing completed, so it failed
+    args = _args(tmp_path, _kaggle_master, 3, "--no-asha")
+    (tmp_path / "space.toml").write_text(SPACE.replace("[1e-4, 0.003, 1e30]", "[1e30]"))
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "no COMPLETE trial" in out and "3 trial(s) failed" in out and "TrialDiverged" in out
+    assert studies.tally(_load(tmp_path)) == {"FAIL": 3}
+
+
 def test_search_extended_space_end_to_end(_kaggle_master, tmp_path):
     args = _args(tmp_path, _kaggle_master, 4, "--max-epochs", "2", "--space", "extended")
     assert main(args) == 0
@@ -654,6 +670,8 @@ def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch
         (["--budget", "600"], CPU_DEFAULTS.budget_max_epochs),
         (["--budget", "600", "--search-share", "1"], CPU_DEFAULTS.max_epochs),
         (["--budget", "600", "--max-epochs", "7"], 7),
+        (["--timeout", "600"], CPU_DEFAULTS.budget_max_epochs),
+        (["--timeout", "600", "--max-epochs", "7"], 7),
     ],
 )
 def test_build_config_budget_searches_short_complete_trials(flags, epochs):
@@ -735,3 +753,13 @@ def test_final_plan_gives_a_tie_to_the_faster_trial_only_when_it_buys_epochs(lef
     assert number == want and epochs > 4 and models >= 1
     if want == 0:  # the best trial's plan already reaches the cap: speed buys nothing
         assert epochs == cfg.final_max_epochs
+
+
+def test_search_dead_address_is_named_in_seconds(_kaggle_master, tmp_path, capsys):
+    # nothing listens there: a clear error at once, not Ray retrying the GCS for minutes
+    address = f"127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    assert main(_args(tmp_path, _kaggle_master, 2, "--address", address)) == 2
+    assert time.monotonic() - t0 < 30
+    err = capsys.readouterr().err
+    assert f"no Ray cluster answers at {address}" in err and "Traceback" not in err

@@ -9,6 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import study as studies
+from search.attrs import ERROR_MESSAGE, ERROR_TYPE, INTERRUPTED, RETRY_OF
 
 
 def _sqlite(tmp_path):
@@ -148,3 +149,36 @@ def test_search_checks_the_storage_before_starting_ray(tmp_path, monkeypatch, ca
     junk.write_bytes(b"\x00garbage" * 64)
     assert main(["--storage", studies.sqlite_url(junk), "--trials", "1"]) == 2
     assert str(junk) in capsys.readouterr().err
+
+
+def _interrupted(study: optuna.Study) -> int:
+    t = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)})
+    t.set_user_attr(INTERRUPTED, True)
+    study.tell(t, state=TrialState.FAIL)
+    return t.number
+
+
+def test_requeue_interrupted_queues_each_interrupted_trial_once():
+    study = optuna.create_study(direction="maximize")
+    a = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)})
+    study.tell(a, state=TrialState.FAIL)  # the params' own failure: never re-run
+    first = _interrupted(study)
+    assert studies.requeue_interrupted(study) == [first]
+    assert studies.requeue_interrupted(study) == []  # once each, even before it runs
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs[RETRY_OF] == first
+    again = study.ask()  # the queued trial comes first, with the interrupted one's params
+    assert again.suggest_float("lr", 1e-4, 1.0, log=True) == study.trials[first].params["lr"]
+
+
+def test_failures_name_the_commonest_error_and_ignore_interrupted():
+    study = optuna.create_study(direction="maximize")
+    for kind in ("TrialDiverged", "TrialDiverged", "ValueError"):
+        t = study.ask()
+        t.set_user_attr(ERROR_TYPE, kind)
+        t.set_user_attr(ERROR_MESSAGE, f"{kind} happened\nsecond line")
+        study.tell(t, state=TrialState.FAIL)
+    _interrupted(study)
+    f = studies.failures(study)
+    assert (f.total, f.error_type, f.count) == (3, "TrialDiverged", 2)
+    assert f.example == "TrialDiverged happened"
