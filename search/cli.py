@@ -373,7 +373,9 @@ def run(
             f"[yellow]deadline reached: the search ended {deadline.end():.0f} s after it "
             f"started; {deadline.not_started} trial(s) not started (a trial needs ~{first:.0f}"
             f" s to finish or pass its first rung); {tally.interrupted} running trial(s) "
-            "stopped: they could not train every fold-epoch in time (re-run on resume)[/]"
+            "stopped: they could not train every fold-epoch in time (re-run on resume); "
+            f"waste {tally.waste:.0%} ({tally.wasted} of {tally.fold_epochs} fold-epochs went "
+            "to trials stopped unfinished)[/]"
         )
     if interrupted:
         console.print("[yellow]interrupted: run the same command again to continue[/]")
@@ -468,8 +470,8 @@ def _final_fold_epochs(cfg: SearchConfig) -> int:
     """Fold-epochs --budget reserves for the final model: what ``final_target_epochs`` of k
     fold models cost, whichever the fit. A full-data model gets k-1 times those epochs for it
     (CPU: 48, its cap), not a smaller reserve: at 5-10 minutes on 2 cores the final model's
-    epochs, not more search, decide the test AUC (README, "Model quality per unit of
-    compute")."""
+    epochs, not more search, decide the test AUC (docs/benchmarks.md, "Model quality per
+    unit of compute")."""
     return cfg.folds * cfg.final_target_epochs
 
 

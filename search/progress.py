@@ -28,6 +28,7 @@ class Tally:
     failed: int = 0
     interrupted: int = 0  # stopped by Ctrl-C / timeout: not counted, re-run on resume
     fold_epochs: int = 0  # fold-epochs trained (one fold model, one pass over its rows)
+    wasted: int = 0  # of those, fold-epochs of trials this run stopped unfinished
     running: dict[int, int] = field(default_factory=dict)  # trial number -> epochs reported
     best_value: float | None = None
     best_number: int | None = None
@@ -71,6 +72,11 @@ class Tally:
     def __getstate__(self) -> dict:
         # Ray pickles the searcher (and so this) into its experiment folder: consoles hold locks
         return {**self.__dict__, "echo": None}
+
+    @property
+    def waste(self) -> float:
+        """The share of this run's fold-epochs that went to trials it stopped unfinished."""
+        return self.wasted / self.fold_epochs if self.fold_epochs else 0.0
 
     @property
     def finished(self) -> int:

@@ -476,6 +476,8 @@ class _TruthfulSearch(OptunaSearch):
         )
         attrs.update(outcome.attrs)
         state, error_text = TrialState[outcome.state], outcome.error_text
+        if outcome.interrupted:
+            self._tally.wasted += fold_epochs
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
         self._deadline.finished(trial_id, state == TrialState.COMPLETE)

@@ -283,6 +283,10 @@ def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
     assert counts.get("RUNNING", 0) == 0 and counts.get("COMPLETE", 0) >= 1
     cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert studies.count_finished(study) == len(study.trials) - len(cut) < 200
+    # the summary prints the waste: fold-epochs of the trials it stopped, of all trained
+    wasted = sum(t.user_attrs.get("fold_epochs", 0) for t in cut)
+    total = sum(t.user_attrs.get("fold_epochs", 0) for t in study.trials)
+    assert f"({wasted} of {total} fold-epochs went to trials stopped unfinished)" in out
 
 
 def test_search_budget_trains_the_final_model_in_the_rest_and_submits(
