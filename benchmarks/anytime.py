@@ -80,7 +80,7 @@ SETTINGS = {
         n=3000, n_test=1000, seed=2, stain_range=2.0, tumour_signal=0.75, patches_per_slide=16
     ),
 }
-# (d): the hand-chosen notebook recipe (issue 11's anchor)
+# (d): the hand-chosen notebook recipe, the anchor a search must beat
 FIXED = {
     "arch": "simple_cnn",
     "width": 16,

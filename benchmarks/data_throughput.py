@@ -6,7 +6,7 @@ Writes the embedded dataset in the Kaggle layout to a temp folder, then measures
   (i)   reading the TIFF folder directly (PIL, one core): what a notebook's Dataset does
   (ii)  building the cache (parallel decode with all CPUs, and with 1 worker for the speed-up)
   (iii) random 256-patch batches from the memory-mapped cache (one core, warm page cache)
-Targets (issue 2): (iii) >= 100k patches/s and >= 100x (i); (ii) uses both cores.
+Targets: (iii) >= 100k patches/s and >= 100x (i); (ii) uses both cores.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 
 ``--budget``'s final model is the search's best params trained on every labelled row for up
 to 48 epochs (CPU). On the harder generator settings a second seed of the same params or more
-epochs buy nothing there (README, "The final model"). This asks the two questions left:
+epochs buy nothing there (docs/benchmarks.md, "The final model"). This asks the two
+questions left:
 
   1. does any nearby configuration of the CPU space beat the hand-tuned recipe at 48
      full-data epochs (what a search would have to find to beat (d) by more than noise)?

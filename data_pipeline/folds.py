@@ -47,7 +47,7 @@ def slide_map_warning(coverage: float) -> str | None:
     return (
         f"{what}: ids without a slide are each their own group, so the folds are "
         "(mostly) patch-level and leak slides into validation; CV AUC will be optimistic. "
-        "Put patch_id_wsi.csv (id,wsi) beside train_labels.csv (README: 'Using your own data')"
+        "Put patch_id_wsi.csv (id,wsi) beside train_labels.csv (README: 'Your own data')"
     )
 
 

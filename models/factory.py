@@ -1,6 +1,6 @@
 """``create(arch, ...)``: every model the project trains, as a 1-logit binary classifier.
 
-- ``simple_cnn``: the seed notebooks' baseline (``models.simple_cnn``).
+- ``simple_cnn``: the small CNN Kaggle notebooks start from (``models.simple_cnn``).
 - ``resnet18/34/50`` and any other timm name: ``timm.create_model(num_classes=1,
   drop_rate=dropout)`` - timm replaces the head and puts dropout before it.
 - ``unfreeze``: how many residual stages, counted from the head, train (0 = head only, ...,

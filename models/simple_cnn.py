@@ -1,4 +1,4 @@
-"""The seed notebooks' baseline: a few conv-BN-ReLU-pool blocks and a 1-logit head."""
+"""The small CNN Kaggle notebooks start from: a few conv-BN-ReLU-pool blocks and a 1-logit head."""
 
 from __future__ import annotations
 

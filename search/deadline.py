@@ -10,8 +10,9 @@ time for the search, measured from its start:
   than (1 - ``search_share``) x S, and never less than the refit's own estimate, so the
   submission still fits. The final model is the best params again on every fold, for as many
   epochs as fit what is left (``final_epochs``): at a fixed wall budget epochs per final
-  model, not trials, decide the test AUC (README, "Model quality per unit of compute"), and
-  how many seconds an epoch takes depends on the machine, so the split follows the pace.
+  model, not trials, decide the test AUC (docs/benchmarks.md, "Model quality per unit of
+  compute"), and how many seconds an epoch takes depends on the machine, so the split
+  follows the pace.
   When no more epochs than the search's fit, the refit reuses the best trial's saved fold
   models and only predicts the test set (at the best trial's pace). With ``retrain`` it
   trains them again: the best trial's own seconds per fold-epoch x the fold-epochs of a full
@@ -34,8 +35,8 @@ it past the end; if it ends without a value, the next trial started is guarded. 
 loaded machine could end a ``--timeout`` search with the start recipe interrupted and no
 COMPLETE trial, or with a weaker one: measured.) And when the budget is too small for the
 final model's target epochs even with the search at its least share (``starved``), every
-search second is a final epoch lost: the search ends as soon as a trial is COMPLETE (measured,
-session 5: a fixed recipe trained for the whole budget beat a search at 300-600 s on 2 cores).
+search second is a final epoch lost: the search ends as soon as a trial is COMPLETE (measured:
+a fixed recipe trained for the whole budget beat a search at 300-600 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ REFIT_FACTOR = 0.6
 # fold-epochs after the chosen trial's pace): 0.40 embedded, 0.43 stain, 0.49 hard; the
 # largest, so the submission is not late (at 0.40 the hard run overran by 21 s). Sizing it at
 # 0.6 over-reserved 1.5x: the embedded search ended at its first trial, 180 s went unused.
-# A width-24, batch-64 model ran at 0.62 and 0.68 (session 10); rather than reserve that for
+# A width-24, batch-64 model ran at 0.62 and 0.68; rather than reserve that for
 # every model, the final models' training ends by the budget (train_full(seconds=...)).
 FULL_FIT_FACTOR = 0.50
 MARGIN = 1.15  # estimates are scaled up by this: better a trial too few than a late submission
@@ -305,7 +306,8 @@ def full_fit_plan(
     ``MAX_FULL_MODELS``) of which each still trains ``seed_epochs`` in an equal share of the
     time, each at most ``cap`` epochs; below two such shares, one model takes all of it.
     Epochs pay first, then seeds: one model's test AUC stops rising at about
-    ``seed_epochs`` (measured: README, "the final model"), an average of seeds does not."""
+    ``seed_epochs`` (measured: docs/benchmarks.md, "The final model"), an average of seeds
+    does not."""
     for n in range(MAX_FULL_MODELS, 1, -1):  # n models: n epochs and n predictions per step
         left = seconds_left - (n - 1) * predict_s * MARGIN
         epochs = final_epochs(left, n * full_fold_epochs(k), pace, predict_s, cap, factor)

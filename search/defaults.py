@@ -23,7 +23,8 @@ SEARCH_SHARE = 0.25
 # --budget: what the final model is. "full": the best params trained on every labelled row
 # (one model, or more seeds once one has its cap of epochs); "folds": k fold models. At one
 # cost a full-data model trains 2x the epochs of k = 3 fold models on 1.5x the
-# rows each: measured better on every generator setting (README, "the final model")
+# rows each: measured better on every generator setting (docs/benchmarks.md, "The final
+# model")
 FINAL_FITS = ("full", "folds")
 
 
@@ -48,12 +49,14 @@ class DeviceDefaults:
 
 # --budget's full-data final model trains epochs first: a second seed comes only once each of
 # two gets final_seed_epochs. Measured at equal compute (benchmarks/final_model.py, recipe): 1
-# model x 48 epochs against 2 x 24: +0.023 stain, +0.012 hard, -0.004 embedded (README, "the
-# final model"), so on CPU seeds wait for the 48-epoch cap. GPU: the same rule, unmeasured.
+# model x 48 epochs against 2 x 24: +0.023 stain, +0.012 hard, -0.004 embedded
+# (docs/benchmarks.md, "The final model"), so on CPU seeds wait for the 48-epoch cap. GPU:
+# the same rule, unmeasured.
 # CPU: k = 3, 12 epochs, fold 0 races alone for 3 epochs, so ASHA's rungs (grace 3 fold-epochs,
 # eta 3) fall at 3, 9 and 27 fold-epochs = fold 0 at epoch 3, all folds at epoch 3, epoch 9;
 # the winners train 12 epochs (36 fold-epochs). Epoch 1 ranks warm-up schedules wrongly
-# (README, "Choosing the CPU defaults"), so the first rung is at epoch 3, on fold 0 alone.
+# (docs/benchmarks.md, "Fold racing and the first rung"), so the first rung is at epoch 3, on
+# fold 0 alone.
 # With --budget or --timeout the trials are complete 4-epoch runs (12 fold-epochs, rungs at 3
 # and 9): a 12-epoch trial costs ~3 minutes on 2 cores, so a 5-minute search finished one
 # (measured); the winner's params then train for as many epochs as the final model's time

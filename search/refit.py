@@ -79,7 +79,8 @@ class RefitConfig:
     retrain: bool = False  # train the fold models again instead of reusing the search's
     # > 0: instead of k fold models, this many models (seeds) trained on every labelled row
     # (no held-out part: the CV estimate is the search's, of the same params). At one cost,
-    # one full-data model trains 2x the epochs of k = 3 fold models (README, "final model")
+    # one full-data model trains 2x the epochs of k = 3 fold models (docs/benchmarks.md,
+    # "The final model")
     full_models: int = 0
     # --budget, full-data models: time.monotonic() by which their training must end (the
     # budget less predicting and writing); their schedules shorten to fit. None = no limit
@@ -433,8 +434,8 @@ def plan_final(
     has_saved: bool,
 ) -> FinalPlan:
     """The final model of ``pcam-refit``'s default. At equal compute one model on every
-    labelled row for the final model's epochs beats the search's k fold models (README, "the
-    final model"), so that is the plan: ``cap`` epochs with no time limit; with ``seconds``,
+    labelled row for the final model's epochs beats the search's k fold models (docs/benchmarks.md,
+    "The final model"), so that is the plan: ``cap`` epochs with no time limit; with ``seconds``,
     the seeds and epochs that fit at the trial's ``pace`` (``full_fit_plan``, as
     ``--budget``'s final step). Where no more than the search's epochs fit and the search
     kept the trial's fold models, those are submitted instead (no training)."""
