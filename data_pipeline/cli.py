@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from data_pipeline import cache as cache_mod
+from data_pipeline.cli_common import add_cache_dir, add_no_progress
+from data_pipeline.constants import FOLD_SEED, FOLDS_CPU, FOLDS_GPU
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import (
     STRATEGIES,
@@ -40,16 +42,11 @@ def _add_data_args(p: argparse.ArgumentParser, optional_dir: bool = True) -> Non
         )
     else:
         p.add_argument("data", type=Path, help="Kaggle or PCam folder (required)")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
-    )
+    add_cache_dir(p)
     p.add_argument(
         "--workers", type=int, default=None, help="decode processes (default: all available CPUs)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_no_progress(p, "no progress bar")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -70,8 +67,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="folder to create")
     s.add_argument("--n", type=int, default=d.n, help="train patches")
     s.add_argument("--n-test", type=int, default=None, help="test patches (default: n/4)")
-    s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--layout", choices=["kaggle", "pcam"], default="kaggle")
+    s.add_argument("--seed", type=int, default=d.seed, help="generator seed")
+    s.add_argument(
+        "--layout", choices=["kaggle", "pcam"], default="kaggle", help="the folder layout to write"
+    )
     s.add_argument(
         "--patches-per-slide", type=int, default=d.patches_per_slide, help="crops per slide"
     )
@@ -108,9 +107,9 @@ def parser() -> argparse.ArgumentParser:
     )
     m.add_argument("kaggle", type=Path, help="the Kaggle folder (train/, train_labels.csv)")
     m.add_argument("pcam", type=Path, help="the PCam folder (*_x.h5[.gz] and *_meta.csv)")
-    m.add_argument("--cache-dir", type=Path, default=None, help="cache root for both")
-    m.add_argument("--workers", type=int, default=None)
-    m.add_argument("--quiet", action="store_true")
+    add_cache_dir(m)
+    m.add_argument("--workers", type=int, default=None, help="decode processes")
+    add_no_progress(m, "no progress bar")
     m.add_argument("--force", action="store_true", help="replace an existing patch_id_wsi.csv")
 
     f = sub.add_parser(
@@ -119,16 +118,28 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsFormatter,
     )
     _add_data_args(f)
-    f.add_argument("--skip-bad", action="store_true")
-    f.add_argument("--k", type=int, default=5, help="number of folds")
-    f.add_argument("--seed", type=int, default=0, help="fold assignment seed")
+    f.add_argument("--skip-bad", action="store_true", help="leave bad rows out of the cache")
+    f.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help=f"number of folds (default: pcam-search's: {FOLDS_CPU}, {FOLDS_GPU} with a GPU)",
+    )
+    f.add_argument("--seed", type=int, default=FOLD_SEED, help="fold assignment seed")
     f.add_argument(
         "--strategy",
         choices=STRATEGIES,
-        default="slide",
+        default=STRATEGIES[0],
         help="slide = grouped by slide (honest); random = patch-level (leaky)",
     )
     return ap
+
+
+def _search_folds() -> int:
+    """pcam-search's default k on this machine (the folds it will use)."""
+    import torch  # only here: the other commands need no torch
+
+    return FOLDS_GPU if torch.cuda.is_available() else FOLDS_CPU
 
 
 def _config(args: argparse.Namespace) -> DataConfig:
@@ -167,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cmd == "check":
         cfg = _config(args)
         problems = cache_mod.check(
-            args.data, cfg.cache_root, args.workers, progress=not args.quiet
+            args.data, cfg.cache_root, args.workers, progress=not args.no_progress
         )
         print(summarize(problems, args.data))
         try:
@@ -181,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     if args.cmd == "slide-map":
         r = build_slide_map(
-            args.kaggle, args.pcam, args.cache_dir, args.workers, not args.quiet, args.force
+            args.kaggle, args.pcam, args.cache_dir, args.workers, not args.no_progress, args.force
         )
         print(
             f"wrote {r.path}: {r.mapped_train} of {r.train} train ids ({r.coverage:.1%}) and "
@@ -198,12 +209,12 @@ def run(args: argparse.Namespace) -> int:
                 cfg.cache_root,
                 cfg.skip_bad,
                 cfg.workers,
-                not args.quiet,
+                not args.no_progress,
                 rebuild=True,
             )
             cache = cache_mod.load_cache(path)
         else:
-            cache = open_dataset(cfg, progress=not args.quiet)
+            cache = open_dataset(cfg, progress=not args.no_progress)
         m = cache.meta
         print(f"cache: {cache.path}")
         print(
@@ -215,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
         _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
         return 0
     if args.cmd == "folds":
-        cache = open_dataset(cfg, progress=not args.quiet)
-        folds_for_cache(cache, args.k, args.seed, args.strategy)
-        summary = folds_file(cache, args.k, args.seed, args.strategy).with_suffix(".json")
+        cache = open_dataset(cfg, progress=not args.no_progress)
+        k = args.k or _search_folds()
+        folds_for_cache(cache, k, args.seed, args.strategy)
+        summary = folds_file(cache, k, args.seed, args.strategy).with_suffix(".json")
         print(f"folds: {summary.with_suffix('.csv')}")
         if args.strategy == "slide":
             _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])

@@ -65,6 +65,7 @@ from search.deadline import (
     full_fold_epochs,
     pick_final,
 )
+from search.defaults import FOLD_SEED, FOLD_STRATEGIES
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
@@ -93,7 +94,8 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         studies_dir=args.studies_dir,
         trials=args.trials,
         folds=pick(args.folds, d.folds),
-        fold_strategy=pick(args.fold_strategy, "slide"),
+        fold_strategy=pick(args.fold_strategy, FOLD_STRATEGIES[0]),
+        fold_seed=pick(args.fold_seed, FOLD_SEED),
         max_epochs=pick(args.max_epochs, d.budget_max_epochs if short else d.max_epochs),
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
@@ -627,6 +629,7 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         cache_root_dir(args.cache_dir)  # a file there, or a read-only HOME: said before Ray
         from search import ray_adapter
 
+        ray_adapter.check_internals()
         if args.address is None:
             cpus, gpus = available_cpus(), torch.cuda.device_count()
             env = os.environ.get("RAY_ADDRESS")  # init_ray joins it, as Ray's scripts do
@@ -659,6 +662,11 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
     except KeyboardInterrupt:
         console.print("interrupted")
         return EXIT_INTERRUPTED
+    except RuntimeError as e:
+        if type(e).__name__ != "InternalsChanged":
+            raise
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        return EXIT_FAILED
     finally:
         if "ray_adapter" in locals():
             ray_adapter.shutdown_ray()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.cli_common import add_cache_dir, add_no_progress
 from data_pipeline.version import add_version, help_text
 from search.defaults import (
     CPU_DEFAULTS,
@@ -20,6 +21,7 @@ from search.defaults import (
     DEFAULT_STUDY,
     DEFAULT_TRIALS,
     FINAL_FITS,
+    FOLD_SEED,
     FOLD_STRATEGIES,
     GPU_DEFAULTS,
     SEARCH_SHARE,
@@ -58,18 +60,7 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="Kaggle or PCam folder (default: the embedded synthetic dataset)",
     )
-    a("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
-    a(
-        "--storage",
-        default="",
-        help="sqlite:///PATH or postgresql://user@host/db (default: sqlite:///studies/pcam.db)",
-    )
-    a(
-        "--studies-dir",
-        type=Path,
-        default=DEFAULT_STUDIES_DIR,
-        help="SQLite file and per-study outputs (default: ./studies)",
-    )
+    add_study_args(ap)
     a(
         "--space",
         default=None,
@@ -81,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
         choices=FOLD_STRATEGIES,
         default=None,
         help="slide-grouped folds (default) or random (leaks slides; only to measure that)",
+    )
+    a(
+        "--fold-seed",
+        type=int,
+        default=None,
+        help=f"seed of the fold assignment, kept with the study (default: {FOLD_SEED})",
     )
     a(
         "--max-epochs",
@@ -191,17 +188,34 @@ def parser() -> argparse.ArgumentParser:
         "Enables searching the number of unfrozen ResNet stages",
     )
     a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")
-    a(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="dataset cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)",
-    )
+    add_cache_dir(ap)
     a("--skip-bad", action="store_true", help="leave bad data rows out instead of stopping")
     a("--workers", type=int, default=None, help="decode processes for the cache build")
     a("--verbose", action="store_true", help="Ray's own logs instead of the live view")
-    a("--no-progress", action="store_true", help="no live view (plain log lines)")
+    add_no_progress(ap, "no live view (plain log lines)")
     return ap
+
+
+def add_study_args(ap: argparse.ArgumentParser) -> None:
+    """``--study`` (``--study-name``, Optuna's spelling), ``--storage``, ``--studies-dir``."""
+    ap.add_argument(
+        "--study",
+        "--study-name",
+        dest="study",
+        default=DEFAULT_STUDY,
+        help="study name (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--storage",
+        default="",
+        help="sqlite:///PATH or postgresql://user@host/db (default: sqlite:///studies/pcam.db)",
+    )
+    ap.add_argument(
+        "--studies-dir",
+        type=Path,
+        default=DEFAULT_STUDIES_DIR,
+        help="SQLite file and per-study outputs (default: ./studies)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.constants import FOLD_SEED, FOLDS_CPU, FOLDS_GPU  # noqa: F401
 from data_pipeline.constants import STRATEGIES as FOLD_STRATEGIES  # noqa: F401
 
 DEFAULT_STUDY = "pcam"
@@ -63,7 +64,7 @@ class DeviceDefaults:
 # fits (--budget's last step, or pcam-refit --best --time).
 CPU_DEFAULTS = DeviceDefaults(
     "cpu",
-    folds=3,
+    folds=FOLDS_CPU,
     max_epochs=12,
     budget_max_epochs=4,
     final_target_epochs=24,
@@ -80,7 +81,7 @@ CPU_DEFAULTS = DeviceDefaults(
 # trial rarely fills an H100 on its own.
 GPU_DEFAULTS = DeviceDefaults(
     "default",
-    folds=5,
+    folds=FOLDS_GPU,
     max_epochs=24,
     budget_max_epochs=8,
     final_target_epochs=48,

@@ -562,6 +562,41 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
     return ray.cluster_resources()
 
 
+class InternalsChanged(RuntimeError):
+    """A private attribute of Ray Tune or Optuna the adapter needs is gone (an upgrade)."""
+
+
+def check_internals() -> None:
+    """``InternalsChanged`` naming the attribute when a private one the project needs is
+    missing. No public API gives them: the searcher's trial map and study (``_ot_trials``,
+    ``_ot_study``, ``_completed_trials``: the study is recorded truthfully through them),
+    ASHA's ``_max_t`` (a STOP below it is PRUNED), and Optuna's storage handle (study system
+    attrs, closing a dead driver's trials). Checked before every search, so a Ray or Optuna
+    release that renames one fails at once instead of recording a wrong study."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    study.enqueue_trial({})
+    trial = study.trials[0]
+    objects = {
+        "ray.tune.search.optuna.OptunaSearch": (
+            OptunaSearch(metric=METRIC, mode="max"),
+            ("_ot_trials", "_ot_study", "_completed_trials"),
+        ),
+        "ray.tune.schedulers.ASHAScheduler": (
+            ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=3),
+            ("_max_t",),
+        ),
+        "optuna.study.Study": (study, ("_storage", "_study_id")),
+        "optuna.trial.FrozenTrial": (trial, ("_trial_id",)),
+    }
+    for name, (obj, attrs) in objects.items():
+        for attr in attrs:
+            if not hasattr(obj, attr):
+                raise InternalsChanged(
+                    f"{name}.{attr} is gone (ray {ray.__version__}, optuna {optuna.__version__})"
+                    ": this pcam-search needs the versions pyproject.toml names"
+                )
+
+
 CONNECT_TIMEOUT_S = 10.0  # a cluster address that does not answer by then is an error
 
 

@@ -23,11 +23,13 @@ from rich.console import Console
 from rich.markup import escape
 
 import models
+from data_pipeline.cli_common import add_cache_dir, add_no_progress
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.problems import DataError
 from data_pipeline.version import add_version, help_text
 from search import study as studies
-from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
+from search.cli_args import add_study_args
+from search.config import DEFAULT_TTA
 from search.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
 from search.refit import (
     RefitConfig,
@@ -61,16 +63,14 @@ def refit_parser() -> argparse.ArgumentParser:
         "models the search kept for its N best trials, plus any retrained final model; no "
         "training. Writes studies/<study>/refit/ensemble/",
     )
-    ap.add_argument("--study", default=DEFAULT_STUDY, help="study name (default: %(default)s)")
-    ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
-    ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
+    add_study_args(ap)
     ap.add_argument(
         "--data",
         type=Path,
         default=None,
         help="data folder (default: the data the study was searched on)",
     )
-    ap.add_argument("--cache-dir", type=Path, default=None)
+    add_cache_dir(ap)
     ap.add_argument(
         "--other-data",
         action="store_true",
@@ -129,11 +129,17 @@ def refit_parser() -> argparse.ArgumentParser:
         default=None,
         help="submission path (default: studies/<study>/refit/trial-N/submission.csv)",
     )
+    _add_force_device(ap)
+    ap.add_argument(
+        "--seed", type=int, default=0, help="training seed of retrained models (default: 0)"
+    )
+    add_no_progress(ap)
+    return ap
+
+
+def _add_force_device(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--force", action="store_true", help="overwrite an existing submission")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-progress", action="store_true")
-    return ap
 
 
 def refit_main(argv: list[str] | None = None) -> int:
@@ -284,10 +290,15 @@ def predict_parser() -> argparse.ArgumentParser:
         help="an ensemble folder (one trial's fold models, or pcam-refit --ensemble's)",
     )
     ap.add_argument("--out", type=Path, required=True, help="CSV to write (id,label)")
-    ap.add_argument("--tta", type=int, choices=TTA_CHOICES, default=8)
-    ap.add_argument("--cache-dir", type=Path, default=None)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--device", default=None)
+    ap.add_argument(
+        "--tta",
+        type=int,
+        choices=TTA_CHOICES,
+        default=DEFAULT_TTA,
+        help="dihedral test-time views per patch (default: %(default)s)",
+    )
+    add_cache_dir(ap)
+    _add_force_device(ap)
     return ap
 
 

@@ -47,7 +47,7 @@ from search.attrs import (
     VERSION,
     get_record,
 )
-from search.config import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
+from search.cli_args import add_study_args
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -717,15 +717,14 @@ def write_report(study: optuna.Study, out_dir: Path, png: bool = False) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """pcam-report's command line."""
     ap = argparse.ArgumentParser(
         prog="pcam-report",
         description="write an HTML report of a study under studies/<study>/report/",
     )
     add_version(ap)
-    ap.add_argument("--study", default=DEFAULT_STUDY)
-    ap.add_argument("--storage", default="", help="as pcam-search (default: studies/pcam.db)")
-    ap.add_argument("--studies-dir", type=Path, default=DEFAULT_STUDIES_DIR)
+    add_study_args(ap)
     ap.add_argument(
         "--out", type=Path, default=None, help="folder (default: studies/<study>/report)"
     )
@@ -733,9 +732,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--png",
         action="store_true",
-        help="also write each figure as PNG (needs: pip install kaleido)",
+        help='also write each figure as PNG (needs: pip install "pcam-search[png]", and Chrome)',
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``pcam-report``: write the study's HTML report; the exit code."""
+    args = parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err = Console(stderr=True, soft_wrap=True)
     try:
@@ -756,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             import kaleido  # noqa: F401
         except ImportError:
-            err.print("[red]error:[/] --png needs the kaleido package: pip install kaleido")
+            need = 'pip install "pcam-search[png]"'
+            err.print(f"[red]error:[/] --png needs the kaleido package: {escape(need)}")
             return 2
     out = args.out or args.studies_dir / args.study / "report"
     try:

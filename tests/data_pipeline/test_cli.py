@@ -110,3 +110,9 @@ def test_main_build_on_a_full_disk_names_the_folder_and_bytes(kaggle_dir, tmp_pa
         assert [p.name for p in small.iterdir() if p.name.startswith(".building")] == []
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_main_folds_default_k_is_the_searchs(kaggle_dir, capsys):
+    # pcam-search on this (CPU) machine uses k = 3: pcam-data folds makes the same file
+    assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1"]) == 0
+    assert "-k3-s0.csv" in capsys.readouterr().out

@@ -101,3 +101,43 @@ print("OK", seen["t"] is not None and t_before <= seen["t"] < time.monotonic())
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert "OK True" in out.stdout, out.stdout + out.stderr
+
+
+def _parsers():
+    from data_pipeline.cli import parser as data_parser
+    from search.cli_args import parser as search_parser
+    from search.refit_cli import predict_parser, refit_parser
+    from search.report import parser as report_parser
+
+    yield "pcam-search", search_parser()
+    yield "pcam-refit", refit_parser()
+    yield "pcam-predict", predict_parser()
+    yield "pcam-report", report_parser()
+    data = data_parser()
+    for action in data._subparsers._group_actions:  # pcam-data's subcommands
+        for name, sub in action.choices.items():
+            yield f"pcam-data {name}", sub
+
+
+@pytest.mark.parametrize("command, ap", list(_parsers()), ids=lambda v: str(v)[:20])
+def test_every_flag_has_help_text(command, ap):
+    silent = [
+        a.option_strings or [a.dest]
+        for a in ap._actions
+        if a.help in (None, "") and a.dest not in ("help", "version")
+    ]
+    assert not silent, f"{command}: flags without help: {silent}"
+
+
+@pytest.mark.parametrize("command", ["pcam-search", "pcam-refit", "pcam-report"])
+def test_study_name_is_an_alias_of_study(command):
+    ap = dict(_parsers())[command]
+    extra = ["--best"] if command == "pcam-refit" else []
+    assert ap.parse_args(["--study-name", "resnets", *extra]).study == "resnets"
+
+
+def test_no_progress_and_quiet_are_one_flag():
+    from data_pipeline.cli import parser as data_parser
+
+    for flag in ("--no-progress", "--quiet"):
+        assert data_parser().parse_args(["build", flag]).no_progress

@@ -68,3 +68,25 @@ def test_model_sink_writes_what_a_remote_task_sends(local_ray, tmp_path):
         ray.get(sink.put.remote("../escape", files))
     assert not (tmp_path / "escape").exists()
     ray.kill(sink)
+
+
+def test_check_internals_passes_on_the_pinned_versions():
+    from search import ray_adapter
+
+    ray_adapter.check_internals()  # raises InternalsChanged naming the attribute otherwise
+
+
+def test_check_internals_names_a_missing_private_attribute(monkeypatch):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from search import ray_adapter
+
+    real_init = ASHAScheduler.__init__
+
+    def renamed(self, *a, **k):
+        real_init(self, *a, **k)
+        del self._max_t  # as if a Ray release renamed it
+
+    monkeypatch.setattr(ASHAScheduler, "__init__", renamed)
+    with pytest.raises(ray_adapter.InternalsChanged, match=r"ASHAScheduler\._max_t is gone"):
+        ray_adapter.check_internals()

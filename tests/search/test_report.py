@@ -59,7 +59,7 @@ def test_report_png_without_kaleido_is_clear(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'pcam.db'}"
     optuna.create_study(storage=url, study_name="pcam")
     rc = report.main(["--studies-dir", str(tmp_path), "--png"])
-    assert rc == 2 and "pip install kaleido" in capsys.readouterr().err
+    assert rc == 2 and 'pip install "pcam-search[png]"' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -767,3 +767,11 @@ def test_search_dead_address_is_named_in_seconds(_kaggle_master, tmp_path, capsy
     assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err
     assert f"no Ray cluster answers at {address}" in err and "Traceback" not in err
+
+
+def test_build_config_takes_the_fold_seed():
+    from search.cli import FROZEN_SETTINGS, build_config, parser
+
+    assert build_config(parser().parse_args([]), has_gpu=False).fold_seed == 0
+    assert build_config(parser().parse_args(["--fold-seed", "1"]), has_gpu=False).fold_seed == 1
+    assert "fold_seed" in FROZEN_SETTINGS  # kept with the study, like k
