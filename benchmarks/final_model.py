@@ -17,12 +17,17 @@ side on each generator setting (benchmarks/anytime.py's), the hand-tuned recipe,
 ``--ema D``: instead, (iii) 1 full-data model x 2E without and with an EMA of its weights
 (decay D, timm ModelEmaV3 with warm-up; ``TrainParams.ema``), side by side, same seed.
 
+``--compare KEY=A KEY=B [--seeds 0 1]``: instead, (iii) 1 full-data model x 2E of the recipe
+with param KEY = A and = B (JSON values, e.g. ``decay_norms=true decay_norms=false``), for
+each seed, and the mean difference B - A.
+
 Test AUC on the generator's held-out test slides; wall seconds of the training.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,11 +54,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[12, 24])
     ap.add_argument("--no-folds", action="store_true", help="skip (i), the k fold models")
     ap.add_argument("--ema", type=float, default=None, help="compare EMA decay D (see above)")
+    ap.add_argument("--compare", nargs=2, metavar="KEY=VALUE", help="two recipes (see above)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="--compare: seeds")
     args = ap.parse_args()
     torch.set_num_threads(2)
     p = TrainParams.from_dict(FIXED)
     if args.ema is not None:
         return ema_table(p, args.settings, args.epochs, args.ema)
+    if args.compare:
+        return compare_table(args.compare, args.settings, args.epochs, args.seeds)
     print(
         "| setting | epochs E | (i) k fold models | (ii) 2 full-data x E | (iii) 1 full x 2E "
         "| 1 full x E |"
@@ -93,6 +102,31 @@ def ema_table(p: TrainParams, settings: list[str], epochs: list[int], decay: flo
                 cells.append((test_auc(params, states, cache), time.perf_counter() - t))
             row = " | ".join(f"{a:.4f} ({s:.0f} s)" for a, s in cells)
             print(f"| {name} | {(K - 1) * e} | {row} | {cells[1][0] - cells[0][0]:+.4f} |")
+
+
+def compare_table(change: list[str], settings: list[str], epochs: list[int], seeds: list[int]):
+    """(iii) 1 full-data model x 2E of the recipe with KEY=A and KEY=B, per seed."""
+    variants = []
+    for kv in change:
+        key, _, value = kv.partition("=")
+        variants.append(TrainParams.from_dict({**FIXED, key: json.loads(value)}))
+    print(f"| setting | epochs | seed | {change[0]} | {change[1]} | B - A |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in settings:
+        cache, data, _ = _load(dataset(name))
+        for e in epochs:
+            diffs = []
+            for seed in seeds:
+                cells = []
+                for params in variants:
+                    t = time.perf_counter()
+                    states = train_full(params, data, epochs=(K - 1) * e, seeds=[seed], threads=2)
+                    cells.append((test_auc(params, states, cache), time.perf_counter() - t))
+                diffs.append(cells[1][0] - cells[0][0])
+                row = " | ".join(f"{a:.4f} ({s:.0f} s)" for a, s in cells)
+                line = f"| {name} | {(K - 1) * e} | {seed} | {row} | {diffs[-1]:+.4f} |"
+                print(line, flush=True)
+            print(f"| {name} | {(K - 1) * e} | mean | | | {sum(diffs) / len(diffs):+.4f} |")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from data_pipeline import kaggle, pcam_hdf5
+from data_pipeline.archive import resolve_source
 from data_pipeline.problems import DataError, Problem, counts, summarize, to_csv_text
 
 CACHE_VERSION = 1
@@ -106,7 +107,8 @@ def detect_layout(root: Path) -> str:
     """``"kaggle"`` or ``"pcam"``; a clear error saying what was expected otherwise."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder")
+        what = "not a folder or a .zip" if root.exists() else "no such folder"
+        raise DataError(f"{root}: {what}")
     if kaggle.is_kaggle(root):
         return "kaggle"
     if pcam_hdf5.is_pcam(root):
@@ -337,7 +339,18 @@ def validate(
         )
     bad = _bad_rows(entries, problems)
     problems += _duplicates(entries, hashes, ~bad)
+    problems += _one_class(entries, ~bad, root)
     return layout, entries, hashes, problems
+
+
+def _one_class(entries: pd.DataFrame, ok: np.ndarray, root: Path) -> list[Problem]:
+    """A ``one_class`` problem when the usable labelled rows hold a single label."""
+    labels = entries["label"].to_numpy()[ok & (entries["split"].to_numpy() != "test")]
+    labels = labels[(labels == 0) | (labels == 1)]
+    if len(labels) == 0 or len(np.unique(labels)) > 1:
+        return []
+    detail = f"all {len(labels)} labelled patches have label {int(labels[0])}"
+    return [Problem("one_class", path=str(root), detail=detail)]
 
 
 def _bad_rows(entries: pd.DataFrame, problems: list[Problem]) -> np.ndarray:
@@ -353,8 +366,9 @@ def check(
 ) -> list[Problem]:
     """Every problem in ``root`` (decoding all images), without building a cache."""
     workdir = cache_root_dir(cache_root) / "unpacked"
+    root = resolve_source(Path(root), workdir, progress)
     try:
-        return validate(Path(root), workdir, None, workers, progress)[3]
+        return validate(root, workdir, None, workers, progress)[3]
     except DataError as e:
         if e.problems:
             return e.problems
@@ -428,8 +442,8 @@ def build_cache(
     Raises ``DataError`` naming the count and first offending ids when the source has problems
     and ``skip_bad`` is False; with ``skip_bad`` bad rows are left out and listed in report.csv.
     """
-    root = Path(root).resolve()
     cache_root = cache_root_dir(cache_root).resolve()
+    root = resolve_source(Path(root), cache_root / "unpacked", progress).resolve()
     layout = detect_layout(root)
     fp = fingerprint(root, layout, skip_bad)
     final = cache_root / _cache_name(root, layout, fp)

@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 
 from data_pipeline import cache as cache_mod
-from data_pipeline.cli_common import add_cache_dir, add_no_progress
+from data_pipeline.archive import resolve_source
+from data_pipeline.cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    add_cache_dir,
+    add_no_progress,
+)
 from data_pipeline.constants import FOLD_SEED, FOLDS_CPU, FOLDS_GPU
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import (
@@ -182,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         )
         print(summarize(problems, args.data))
         try:
-            _, entries, _ = cache_mod.scan(Path(args.data), cfg.cache_root / "unpacked")
+            work = cfg.cache_root / "unpacked"
+            _, entries, _ = cache_mod.scan(resolve_source(Path(args.data), work, False), work)
             _warn_slides(entries.loc[entries["split"] != "test", "slide"].to_numpy())
         except DataError:  # unusable as a whole: the summary above already says why
             pass
@@ -242,12 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return run(args)
-    except DataError as e:
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written is left", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DataError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# Exit codes of every command
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work ran and produced nothing usable (e.g. no trial completed)
+EXIT_BAD_INPUT = 2  # a bad file, id, value or folder, named in the message; nothing written
+EXIT_INTERRUPTED = 130  # Ctrl-C; running the same command again continues
+
 CACHE_DIR_HELP = "dataset cache root (default: $PCAM_CACHE_DIR or ~/.cache/pcam-search)"
 
 

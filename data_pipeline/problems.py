@@ -28,8 +28,9 @@ KINDS = {
     "bad_label": "label is not 0 or 1",
     "duplicate_id": "the same id appears more than once",
     "duplicate_image": "exact-duplicate image (same pixels) of another id",
+    "one_class": "every labelled patch has the same label (ROC AUC needs both classes)",
 }
-FATAL_KINDS = frozenset({"bad_columns", "missing_source", "bad_array"})
+FATAL_KINDS = frozenset({"bad_columns", "missing_source", "bad_array", "one_class"})
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import shlex
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from rich.markup import escape
 
 import models
 from data_pipeline.cache import available_cpus, cache_root_dir
+from data_pipeline.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import (
     folds_file,
@@ -50,7 +53,6 @@ from search.attrs import (
     get_record,
     set_record,
 )
-from search.cli_args import parser
 from search.config import PRETRAINED_HUB, SearchConfig, for_device
 from search.deadline import (
     FULL_FIT_FACTOR,
@@ -65,15 +67,12 @@ from search.deadline import (
     full_fold_epochs,
     pick_final,
 )
-from search.defaults import FOLD_SEED, FOLD_STRATEGIES
+from search.defaults import FOLD_SEED, FOLD_STRATEGIES, MIN_BUDGET_S
 from search.engine import TrainData
 from search.progress import Tally, live
 from search.space import Space, SpaceError, load_space, skipped_for_weights, suggest
 
-EXIT_FAILED = 1  # the search ran and nothing completed
-EXIT_BAD_INPUT = 2
 METRIC_NAME = "mean fold AUC"  # what a trial's value is, as optuna-dashboard labels it
-EXIT_INTERRUPTED = 130
 # Settings a study keeps for life: trials scored differently are not comparable.
 FROZEN_SETTINGS = ("folds", "fold_strategy", "fold_seed", "max_epochs")
 
@@ -134,6 +133,11 @@ def _check_config(cfg: SearchConfig) -> None:
     for name, v in (("--timeout", cfg.timeout), ("--budget", cfg.budget)):
         if v is not None and v <= 0:
             raise ValueError(f"{name} must be > 0 seconds, got {v}")
+    if cfg.budget is not None and cfg.budget < MIN_BUDGET_S:
+        raise ValueError(
+            f"--budget {cfg.budget:g} s is too short: starting Ray and the data alone takes "
+            f"20-40 s; give at least {MIN_BUDGET_S:.0f} s"
+        )
     if not 0 < cfg.search_share <= 1:
         raise ValueError(f"--search-share must be in (0, 1], got {cfg.search_share}")
 
@@ -356,6 +360,9 @@ def run(
         cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
     )
     _summary(console, study, cfg, tally)
+    if tally.halted:
+        console.print(f"[red]error:[/] {escape(tally.halted)}", highlight=False)
+        return EXIT_FAILED
     # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
     # deadline having ended the run means interrupted
     interrupted |= tally.finished < tally.target and not deadline.reached
@@ -387,6 +394,25 @@ def run(
     if cfg.budget is not None:
         return _refit_in_budget(cfg, console, t_cmd, deadline)
     return 0
+
+
+def json_summary(cfg: SearchConfig, rc: int) -> dict:
+    """``--json``: the run's outcome for scripts: exit code, study, storage (no password),
+    the best COMPLETE trial (number, value, params) and the submission of a --budget run."""
+    url = cfg.storage_url
+    study = optuna.load_study(study_name=cfg.study, storage=studies.open_existing(url))
+    best = studies.best_trial(study)
+    refit = get_record(study, "refit") or {}
+    return {
+        "exit_code": rc,
+        "study": cfg.study,
+        "storage": studies.safe_url(url),
+        "best_trial": None if best is None else best.number,
+        "value": None if best is None else best.value,
+        "params": {} if best is None else best.params,
+        "counts": studies.tally(study),
+        "submission": refit.get("submission") if cfg.budget is not None else None,
+    }
 
 
 def _no_result(console: Console, study: optuna.Study) -> int:
@@ -465,7 +491,33 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
             )
     except KeyboardInterrupt:
         return True
+    except Exception as e:
+        if not type(e).__module__.startswith("ray"):
+            raise
+        raise RayDown(_ray_down(e, cfg)) from None
     return False
+
+
+class RayDown(RuntimeError):
+    """Ray's machinery failed during the search (the raylet or the GCS died)."""
+
+
+LOG_FILE = "pcam-search.log"  # in studies/<study>/: tracebacks the console does not show
+
+
+def _ray_down(e: Exception, cfg: SearchConfig) -> str:
+    """The one line said when Ray went down mid-search; its traceback goes to the log."""
+    log = cfg.out_dir / LOG_FILE
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} Ray failed during the search\n")
+        traceback.print_exception(e, file=f)
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return (
+        f"Ray failed during the search ({type(e).__name__}: {first}); the study is consistent: "
+        "trials that were running are interrupted and run again first when you run the same "
+        f"command again. Details: {log}"
+    )
 
 
 def _final_fold_epochs(cfg: SearchConfig) -> int:
@@ -608,25 +660,25 @@ def _fit_concurrency(cfg: SearchConfig) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``pcam-search`` (the entry point is ``search.cli_args.main``, which parses first)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return run_args(parser().parse_args(argv), argv)
-
-
 def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = None) -> int:
     """Run the search the parsed command line asks for; the exit code. ``t_cmd``:
     ``time.monotonic()`` when the command started (default: now)."""
     t_cmd = time.monotonic() if t_cmd is None else t_cmd
     optuna.logging.set_verbosity(optuna.logging.INFO if args.verbose else optuna.logging.WARNING)
     console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
-    out = Console(soft_wrap=True)
+    # --json: stdout holds the one JSON summary; everything else goes to stderr
+    out = Console(soft_wrap=True, stderr=args.json)
     try:
         # the storage first: a bad URL or file fails in a second, not after Ray's ~20 s start
         studies.check_study_name(args.study)
         url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
         studies.check_storage(url, write=True)
         cache_root_dir(args.cache_dir)  # a file there, or a read-only HOME: said before Ray
+        # flags and a given space file: checked before Ray's ~20 s start (the defaults,
+        # which depend on the cluster's GPUs, are valid either way)
+        _check_config(build_config(args, has_gpu=False))
+        if args.space:
+            load_space(args.space)
         from search import ray_adapter
 
         ray_adapter.check_internals()
@@ -643,7 +695,10 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         cfg = build_config(args, has_gpu)
         _check_config(cfg)
         given = frozenset(k for k in FROZEN_SETTINGS if getattr(args, k, None) is not None)
-        return run(cfg, argv, out, t_cmd, given)
+        rc = run(cfg, argv, out, t_cmd, given)
+        if args.json:
+            print(json.dumps(json_summary(cfg, rc), default=str))
+        return rc
     except DataError as e:
         # the message already summarises the problems, naming the files and ids
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
@@ -663,14 +718,10 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         console.print("interrupted")
         return EXIT_INTERRUPTED
     except RuntimeError as e:
-        if type(e).__name__ != "InternalsChanged":
+        if type(e).__name__ not in ("InternalsChanged", "RayStartError", "RayDown"):
             raise
         console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_FAILED
     finally:
         if "ray_adapter" in locals():
             ray_adapter.shutdown_ray()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -193,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     a("--workers", type=int, default=None, help="decode processes for the cache build")
     a("--verbose", action="store_true", help="Ray's own logs instead of the live view")
     add_no_progress(ap, "no live view (plain log lines)")
+    a(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout at the end (best trial, value, params, study, "
+        "storage, exit code); the rest goes to stderr",
+    )
     return ap
 
 

@@ -21,6 +21,9 @@ DEFAULT_TTA = 8  # dihedral test views of a submission
 # --budget: the least share of the budget the search gets; the final model's reserve (to
 # train its target epochs at the observed pace) takes at most the rest
 SEARCH_SHARE = 0.25
+# --budget: the least budget accepted. Starting torch, Ray and the data takes 20-40 s on 2
+# cores before the first trial, and the final model and the predictions need their share
+MIN_BUDGET_S = 60.0
 # --budget: what the final model is. "full": the best params trained on every labelled row
 # (one model, or more seeds once one has its cap of epochs); "folds": k fold models. At one
 # cost a full-data model trains 2x the epochs of k = 3 fold models on 1.5x the

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import numbers
 import os
 import socket
 import time
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 
 import models
@@ -55,6 +56,7 @@ from search.device import (
     share_bytes,
 )
 from search.losses import LOSSES, binary_loss
+from search.metrics import auc
 
 __all__ = ["AMP_ENV", "cpu_bf16", "precision"]  # re-exported: callers import them from here
 
@@ -96,6 +98,9 @@ class TrainParams:
     pos_weight: float = 1.0  # BCE/focal weight of positive examples (PCam is ~60/40)
     ema: float = 0.0  # decay of an EMA of the weights (timm ModelEmaV3, warm-up); 0 = off.
     # With it on, the EMA weights are the ones scored, kept and submitted
+    # weight decay on 1-D params (BatchNorm weights and biases) too; False = timm's default
+    # (param_groups_weight_decay): only conv and linear weights are decayed
+    decay_norms: bool = False
 
     @classmethod
     def from_dict(cls, params: dict) -> TrainParams:
@@ -104,6 +109,10 @@ class TrainParams:
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"unknown training params {unknown}; known: {sorted(known)}")
+        for name, v in params.items():
+            want = type(getattr(cls, name))  # the default's type: str, int, float or bool
+            if not _is_type(v, want):
+                raise ValueError(f"{name} must be of type {want.__name__}, got {v!r}")
         p = cls(**params)
         if p.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {p.optimizer!r}")
@@ -121,7 +130,27 @@ class TrainParams:
             raise ValueError(f"invalid params {params}")
         if not 0 <= p.ema < 1:
             raise ValueError(f"ema must be a decay in [0, 1), got {p.ema}")
+        if p.width < 1 or p.depth < 1:
+            raise ValueError(f"width and depth must be >= 1, got {p.width}, {p.depth}")
+        if p.arch == "simple_cnn" and p.crop < 2**p.depth:  # each block halves the patch
+            raise ValueError(
+                f"depth {p.depth} is too deep for crop {p.crop}: each block halves the patch, "
+                f"so {p.crop} px allows at most {p.crop.bit_length() - 1} blocks"
+            )
         return p
+
+
+def _is_type(v: object, want: type) -> bool:
+    """Whether ``v`` may fill a ``want`` field: ints for float fields too, numpy scalars
+    too, but a bool is no number and a "64" no int."""
+    flag = isinstance(v, bool | np.bool_)
+    if want is bool:
+        return flag
+    if want is int:
+        return isinstance(v, numbers.Integral) and not flag
+    if want is float:
+        return isinstance(v, numbers.Real) and not flag
+    return isinstance(v, want)
 
 
 PROBE_BYTES = 1 << 20  # PoolImages.signature reads this much from each end of the file
@@ -278,7 +307,18 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _param_groups(p: TrainParams, model: torch.nn.Module) -> list:
+    """The trainable params, with weight decay on conv/linear weights only (timm's groups:
+    decaying BatchNorm scales and biases pulls them to 0, which no L2 prior asks for), or on
+    every param with ``decay_norms``."""
+    if p.decay_norms:
+        return [q for q in model.parameters() if q.requires_grad]
+    return param_groups_weight_decay(model, p.weight_decay)
+
+
 def _make_optimizer(p: TrainParams, params) -> torch.optim.Optimizer:
+    """torch's optimizer for ``p`` (torch's defaults, RMSprop's alpha 0.99 included);
+    ``params``: a list of tensors or of param groups (``_param_groups``)."""
     if p.optimizer == "adam":
         return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
     if p.optimizer == "adamw":
@@ -475,10 +515,6 @@ def probabilities(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float())
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-
-
 def plan_pool_for(p: TrainParams, n: int, k: int, dev: torch.device, gpu_share: float) -> PoolPlan:
     """Where a trial of ``p`` with k folds over ``n`` patches keeps its pool on ``dev``: the
     memory plan on CUDA (``search.device.plan_pool``), the host elsewhere."""
@@ -551,7 +587,7 @@ class _Fold:
         self.train_idx_dev: torch.Tensor | None = None  # on the device with a device pool
         self.val_idx = np.flatnonzero(folds == f)
         self.steps = max(1, len(self.train_idx) // p.batch_size)  # drop_last: BN on 1-2 samples
-        self.opt = _make_optimizer(p, [q for q in self.model.parameters() if q.requires_grad])
+        self.opt = _make_optimizer(p, _param_groups(p, self.model))
         # timm's warm-up ramps the decay up from 0 (1 - (1 + step)^(-2/3), at most p.ema), so
         # a short run's EMA is not dominated by the random init
         self.ema = ModelEmaV3(self.model, decay=p.ema, use_warmup=True) if p.ema else None
@@ -628,7 +664,7 @@ class _Fold:
         yv = run.labels[self.val_idx]
         run.oof[self.val_idx] = probs
         pc = np.clip(probs, 1e-7, 1 - 1e-7)
-        self.auc = _auc(yv, probs)
+        self.auc = auc(yv, probs)
         self.loss = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
         self.acc = float(np.mean((probs > 0.5) == yv))
         if self.auc > self.best_auc + MIN_DELTA or self.best_epoch == 0:

@@ -34,6 +34,9 @@ from search.selection import blend
 TTA_CHOICES = (1, 4, 8)
 
 
+META_FILE = "ensemble.json"  # an ensemble folder's description: params, norm, file hashes
+
+
 class EnsembleError(ValueError):
     """An ensemble folder is incomplete, tampered with or inconsistent."""
 
@@ -168,7 +171,7 @@ def ensemble_files(states: list[dict], meta: dict, oof: np.ndarray | None = None
     if oof is not None:
         files[OOF_FILE] = save({"prob": torch.from_numpy(np.asarray(oof, np.float32))})
         meta["oof"] = {"file": OOF_FILE, "sha256": hashlib.sha256(files[OOF_FILE]).hexdigest()}
-    files["ensemble.json"] = json.dumps(meta, indent=2, default=str).encode()
+    files[META_FILE] = json.dumps(meta, indent=2, default=str).encode()
     return files
 
 
@@ -199,7 +202,7 @@ def load_oof(folder: Path) -> np.ndarray | None:
     """The out-of-fold probabilities saved with an ensemble (None if it has none); a modified
     file is an ``EnsembleError``."""
     folder = Path(folder)
-    meta = json.loads((folder / "ensemble.json").read_text())
+    meta = json.loads((folder / META_FILE).read_text())
     entry = meta.get("oof")
     if not entry:
         return None
@@ -250,10 +253,10 @@ def save_members(folder: Path, members: list[tuple[Path, float, dict]], meta: di
         for i, (src, weight, info) in enumerate(members):
             name = f"member-{i}"
             shutil.copytree(src, tmp / name)
-            sha = _sha256(tmp / name / "ensemble.json")
+            sha = _sha256(tmp / name / META_FILE)
             entries.append({**info, "dir": name, "weight": weight, "sha256": sha})
         meta = {**meta, MEMBERS: entries, "version": importlib.metadata.version("pcam-search")}
-        (tmp / "ensemble.json").write_text(json.dumps(meta, indent=2, default=str))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return folder
 
 
@@ -266,7 +269,7 @@ def _inside(folder: Path, name: str) -> Path:
 
 
 def _read_meta(folder: Path) -> dict:
-    meta_path = folder / "ensemble.json"
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise EnsembleError(f"{folder}: no ensemble.json (not an ensemble folder)")
     try:
@@ -355,10 +358,7 @@ def _load_members(folder: Path, meta: dict, device) -> WeightedEnsemble:
     members, weights = [], []
     for entry in meta[MEMBERS]:
         sub = _inside(folder, entry["dir"])
-        if (
-            not (sub / "ensemble.json").is_file()
-            or _sha256(sub / "ensemble.json") != entry["sha256"]
-        ):
+        if not (sub / META_FILE).is_file() or _sha256(sub / META_FILE) != entry["sha256"]:
             raise EnsembleError(f"{sub}: missing or differs from the hash saved with the ensemble")
         if MEMBERS in _read_meta(sub):
             raise EnsembleError(f"{sub}: a member may not itself be a multi-trial ensemble")

@@ -40,6 +40,10 @@ MACHINERY_ERRORS = frozenset(
         "TaskCancelledError",
     }
 )
+# The disk that keeps the models is full: not the params' fault, and no later trial can be
+# kept either, so the run stops (``STOPS_THE_RUN``)
+ENVIRONMENT_ERRORS = frozenset({"DiskFullError"})
+STOPS_THE_RUN = ENVIRONMENT_ERRORS
 # A worker that died without writing an error file (``kill -9``, the kernel's OOM killer)
 WORKER_GONE = "WorkerError"
 DEADLINE_REASON = "at its pace it could not finish before the deadline"
@@ -58,6 +62,8 @@ class TrialError:
     def machinery(self) -> bool:
         """Whether Ray's machinery failed rather than the trial's code."""
         if self.type == WORKER_GONE and not self.module:
+            return True
+        if self.type in ENVIRONMENT_ERRORS:
             return True
         return self.module.startswith("ray") and self.type in MACHINERY_ERRORS
 
@@ -95,6 +101,8 @@ def classify(
         attrs = {ERROR_TYPE: error.type, ERROR_MESSAGE: error.message}
         if error.machinery:
             reason = MACHINERY_REASON.format(error.type)
+            if error.type in ENVIRONMENT_ERRORS:
+                reason = error.message
             return Outcome("FAIL", {**attrs, INTERRUPTED: True, FAIL_REASON: reason})
         return Outcome("FAIL", attrs, f"{error.type}: {error.message}")
     if fold_epochs >= full_fold_epochs and finite:

@@ -29,6 +29,7 @@ class Tally:
     interrupted: int = 0  # stopped by Ctrl-C / timeout: not counted, re-run on resume
     fold_epochs: int = 0  # fold-epochs trained (one fold model, one pass over its rows)
     wasted: int = 0  # of those, fold-epochs of trials this run stopped unfinished
+    halted: str = ""  # why the run had to stop (a full disk); "" while it may go on
     running: dict[int, int] = field(default_factory=dict)  # trial number -> epochs reported
     best_value: float | None = None
     best_number: int | None = None

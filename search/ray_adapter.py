@@ -27,6 +27,7 @@ would not end in time, and a ``Stopper`` ends the run at the deadline.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -75,7 +76,7 @@ from search.engine import (
     train_cv,
 )
 from search.ensemble import ensemble_files, write_files
-from search.outcome import WORKER_GONE, TrialError, classify
+from search.outcome import STOPS_THE_RUN, WORKER_GONE, TrialError, classify
 from search.progress import Tally
 
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
@@ -164,6 +165,10 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         tune.report(last)
 
 
+class DiskFullError(OSError):
+    """The disk that keeps the fold models (and the study) is full: the search stops."""
+
+
 class NoCudaError(RuntimeError):
     """Ray gave a trial a GPU, but torch in that worker finds no CUDA device."""
 
@@ -235,9 +240,19 @@ def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> s
         "ray_trial_id": trial_id,
     }
     files = ensemble_files(res.states, meta, oof=res.oof_best if p.restore_best else res.oof)
-    if settings.sink is None:
-        return str(write_files(Path(settings.models_dir) / trial_id, files))
-    return ray.get(settings.sink.put.remote(trial_id, files))
+    try:
+        if settings.sink is None:
+            return str(write_files(Path(settings.models_dir) / trial_id, files))
+        return ray.get(settings.sink.put.remote(trial_id, files))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        size = sum(len(b) for b in files.values()) / 1e6
+        raise DiskFullError(
+            f"no space left on the disk of {settings.models_dir} to keep a trial's fold models "
+            f"({size:.1f} MB); free space there (or --keep-top 0: keep none) and run the same "
+            "command again"
+        ) from None
 
 
 def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
@@ -275,13 +290,16 @@ class _RecordingASHA(ASHAScheduler):
 
 class _DeadlineStopper(tune.Stopper):
     """Stops a trial as soon as its own pace says it cannot finish before the deadline (its
-    worker is better spent on one that can), and the whole run when the deadline passes.
-    Either way the trial is recorded as interrupted (re-run on resume)."""
+    worker is better spent on one that can), and the whole run when the deadline passes or
+    the tally says the run cannot go on (a full disk). Either way the trials are recorded as
+    interrupted (re-run on resume)."""
 
-    def __init__(self, deadline: Deadline, t0: float) -> None:
-        self.deadline, self.t0 = deadline, t0
+    def __init__(self, deadline: Deadline, t0: float, tally: Tally) -> None:
+        self.deadline, self.t0, self.tally = deadline, t0, tally
 
     def __call__(self, trial_id: str, result: dict) -> bool:
+        if self.tally.halted:
+            return True
         done, seconds = int(result.get(TIME_ATTR, 0)), float(result.get("trial_seconds", 0.0))
         if not self.deadline.should_cut(time.monotonic() - self.t0, done, seconds, trial_id):
             return False
@@ -289,7 +307,7 @@ class _DeadlineStopper(tune.Stopper):
         return True
 
     def stop_all(self) -> bool:
-        return self.deadline.stop_all(time.monotonic() - self.t0)
+        return bool(self.tally.halted) or self.deadline.stop_all(time.monotonic() - self.t0)
 
 
 class _TrialRegistry(tune.Callback):
@@ -464,11 +482,14 @@ class _TruthfulSearch(OptunaSearch):
             if result.get("pool"):
                 attrs[POOL] = result["pool"]
         value = float(result[METRIC]) if result and METRIC in result else float("nan")
+        err = _error_of(self._registry.trials.get(trial_id)) if error else None
+        if err is not None and err.type in STOPS_THE_RUN:
+            self._tally.halted = err.message  # the stopper ends the run at once
         outcome = classify(
             fold_epochs=fold_epochs,
             full_fold_epochs=self._full,
             value=value,
-            error=_error_of(self._registry.trials.get(trial_id)) if error else None,
+            error=err,
             self_stopped=bool(result and result.get("self_stopped")),
             pruned=trial_id in self._stopped_early,
             cut_by_deadline=trial_id in self._deadline.cut,
@@ -556,10 +577,47 @@ def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, ve
         kwargs["runtime_env"] = {"env_vars": forwarded}
     if address:
         check_reachable(address)
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            # a loaded machine must not declare its own node dead: the GCS marks a raylet
+            # dead after health_check_failure_threshold missed checks (Ray's default: 5 x 3 s
+            # periods; seen on 2 cores beside two heavy jobs). Here ~5 minutes of silence.
+            kwargs["_system_config"] = LOCAL_HEALTH_CHECK
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever Ray raised: said in one line, with hints
+        raise RayStartError(_start_failure(e, address)) from e
     return ray.cluster_resources()
+
+
+LOCAL_HEALTH_CHECK = {
+    "health_check_period_ms": 10_000,
+    "health_check_timeout_ms": 30_000,
+    "health_check_failure_threshold": 30,
+}
+
+
+class RayStartError(RuntimeError):
+    """Ray did not start (or join): the one-line reason and what to try."""
+
+
+def _start_failure(e: Exception, address: str | None) -> str:
+    """What failed when Ray did not start, and what to try."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    where = f"joining the Ray cluster at {address}" if address else "starting a private Ray"
+    hints = []
+    home = Path.home()
+    if not os.access(home, os.W_OK):
+        hints.append(
+            f"HOME ({home}) cannot be written and Ray keeps its token in ~/.ray: set HOME to "
+            "a writable folder, or RAY_AUTH_TOKEN_PATH to a writable file"
+        )
+    tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp"))
+    if not os.access(tmp, os.W_OK):
+        hints.append(f"{tmp} cannot be written: set RAY_TMPDIR to a writable folder")
+    hints.append("`ray stop --force` ends a stale Ray instance of this user")
+    return f"{where} failed ({type(e).__name__}: {first}); " + "; ".join(hints)
 
 
 class InternalsChanged(RuntimeError):
@@ -777,7 +835,7 @@ def run_trials(
             storage_path=storage_path,
             verbose=1 if verbose else 0,
             callbacks=[registry],
-            stop=_DeadlineStopper(deadline, t0) if deadline.active else None,
+            stop=_DeadlineStopper(deadline, t0, tally),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )

@@ -11,6 +11,7 @@ were kept) ``train_cv`` for the full epoch budget -> ``studies/<study>/refit/tri
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,11 +23,10 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from sklearn.metrics import roc_auc_score
 
 import models
-from data_pipeline.atomic import atomic_path
-from data_pipeline.cache import Cache
+from data_pipeline.atomic import atomic_path, remove, temp_beside
+from data_pipeline.cache import Cache, pid_alive
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import folds_file, folds_for_cache
 from data_pipeline.kaggle import SUBMISSION_CSV
@@ -45,7 +45,6 @@ from search.attrs import (
     set_refit,
 )
 from search.config import weights_arg
-from search.deadline import MARGIN, REFIT_FIXED_S, Pace, full_fit_plan, predict_seconds
 from search.defaults import CPU_DEFAULTS
 from search.engine import (
     PoolImages,
@@ -55,7 +54,14 @@ from search.engine import (
     train_cv,
     train_full,
 )
-from search.ensemble import Ensemble, load_ensemble, load_oof, save_ensemble
+from search.ensemble import META_FILE, Ensemble, load_ensemble, load_oof, save_ensemble
+from search.metrics import auc, fold_aucs
+from search.pace import MARGIN, REFIT_FIXED_S, Pace, full_fit_plan, predict_seconds
+
+# the files of a refit folder (studies/<study>/refit/<trial-N or ensemble>/)
+SUBMISSION = "submission.csv"
+OOF_CSV = "oof.csv"
+REFIT_JSON = "refit.json"
 
 
 class RefitError(ValueError):
@@ -183,6 +189,18 @@ def submission_frame(cache: Cache, probs: np.ndarray, test_rows: np.ndarray) -> 
     return pd.DataFrame({"id": want.to_numpy(), "label": pred.loc[want].to_numpy()})
 
 
+def check_out_path(path: Path, force: bool) -> None:
+    """Before any work: ``path`` can take a CSV (not a folder, not an existing file without
+    ``force``, in a folder that can be written); a ``RefitError`` or ``StorageError`` naming
+    it otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise RefitError(f"--out {path} is a folder; give a file name, e.g. {path / SUBMISSION}")
+    if path.exists() and not force:
+        raise RefitError(f"{path} exists; pass --force to overwrite it")
+    studies.check_writable(path.resolve().parent, "the submission")
+
+
 def write_csv_atomic(df: pd.DataFrame, path: Path, force: bool) -> Path:
     """Write ``df`` to ``path`` via a temp file + rename; refuse to overwrite without force."""
     path = Path(path)
@@ -191,10 +209,6 @@ def write_csv_atomic(df: pd.DataFrame, path: Path, force: bool) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return path
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def pool_images(cache: Cache, rows: np.ndarray) -> PoolImages:
@@ -246,9 +260,9 @@ class _FoldModels:
 def saved_models(trial: FrozenTrial, cache: Cache, epochs: int, search_epochs: int) -> Path | None:
     """The trial's fold models saved by the search, if they are there and fit this refit."""
     path = trial.user_attrs.get(MODELS_DIR)
-    if not path or not (Path(path) / "ensemble.json").is_file() or epochs != search_epochs:
+    if not path or not (Path(path) / META_FILE).is_file() or epochs != search_epochs:
         return None
-    meta = json.loads((Path(path) / "ensemble.json").read_text())
+    meta = json.loads((Path(path) / META_FILE).read_text())
     return Path(path) if meta.get("dataset_fingerprint") == cache.fingerprint else None
 
 
@@ -261,8 +275,8 @@ def _reuse(saved: Path, out_dir: Path, trial: int) -> _FoldModels:
     dest = out_dir / "ensemble"
     with atomic_path(dest) as tmp:
         shutil.copytree(saved, tmp)
-        meta = json.loads((tmp / "ensemble.json").read_text())
-        (tmp / "ensemble.json").write_text(json.dumps({**meta, "trial": trial}, indent=2))
+        meta = json.loads((tmp / META_FILE).read_text())
+        (tmp / META_FILE).write_text(json.dumps({**meta, "trial": trial}, indent=2))
     return _FoldModels(dest, oof, oof, None, None, trained=False)
 
 
@@ -376,7 +390,7 @@ def check_outputs_writable(cfg: RefitConfig) -> None:
 def open_setup(cfg: RefitConfig) -> Setup:
     """Load the study and its data (its content fingerprint must be the study's, unless
     ``cfg.other_data`` says different data is meant) and rebuild its folds."""
-    storage = studies.make_storage(cfg.storage_url)
+    storage = studies.open_existing(cfg.storage_url)
     try:
         study = optuna.load_study(study_name=cfg.study, storage=storage)
     except KeyError:
@@ -499,9 +513,10 @@ class _Plan:
     params: dict
     epochs: int
     search_epochs: int
-    out_dir: Path
+    out_dir: Path  # where this refit writes: a stage folder beside ``final_dir``
     sub_path: Path
     meta: dict  # saved with the ensemble
+    final_dir: Path  # the trial's refit folder, replaced by ``out_dir`` as a whole at the end
 
 
 def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
@@ -510,10 +525,16 @@ def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
     params = trial_params(su.study, trial)
     search_epochs = int(su.search_cfg.get("max_epochs", 1))
     epochs = cfg.epochs or search_epochs
-    out_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
-    sub_path = cfg.out or out_dir / "submission.csv"
-    if sub_path.exists() and not cfg.force:  # before any work: never a half-replaced folder
-        raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
+    final_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
+    # before any work: an earlier refit (its folder, or the submission asked for) is replaced
+    # only with --force, and then as a whole
+    sub_path = Path(cfg.out).resolve() if cfg.out else final_dir / SUBMISSION
+    for earlier in (sub_path, final_dir / REFIT_JSON):
+        if earlier.exists() and not cfg.force:
+            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+    out_dir = stage_dir(final_dir)
+    if not cfg.out:
+        sub_path = out_dir / SUBMISSION
     p = TrainParams.from_dict(params)
     norm = models.data_config(create_model(p), p.arch)
     meta = {
@@ -528,7 +549,7 @@ def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
         "folds_file": su.folds_file,
         "dataset_fingerprint": su.cache.fingerprint,
     }
-    return _Plan(trial, params, epochs, search_epochs, out_dir, sub_path, meta)
+    return _Plan(trial, params, epochs, search_epochs, out_dir, sub_path, meta, final_dir)
 
 
 def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldModels:
@@ -583,19 +604,19 @@ def _score_oof(su: Setup, pl: _Plan, fm: _FoldModels) -> _OOF:
     y, folds, k = su.data.labels, su.folds, su.k
     oof = fm.oof_final
     if np.isnan(oof).all():  # full-data models whose trial kept no fold models
-        auc = float(pl.trial.value)
+        auc_all = float(pl.trial.value)
         auc_folds = [float(a) for a in pl.trial.user_attrs.get(AUC_FOLDS, [])]
     else:
-        auc = _auc(y, oof)
-        auc_folds = [_auc(y[folds == f], oof[folds == f]) for f in range(k)]
+        auc_all = auc(y, oof)
+        auc_folds = fold_aucs(y, oof, folds, k)
     # With early stopping / restore_best the kept weights are each fold's best epoch, chosen on
     # that same held-out fold: an optimistic OOF. Report it beside the final-epoch OOF.
-    best = _auc(y, fm.oof_best) if fm.oof_best is not None else None
+    best = auc(y, fm.oof_best) if fm.oof_best is not None else None
     csv = None
     if np.isfinite(fm.oof).all():  # full-data models of an unkept trial: no OOF to write
         df = pd.DataFrame({"id": su.data.ids, "label": y, "fold": folds, "prob": fm.oof})
-        csv = write_csv_atomic(df, pl.out_dir / "oof.csv", force=True)
-    return _OOF(auc, auc_folds, best, csv)
+        csv = write_csv_atomic(df, pl.out_dir / OOF_CSV, force=True)
+    return _OOF(auc_all, auc_folds, best, csv)
 
 
 @dataclass
@@ -619,21 +640,23 @@ def _predict(cfg: RefitConfig, su: Setup, pl: _Plan, fm: _FoldModels) -> _Test:
         out.submission = write_csv_atomic(sub, pl.sub_path, cfg.force)
         y_test = su.cache.index["label"].to_numpy()[rows]
         if (y_test >= 0).all():
-            out.auc = _auc(y_test, probs)
+            out.auc = auc(y_test, probs)
             # The ensemble + TTA score is not comparable with OOF, which is one model on one
             # view: score each fold model alone, untransformed, for the like-for-like gap.
             single = ens.predict(pool_images(su.cache, rows), tta=1, per_model=True)
-            out.auc_folds = [_auc(y_test, pm) for pm in single]
+            out.auc_folds = [auc(y_test, pm) for pm in single]
             if not fm.full:  # full-data models have no held-out part to compare with
                 y, folds = su.data.labels, su.folds
-                held = [_auc(y[folds == f], fm.oof[folds == f]) for f in range(su.k)]
+                held = fold_aucs(y, fm.oof, folds, su.k)
                 out.gap = float(np.mean(held) - np.mean(out.auc_folds))
     out.seconds = time.perf_counter() - t0
     return out
 
 
 def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> None:
-    """Step 5: ``refit.json`` beside the models, and the study's ``refit`` attr."""
+    """Step 5: ``refit.json`` beside the models; the stage folder replaces the trial's refit
+    folder as a whole (models, OOF, submission and record change together or not at all);
+    then the study's ``refit`` attr."""
     record = {
         "trial": res.trial,
         "epochs": pl.epochs,
@@ -664,8 +687,36 @@ def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> Non
         "seconds": res.seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    (pl.out_dir / "refit.json").write_text(json.dumps(record, indent=2))
-    set_refit(su.study, json.loads(json.dumps(record)), pl.out_dir / "refit.json")
+    (pl.out_dir / REFIT_JSON).write_text(json.dumps(record, indent=2))
+    swap_in(pl.out_dir, pl.final_dir)
+    set_refit(su.study, json.loads(json.dumps(record)), pl.final_dir / REFIT_JSON)
+
+
+def stage_dir(final_dir: Path) -> Path:
+    """A new, empty folder beside ``final_dir`` to write a refit's outputs into (stages that
+    a killed refit left behind are removed first)."""
+    for old in final_dir.parent.glob(f".{final_dir.name}.new*"):
+        pid = old.name.rsplit(".new", 1)[-1]
+        if not pid.isdigit() or not pid_alive(int(pid)):
+            remove(old)
+    stage = temp_beside(final_dir, "new")
+    remove(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def swap_in(stage: Path, final_dir: Path) -> None:
+    """Put the whole ``stage`` folder in place of ``final_dir`` (two renames; the old one is
+    removed only after)."""
+    with atomic_path(final_dir) as tmp:
+        os.replace(stage, tmp)
+
+
+def moved(path: Path | None, stage: Path, final_dir: Path) -> Path | None:
+    """``path`` as it is after ``swap_in``: inside ``final_dir`` if it was in ``stage``."""
+    if path is None or not Path(path).is_relative_to(stage):
+        return path
+    return final_dir / Path(path).relative_to(stage)
 
 
 def _path(fm: _FoldModels) -> str:
@@ -681,10 +732,21 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
     if cfg.final:
         cfg = _final_config(cfg, su)
     pl = _plan(cfg, su)
+    try:
+        result = _run(cfg, su, pl, console, t0)
+    except BaseException:  # Ctrl-C, a full disk, ...: the earlier refit stays as it was
+        remove(pl.out_dir)
+        raise
+    return result
+
+
+def _run(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console, t0: float) -> RefitResult:
+    """``refit``'s steps 2-5, writing into the plan's stage folder."""
     fm = _models(cfg, su, pl, console)
     t_train = time.perf_counter() - t0
     oof = _score_oof(su, pl, fm)
     test = _predict(cfg, su, pl, fm)
+    in_final = lambda p: moved(p, pl.out_dir, pl.final_dir)  # noqa: E731  (the paths after the swap)
     result = RefitResult(
         trial=pl.trial.number,
         params=pl.params,
@@ -695,9 +757,9 @@ def refit(cfg: RefitConfig, console: Console) -> RefitResult:
         test_auc=test.auc,
         test_auc_folds=test.auc_folds,
         validation_gap=test.gap,
-        ensemble_dir=fm.ens_dir,
-        oof_csv=oof.csv,
-        submission=test.submission,
+        ensemble_dir=in_final(fm.ens_dir),
+        oof_csv=in_final(oof.csv),
+        submission=in_final(test.submission),
         seconds={"train": round(t_train, 1), "predict": round(test.seconds, 1)},
         layout=su.cache.meta.get("layout"),
         path=_path(fm),

@@ -13,6 +13,7 @@ pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -23,7 +24,12 @@ from rich.console import Console
 from rich.markup import escape
 
 import models
-from data_pipeline.cli_common import add_cache_dir, add_no_progress
+from data_pipeline.cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    add_cache_dir,
+    add_no_progress,
+)
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.problems import DataError
 from data_pipeline.version import add_version, help_text
@@ -32,8 +38,10 @@ from search.cli_args import add_study_args
 from search.config import DEFAULT_TTA
 from search.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
 from search.refit import (
+    REFIT_JSON,
     RefitConfig,
     RefitError,
+    check_out_path,
     predict_test,
     refit,
     submission_frame,
@@ -41,7 +49,6 @@ from search.refit import (
 )
 from search.refit_ensemble import refit_ensemble
 
-EXIT_BAD_INPUT = 2
 KAGGLE_COMPETITION = "histopathologic-cancer-detection"
 
 
@@ -134,6 +141,12 @@ def refit_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="training seed of retrained models (default: 0)"
     )
     add_no_progress(ap)
+    ap.add_argument(
+        "--json",
+        action="store_true",
+        help="print the refit's record (refit.json) as one JSON line on stdout at the end; "
+        "the rest goes to stderr",
+    )
     return ap
 
 
@@ -194,10 +207,19 @@ def refit_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
+    if args.json:  # stdout holds the one JSON record; everything else goes to stderr
+        out = Console(soft_wrap=True, stderr=True)
     try:
         if args.ensemble is not None:
-            return _print_ensemble(refit_ensemble(cfg, args.ensemble, out).record, cfg, out)
+            rec = refit_ensemble(cfg, args.ensemble, out).record
+            rc = _print_ensemble(rec, cfg, out)
+            if args.json:
+                print(json.dumps(rec, default=str))
+            return rc
         r = refit(cfg, out)
+    except KeyboardInterrupt:
+        err.print("interrupted: the earlier refit is unchanged", highlight=False)
+        return EXIT_INTERRUPTED
     except (
         RefitError,
         EnsembleError,
@@ -231,7 +253,10 @@ def refit_main(argv: list[str] | None = None) -> int:
             highlight=False,
         )
     out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)
-    return _print_outputs(cfg, r.submission, r.layout, out)
+    rc = _print_outputs(cfg, r.submission, r.layout, out)
+    if args.json:
+        print(json.dumps(json.loads((Path(r.ensemble_dir).parent / REFIT_JSON).read_text())))
+    return rc
 
 
 def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:
@@ -306,6 +331,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     args = predict_parser().parse_args(argv)
     err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
     try:
+        check_out_path(args.out, args.force)  # before any work
         ens = load_ensemble(args.ensemble, args.device)
         cache = open_dataset(
             DataConfig(data=args.data, cache_dir=args.cache_dir), progress=sys.stderr.isatty()
@@ -314,7 +340,10 @@ def predict_main(argv: list[str] | None = None) -> int:
         if len(rows) == 0:
             raise RefitError(f"{cache.meta['source']}: no test split to predict")
         path = write_csv_atomic(submission_frame(cache, probs, rows), args.out, args.force)
-    except (RefitError, EnsembleError, DataError, ValueError) as e:
+    except KeyboardInterrupt:
+        err.print("interrupted: nothing written", highlight=False)
+        return EXIT_INTERRUPTED
+    except (RefitError, EnsembleError, DataError, studies.StorageError, ValueError) as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         return EXIT_BAD_INPUT
     out.print(f"wrote {len(rows)} predictions to {path}", highlight=False)

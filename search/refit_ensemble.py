@@ -26,20 +26,26 @@ import numpy as np
 import pandas as pd
 from optuna.trial import TrialState
 from rich.console import Console
-from sklearn.metrics import roc_auc_score
 
-from data_pipeline.atomic import atomic_path
+from data_pipeline.atomic import atomic_path, remove
 from search.attrs import MODELS_DIR, set_refit
-from search.ensemble import load_ensemble, load_oof, save_members
+from search.ensemble import META_FILE, load_ensemble, load_oof, save_members
+from search.metrics import auc, fold_aucs
 from search.refit import (
+    OOF_CSV,
+    REFIT_JSON,
+    SUBMISSION,
     RefitConfig,
     RefitError,
     Setup,
     check_outputs_writable,
+    moved,
     open_setup,
     pool_images,
     progress_bar,
+    stage_dir,
     submission_frame,
+    swap_in,
     write_csv_atomic,
 )
 from search.selection import MAX_STEPS, blend, greedy_select, nested_estimate
@@ -63,7 +69,7 @@ class Candidate:
 def _candidate(folder: Path, label: str, trial: int, su: Setup) -> Candidate | None:
     """The fold models in ``folder`` if they were trained on this data and these folds and
     carry their OOF; else None."""
-    meta_path = folder / "ensemble.json"
+    meta_path = folder / META_FILE
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text())
@@ -73,8 +79,8 @@ def _candidate(folder: Path, label: str, trial: int, su: Setup) -> Candidate | N
     oof = load_oof(folder)
     if oof is None or len(oof) != len(su.data.labels):
         return None
-    auc = float(roc_auc_score(su.data.labels, oof))
-    return Candidate(label, trial, folder, oof, auc, auc)
+    auc_all = auc(su.data.labels, oof)
+    return Candidate(label, trial, folder, oof, auc_all, auc_all)
 
 
 def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
@@ -92,7 +98,7 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
     for folder in sorted(refits.glob("trial-*/ensemble")):
         if _weights_key(folder) in seen:  # a refit that reused a kept trial's own models
             continue
-        meta = json.loads((folder / "ensemble.json").read_text())
+        meta = json.loads((folder / META_FILE).read_text())
         trial = int(meta.get("trial", -1))
         label = f"trial {trial} retrained, {meta.get('epochs')} epochs"
         c = _candidate(folder, label, trial, su)
@@ -105,7 +111,7 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
 def _weights_key(folder: Path) -> tuple:
     """The fold weights' hashes: the same models copied elsewhere have the same key."""
     try:
-        meta = json.loads((folder / "ensemble.json").read_text())
+        meta = json.loads((folder / META_FILE).read_text())
         return tuple(f["sha256"] for f in meta.get("folds", []))
     except (OSError, ValueError):
         return (str(folder),)
@@ -138,7 +144,7 @@ def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_d
         for c in cands:
             path = cache_dir / f"{_member_key(c.folder, su)}-oof-tta{cfg.tta}.npy"
             oof = _cached(path, functools.partial(_held_out, c.folder, su, cfg))
-            out.append(replace(c, oof=oof, oof_auc=float(roc_auc_score(su.data.labels, oof))))
+            out.append(replace(c, oof=oof, oof_auc=auc(su.data.labels, oof)))
             bar.advance(task)
     return out
 
@@ -161,14 +167,50 @@ class EnsembleResult:
 
 
 def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult:
-    """Select, save, predict, write and record (see the module docstring)."""
+    """Select, save, predict, write and record (see the module docstring). The outputs are
+    written into a stage folder that replaces ``refit/ensemble/`` as a whole at the end: an
+    interrupted selection leaves the earlier one as it was."""
     t0 = time.perf_counter()
     check_outputs_writable(cfg)
     su = open_setup(cfg)
-    out_dir = (cfg.studies_dir / cfg.study / "refit" / ENSEMBLE_DIR).resolve()
-    sub_path = cfg.out or out_dir / "submission.csv"
-    if sub_path.exists() and not cfg.force:  # before any work
-        raise RefitError(f"{sub_path} exists; pass --force to overwrite it")
+    final_dir = (cfg.studies_dir / cfg.study / "refit" / ENSEMBLE_DIR).resolve()
+    sub_path = Path(cfg.out).resolve() if cfg.out else final_dir / SUBMISSION
+    for earlier in (sub_path, final_dir / REFIT_JSON):  # before any work
+        if earlier.exists() and not cfg.force:
+            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+    cache_dir = final_dir.parent / TEST_CACHE_DIR
+    chosen = _select(cfg, su, n, console, cache_dir)
+    stage = stage_dir(final_dir)
+    try:
+        out = _write(cfg, su, chosen, stage, sub_path if cfg.out else stage / SUBMISSION, t0)
+        record = {
+            k: str(moved(Path(v), stage, final_dir)) if k in PATHS and v else v
+            for k, v in out.record.items()
+        }
+        (stage / REFIT_JSON).write_text(json.dumps(record, indent=2))
+        swap_in(stage, final_dir)
+    except BaseException:  # Ctrl-C, a full disk: the earlier selection stays as it was
+        remove(stage)
+        raise
+    set_refit(su.study, json.loads(json.dumps(record)), final_dir / REFIT_JSON)
+    return EnsembleResult(record, moved(out.submission, stage, final_dir))
+
+
+PATHS = ("ensemble", "oof_csv", "submission")  # record keys that name files of the refit
+
+
+@dataclass
+class _Chosen:
+    """The selection: every candidate, the greedy weights, the nested estimate."""
+
+    cands: list
+    sel: object  # selection.Selection
+    nested: object  # selection.Nested
+    members: list  # (candidate, weight) with weight > 0
+
+
+def _select(cfg: RefitConfig, su: Setup, n: int, console: Console, cache_dir: Path) -> _Chosen:
+    """The candidates' OOF over the test's views (cached), then greedy selection."""
     cands = candidates(su, cfg.studies_dir, n)
     if not cands:
         raise RefitError(
@@ -176,7 +218,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
             "data: search with --keep-top > 0 (the default), or run pcam-refit --best"
         )
     t_views = time.perf_counter()
-    cands = with_test_views(cands, su, cfg, out_dir.parent / TEST_CACHE_DIR)
+    cands = with_test_views(cands, su, cfg, cache_dir)
     cands.sort(key=lambda c: c.oof_auc, reverse=True)
     if cfg.tta > 1:
         console.print(
@@ -188,9 +230,17 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
     oof = np.stack([c.oof for c in cands])  # (M, N)
     sel = greedy_select(oof, y)
     nested = nested_estimate(oof, y, folds)
-    chosen = [(c, w) for c, w in zip(cands, sel.weights, strict=True) if w > 0]
     _print_selection(console, cands, sel, nested)
+    members = [(c, w) for c, w in zip(cands, sel.weights, strict=True) if w > 0]
+    return _Chosen(cands, sel, nested, members)
 
+
+def _write(
+    cfg: RefitConfig, su: Setup, ch: _Chosen, out_dir: Path, sub_path: Path, t0: float
+) -> EnsembleResult:
+    """Save the chosen members' ensemble, the blended OOF and the submission into
+    ``out_dir``; the record (``refit.json``) of what was written."""
+    y, folds = su.data.labels, su.folds
     meta = {
         "study": cfg.study,
         "dataset_fingerprint": su.cache.fingerprint,
@@ -198,25 +248,28 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "folds_file": su.folds_file,
         "k": su.k,
         "selection": {
-            "oof_auc": sel.auc,
-            "curve": sel.curve,
-            "nested_auc": nested.auc,
-            "nested_pooled_auc": nested.pooled_auc,
+            "oof_auc": ch.sel.auc,
+            "curve": ch.sel.curve,
+            "nested_auc": ch.nested.auc,
+            "nested_pooled_auc": ch.nested.pooled_auc,
         },
     }
-    infos = [(c.folder, w, {"label": c.label, "trial": c.trial}) for c, w in chosen]
+    infos = [(c.folder, w, {"label": c.label, "trial": c.trial}) for c, w in ch.members]
     ens_dir = save_members(out_dir / "ensemble", infos, meta)
-    oof_blend = blend(np.stack([c.oof for c, _ in chosen]), [w for _, w in chosen])
+    oof_blend = blend(np.stack([c.oof for c, _ in ch.members]), [w for _, w in ch.members])
     oof_df = pd.DataFrame({"id": su.data.ids, "label": y, "fold": folds, "prob": oof_blend})
-    oof_csv = write_csv_atomic(oof_df, out_dir / "oof.csv", force=True)
+    oof_csv = write_csv_atomic(oof_df, out_dir / OOF_CSV, force=True)
     t_select = time.perf_counter() - t0
-
     t1 = time.perf_counter()
     test = _predict(cfg, su, ens_dir, out_dir.parent / TEST_CACHE_DIR)
+    submission = None
+    if test["probs"] is not None:
+        frame = submission_frame(su.cache, test["probs"], test["rows"])
+        submission = write_csv_atomic(frame, sub_path, force=True)  # checked before any work
     record = {
         "kind": "ensemble",
-        "label": f"ensemble of {len(chosen)} ({', '.join(c.label for c, _ in chosen)})",
-        "trial": chosen[0][0].trial,
+        "label": f"ensemble of {len(ch.members)} ({', '.join(c.label for c, _ in ch.members)})",
+        "trial": ch.members[0][0].trial,
         "tta": cfg.tta,
         "members": [
             {
@@ -227,21 +280,19 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
                 "search_oof_auc": c.search_oof_auc,
                 **m,
             }
-            for (c, w), m in zip(chosen, test["members"], strict=True)
+            for (c, w), m in zip(ch.members, test["members"], strict=True)
         ],
         "candidates": [
             {"label": c.label, "oof_auc": c.oof_auc, "search_oof_auc": c.search_oof_auc}
-            for c in cands
+            for c in ch.cands
         ],
         "oof_views": cfg.tta,  # OOF and selection over the test's TTA views
-        "oof_auc": sel.auc,
-        "oof_auc_folds": [
-            float(roc_auc_score(y[folds == f], oof_blend[folds == f])) for f in range(su.k)
-        ],
-        "selection_curve": sel.curve,
-        "nested_auc": nested.auc,  # mean of the left-out folds' AUCs
-        "nested_pooled_auc": nested.pooled_auc,
-        "nested_fold_aucs": nested.fold_aucs,
+        "oof_auc": ch.sel.auc,
+        "oof_auc_folds": fold_aucs(y, oof_blend, folds, su.k),
+        "selection_curve": ch.sel.curve,
+        "nested_auc": ch.nested.auc,  # mean of the left-out folds' AUCs
+        "nested_pooled_auc": ch.nested.pooled_auc,
+        "nested_fold_aucs": ch.nested.fold_aucs,
         "test_auc": test["auc"],
         "test_auc_folds": test["auc_folds"],
         "validation_minus_test": _gap(oof_blend, y, folds, test["auc_folds"]),
@@ -250,17 +301,10 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
         "layout": su.cache.meta.get("layout"),
         "ensemble": str(ens_dir),
         "oof_csv": str(oof_csv),
-        "submission": None,
+        "submission": str(submission) if submission else None,
         "seconds": {"select": round(t_select, 1), "predict": round(time.perf_counter() - t1, 1)},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    submission = None
-    if test["probs"] is not None:
-        frame = submission_frame(su.cache, test["probs"], test["rows"])
-        submission = write_csv_atomic(frame, sub_path, cfg.force)
-        record["submission"] = str(submission)
-    (out_dir / "refit.json").write_text(json.dumps(record, indent=2))
-    set_refit(su.study, json.loads(json.dumps(record)), out_dir / "refit.json")
     return EnsembleResult(record, submission)
 
 
@@ -294,11 +338,11 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     y = su.cache.index["label"].to_numpy()[rows]
     if not (y >= 0).all():
         return out
-    out["auc"] = float(roc_auc_score(y, out["probs"]))
-    out["members"] = [{"test_auc": float(roc_auc_score(y, p))} for p in preds]
+    out["auc"] = auc(y, out["probs"])
+    out["members"] = [{"test_auc": auc(y, p)} for p in preds]
     # like for like with the OOF: fold model f of every member, blended, same views
     fold_blend = blend(per_fold, ens.weights)  # (k, N)
-    out["auc_folds"] = [float(roc_auc_score(y, p)) for p in fold_blend]
+    out["auc_folds"] = [auc(y, p) for p in fold_blend]
     return out
 
 
@@ -306,7 +350,7 @@ def _gap(oof: np.ndarray, y, folds, test_folds: list[float] | None) -> float | N
     """Mean per-fold held-out AUC of the blend minus the mean per-fold test AUC."""
     if test_folds is None:
         return None
-    val = [roc_auc_score(y[folds == f], oof[folds == f]) for f in range(len(test_folds))]
+    val = fold_aucs(y, oof, folds, len(test_folds))
     return float(np.mean(val) - np.mean(test_folds))
 
 

@@ -28,6 +28,7 @@ from rich.markup import escape
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from data_pipeline.atomic import write_text_atomic
+from data_pipeline.cli_common import EXIT_BAD_INPUT
 from data_pipeline.version import add_version
 from search import study as studies
 from search.attrs import (
@@ -746,29 +747,29 @@ def main(argv: list[str] | None = None) -> int:
         studies.check_study_name(args.study)
     except ValueError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        return 2
+        return EXIT_BAD_INPUT
     url = studies.default_storage_url(args.storage, args.studies_dir)
     try:
-        study = optuna.load_study(study_name=args.study, storage=studies.make_storage(url))
+        study = optuna.load_study(study_name=args.study, storage=studies.open_existing(url))
     except KeyError:
         err.print(f"[red]error:[/] no study {escape(args.study)!r} in {studies.safe_url(url)}")
-        return 2
+        return EXIT_BAD_INPUT
     except studies.StorageError as e:
         err.print(f"[red]error:[/] {escape(str(e))}")
-        return 2
+        return EXIT_BAD_INPUT
     if args.png:
         try:
             import kaleido  # noqa: F401
         except ImportError:
             need = 'pip install "pcam-search[png]"'
             err.print(f"[red]error:[/] --png needs the kaleido package: {escape(need)}")
-            return 2
+            return EXIT_BAD_INPUT
     out = args.out or args.studies_dir / args.study / "report"
     try:
         studies.check_writable(out, "pcam-report")  # e.g. a read-only studies folder: --out
     except studies.StorageError as e:
         err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
-        return 2
+        return EXIT_BAD_INPUT
     path = write_report(study, out, args.png)
     print(path.resolve())
     if args.open:

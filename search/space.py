@@ -160,6 +160,11 @@ def _validate(params: dict, fixed: dict, source: str, start: list | None = None)
                 raise SpaceError(f"{where}: needs numbers low <= high, got {lo!r}, {hi!r}")
             if spec.get("log") and lo <= 0:
                 raise SpaceError(f"{where}: log scale needs low > 0, got {lo}")
+            step = spec.get("step")
+            if step is not None and (not isinstance(step, int | float) or step <= 0):
+                raise SpaceError(f"{where}: step must be a number > 0, got {step!r}")
+            if step is not None and spec.get("log"):
+                raise SpaceError(f"{where}: step and log cannot both be set (Optuna)")
         bad = sorted(set(spec.get("requires", [])) - set(REQUIREMENTS))
         if bad:
             raise SpaceError(f"{where}: unknown requires {bad} (allowed: {REQUIREMENTS})")

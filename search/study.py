@@ -168,6 +168,19 @@ def check_storage(url: str, write: bool = False) -> None:
     make_storage(url)
 
 
+def open_existing(url: str) -> optuna.storages.RDBStorage:
+    """The storage of commands that only read a study (refit, report): a SQLite file that is
+    not there is a ``StorageError`` naming it, not a new empty database."""
+    if url.startswith("sqlite"):
+        db = make_url(url).database
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise StorageError(
+                f"no study database at {db}: run pcam-search first, or point --studies-dir "
+                "or --storage at the search's"
+            )
+    return make_storage(url)
+
+
 def _clean(e: Exception, url: str) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     pw = make_url(url).password if "://" in url else None

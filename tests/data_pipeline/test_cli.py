@@ -116,3 +116,70 @@ def test_main_folds_default_k_is_the_searchs(kaggle_dir, capsys):
     # pcam-search on this (CPU) machine uses k = 3: pcam-data folds makes the same file
     assert main(["folds", str(kaggle_dir), "--quiet", "--workers", "1"]) == 0
     assert "-k3-s0.csv" in capsys.readouterr().out
+
+
+def test_main_ctrl_c_is_a_clean_exit_130(kaggle_dir, tmp_path, monkeypatch, capsys):
+    import data_pipeline.cli as cli_mod
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "open_dataset", interrupted)
+    assert main(["build", str(kaggle_dir), "--cache-dir", str(tmp_path), "--quiet"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_main_check_names_a_one_class_dataset(kaggle_dir, capsys):
+    labels = kaggle_dir / "train_labels.csv"
+    df = pd.read_csv(labels, dtype={"id": str})
+    df["label"] = 0
+    df.to_csv(labels, index=False)
+    assert main(["check", str(kaggle_dir), "--quiet", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "one_class" in out and f"all {len(df)} labelled patches have label 0" in out
+
+
+def _zip(folder, out, wrap: bool = False):
+    import zipfile
+
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                name = p.relative_to(folder).as_posix()
+                zf.write(p, f"histopathologic-cancer-detection/{name}" if wrap else name)
+    return out
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_main_reads_the_kaggle_zip_as_downloaded(kaggle_dir, tmp_path, capsys, wrap):
+    z = _zip(kaggle_dir, tmp_path / "histopathologic-cancer-detection.zip", wrap)
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--quiet", "--workers", "1"]
+    assert main(["check", str(z), *cache]) == 0
+    assert main(["build", str(z), *cache]) == 0
+    assert "cache:" in capsys.readouterr().out
+    # unpacked once: a second build finds the same folder and cache
+    unpacked = list((tmp_path / "cache" / "unpacked").iterdir())
+    assert main(["build", str(z), *cache]) == 0
+    assert list((tmp_path / "cache" / "unpacked").iterdir()) == unpacked
+
+
+def test_main_names_a_bad_zip_member(kaggle_dir, tmp_path, capsys):
+    import zipfile
+
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("train_labels.csv", "id,label\n")
+        zf.writestr("../outside.txt", "x")
+    assert main(["check", str(z), "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 2
+    assert "member '../outside.txt' points outside the archive" in capsys.readouterr().err
+    # a member whose bytes do not match its CRC
+    good = _zip(kaggle_dir, tmp_path / "k.zip")
+    blob = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".tif"))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 5
+    blob[start] ^= 0xFF
+    good.write_bytes(bytes(blob))
+    assert main(["check", str(good), "--cache-dir", str(tmp_path / "c2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"member {info.filename!r} is corrupt" in err or "is corrupt" in err

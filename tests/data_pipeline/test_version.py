@@ -3,7 +3,7 @@ import importlib.metadata
 import pytest
 
 from data_pipeline.cli import main as data_main
-from search.cli import main as search_main
+from search.cli_args import main as search_main
 from search.refit_cli import predict_main, refit_main
 from search.report import main as report_main
 

@@ -384,3 +384,22 @@ def test_fold_schedule_shortened_mid_run_still_anneals_to_its_new_end(schedule):
     assert lam(last) > 0.3  # on the planned 8 epochs, mid-schedule
     fold.epochs = 3
     assert lam(last) < 0.01 and lam(fold.steps) > 0.3
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
+def test_optimizer_decays_conv_and_linear_weights_only(optimizer):
+    from search.engine import _make_optimizer, _param_groups, create_model
+
+    p = TrainParams(width=8, crop=32, optimizer=optimizer, weight_decay=1e-2)
+    model = create_model(p)
+    opt = _make_optimizer(p, _param_groups(p, model))
+    decay_of = {id(q): g["weight_decay"] for g in opt.param_groups for q in g["params"]}
+    for name, q in model.named_parameters():
+        want = 1e-2 if q.ndim > 1 else 0.0  # BatchNorm scales and biases are not decayed
+        assert decay_of[id(q)] == want, name
+    if optimizer == "rmsprop":
+        assert opt.defaults["alpha"] == 0.99  # torch's, not timm's 0.9
+    # decay_norms: every param decayed, as before
+    p2 = TrainParams(width=8, crop=32, optimizer=optimizer, weight_decay=1e-2, decay_norms=True)
+    opt2 = _make_optimizer(p2, _param_groups(p2, create_model(p2)))
+    assert {g["weight_decay"] for g in opt2.param_groups} == {1e-2}

@@ -90,3 +90,37 @@ def test_check_internals_names_a_missing_private_attribute(monkeypatch):
     monkeypatch.setattr(ASHAScheduler, "__init__", renamed)
     with pytest.raises(ray_adapter.InternalsChanged, match=r"ASHAScheduler\._max_t is gone"):
         ray_adapter.check_internals()
+
+
+def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from search import ray_adapter
+    from search.engine import create_model
+    from search.outcome import TrialError, classify
+
+    p = TrainParams(width=8, crop=32)
+    states = [create_model(p).state_dict() for _ in range(2)]
+    res = SimpleNamespace(states=states, oof=np.zeros(4), oof_best=None, device="cpu")
+    models_dir = tmp_path / "models"
+    settings = ray_adapter.TrialSettings(
+        max_epochs=1, seed=0, threads=1, pretrained=False, models_dir=str(models_dir)
+    )
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ray_adapter, "write_files", full)
+    config = {"arch": "simple_cnn", "width": 8, "crop": 32}
+    with pytest.raises(ray_adapter.DiskFullError) as e:
+        ray_adapter._save_models(config, res, settings, "t1")
+    assert f"no space left on the disk of {models_dir}" in str(e.value)
+    # not the params' fault: interrupted (run again on resume), with the message as reason
+    out = classify(
+        fold_epochs=6,
+        full_fold_epochs=6,
+        value=0.8,
+        error=TrialError("DiskFullError", str(e.value), "search.ray_adapter"),
+    )
+    assert out.interrupted and out.attrs["fail_reason"] == str(e.value)

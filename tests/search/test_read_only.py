@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from search import study as studies
-from search.cli import main as search_main
+from search.cli_args import main as search_main
 from search.refit_cli import refit_main
 from search.report import main as report_main
 

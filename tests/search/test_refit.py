@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from data_pipeline import DataConfig, open_dataset
 from search import study as studies
 from search.attrs import get_record
-from search.cli import main as search_main
+from search.cli_args import main as search_main
 from search.ensemble import EnsembleError, dihedral_views, load_ensemble
 from search.refit import RefitError, pick_trial, submission_frame, write_csv_atomic
 from search.refit_cli import predict_main, refit_main
@@ -479,3 +479,89 @@ def test_refit_reuse_and_epochs_or_bad_time_are_refused(tmp_path, capsys):
     assert "--reuse trains nothing" in capsys.readouterr().err
     assert refit_main(["--best", "--time", "0", *common]) == 2
     assert "--time must be > 0" in capsys.readouterr().err
+
+
+def _copy_studies(root: Path, tmp_path: Path) -> list[str]:
+    """The module's studies folder copied (tests here may not change it); the CLI flags."""
+    shutil.copytree(root / "studies", tmp_path / "studies")
+    return ["--studies-dir", str(tmp_path / "studies"), "--cache-dir", str(root / "cache")]
+
+
+def _files(d: Path) -> dict:
+    return {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}
+
+
+def test_refit_to_another_out_refuses_to_replace_an_earlier_refit(refitted, tmp_path, capsys):
+    root, _ = refitted
+    common = _copy_studies(root, tmp_path)
+    d = _refit_dir(tmp_path)
+    before = _files(d)
+    new = tmp_path / "new.csv"
+    assert refit_main(["--best", "--reuse", "--out", str(new), "--no-progress", *common]) == 2
+    assert "refit.json exists (an earlier refit); pass --force" in capsys.readouterr().err
+    assert _files(d) == before and not new.exists()
+
+
+def test_refit_interrupted_leaves_the_earlier_refit_whole(refitted, tmp_path, monkeypatch):
+    # Ctrl-C after the new models and OOF are written, before the submission: the folder and
+    # the study's record still describe the earlier refit, and no stage folder is left
+    import search.refit as refit_mod
+
+    root, _ = refitted
+    common = _copy_studies(root, tmp_path)
+    d = _refit_dir(tmp_path)
+    before = _files(d)
+    url = studies.sqlite_url(tmp_path / "studies" / "pcam.db")
+    record = get_record(optuna.load_study(study_name="pcam", storage=url), "refit")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refit_mod, "_predict", interrupted)
+    args = ["--best", "--retrain", "--epochs", "1", "--force", "--no-progress", *common]
+    assert refit_main(args) == 130
+    assert _files(d) == before
+    assert get_record(optuna.load_study(study_name="pcam", storage=url), "refit") == record
+    assert [p.name for p in d.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_refit_replaces_the_folder_as_a_whole(refitted, tmp_path):
+    # --force with --out elsewhere: the trial's folder is the new refit, with no submission
+    # of the old one left beside the new models; refit.json points to the new submission
+    root, _ = refitted
+    common = _copy_studies(root, tmp_path)
+    d = _refit_dir(tmp_path)
+    new = tmp_path / "new.csv"
+    args = ["--best", "--reuse", "--out", str(new), "--force", "--no-progress", *common]
+    assert refit_main(args) == 0
+    assert not (d / "submission.csv").exists() and new.is_file()
+    rec = json.loads((d / "refit.json").read_text())
+    assert rec["submission"] == str(new) and rec["ensemble"] == str(d / "ensemble")
+    assert Path(rec["oof_csv"]).parent == d
+
+
+@pytest.mark.parametrize("case", ["folder", "exists"])
+def test_predict_checks_out_before_any_work(refitted, tmp_path, monkeypatch, capsys, case):
+    import search.refit_cli as cli_mod
+
+    root, data = refitted
+    out = tmp_path / "preds.csv"
+    if case == "folder":
+        out.mkdir()
+    else:
+        out.write_text("id,label\n")
+    monkeypatch.setattr(cli_mod, "load_ensemble", lambda *a: pytest.fail("worked first"))
+    ens = str(_refit_dir(root) / "ensemble")
+    args = [str(data), "--ensemble", ens, "--out", str(out), "--cache-dir", str(root / "cache")]
+    assert predict_main(args) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and ("is a folder" if case == "folder" else "exists") in err
+
+
+def test_refit_json_prints_the_record_alone_on_stdout(refitted, tmp_path, capsys):
+    root, _ = refitted
+    common = _copy_studies(root, tmp_path)
+    assert refit_main(["--best", "--reuse", "--force", "--json", "--no-progress", *common]) == 0
+    out = capsys.readouterr().out.strip()
+    rec = json.loads(out)  # stdout is the JSON line and nothing else
+    assert rec["path"] == "reuse" and Path(rec["submission"]).is_file()

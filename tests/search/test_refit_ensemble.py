@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from search.attrs import get_record
-from search.cli import main as search_main
+from search.cli_args import main as search_main
 from search.ensemble import Ensemble, EnsembleError, WeightedEnsemble, load_ensemble
 from search.refit_cli import predict_main, refit_main
 
@@ -111,7 +111,7 @@ def test_refit_ensemble_refuses_to_overwrite_before_any_work(selected, capsys):
     root, common, rec = selected
     before = Path(rec["oof_csv"]).stat().st_mtime_ns
     assert refit_main(["--ensemble", "4", "--no-progress", *common]) == 2
-    assert "exists; pass --force" in capsys.readouterr().err
+    assert "exists (an earlier refit); pass --force" in capsys.readouterr().err
     assert Path(rec["oof_csv"]).stat().st_mtime_ns == before
 
 

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from search import study as studies
 from search.attrs import MODELS_DIR, RETRY_OF, get_record
-from search.cli import main
+from search.cli_args import main
 from search.config import CPU_DEFAULTS
 from search.deadline import TIE_AUC
 from search.ensemble import load_ensemble
@@ -190,7 +190,7 @@ def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = N
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "search.cli", *args],
+        [sys.executable, "-m", "search.cli_args", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -234,7 +234,10 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
     assert zombies
 
     out = subprocess.run(
-        [sys.executable, "-m", "search.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "search.cli_args", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     after = {t.number: t for t in _load(tmp_path).trials}
@@ -445,7 +448,7 @@ def test_search_on_postgres(_kaggle_master, tmp_path, capsys):
 def _search_process(args: list[str], env: dict) -> subprocess.CompletedProcess:
     """``pcam-search args`` in its own process with ``env``; it must exit 0."""
     out = subprocess.run(
-        [sys.executable, "-m", "search.cli", *args],
+        [sys.executable, "-m", "search.cli_args", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -680,7 +683,8 @@ def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch
 )
 def test_build_config_budget_searches_short_complete_trials(flags, epochs):
     # with a final model to train, trials are short complete runs unless the user says
-    from search.cli import build_config, parser
+    from search.cli import build_config
+    from search.cli_args import parser
 
     cfg = build_config(parser().parse_args(flags), has_gpu=False)
     assert cfg.max_epochs == epochs
@@ -770,8 +774,90 @@ def test_search_dead_address_is_named_in_seconds(_kaggle_master, tmp_path, capsy
 
 
 def test_build_config_takes_the_fold_seed():
-    from search.cli import FROZEN_SETTINGS, build_config, parser
+    from search.cli import FROZEN_SETTINGS, build_config
+    from search.cli_args import parser
 
     assert build_config(parser().parse_args([]), has_gpu=False).fold_seed == 0
     assert build_config(parser().parse_args(["--fold-seed", "1"]), has_gpu=False).fold_seed == 1
     assert "fold_seed" in FROZEN_SETTINGS  # kept with the study, like k
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--folds", "1"], "--folds >= 2"),
+        (["--trials", "0"], "--trials"),
+        (["--timeout", "-5"], "--timeout must be > 0"),
+        (["--keep-top", "-1"], "--keep-top must be >= 0"),
+        (["--budget", "1"], "--budget 1 s is too short"),
+    ],
+)
+def test_search_bad_flags_fail_before_ray_and_create_no_study(
+    _kaggle_master, tmp_path, capsys, flags, says
+):
+    t0 = time.monotonic()
+    assert main([*_args(tmp_path, _kaggle_master, 2), *flags]) == 2
+    assert time.monotonic() - t0 < 10  # Ray's start alone takes longer
+    out = capsys.readouterr()
+    assert says in out.err and "starting a private Ray" not in out.err
+    db = tmp_path / "studies" / "pcam.db"
+    assert not db.exists() or not optuna.get_all_study_names(studies.sqlite_url(db))
+
+
+def test_search_bad_space_file_fails_before_ray(_kaggle_master, tmp_path, capsys):
+    args = _args(tmp_path, _kaggle_master, 2)
+    (tmp_path / "space.toml").write_text(SPACE.replace("crop = 32", "crop = 32\ndepth = 7"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "depth 7 is too deep for crop 32" in err and "starting a private Ray" not in err
+
+
+def _trial_workers() -> list[int]:
+    """Pids of Ray's trial actors on this machine (their process title names the trainable)."""
+    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
+    _kaggle_master, tmp_path
+):
+    # the machinery failing (a trial's worker killed, as the OOM killer does) is not the
+    # params' fault: the trial is FAIL *interrupted*, the search goes on, and the resume runs
+    # its params again
+    args = _args(tmp_path, _kaggle_master, 3, "--max-epochs", "8", "--no-asha")
+    proc = _cli(args, start_new_session=True)
+    try:
+
+        def reporting() -> bool:
+            with contextlib.closing(sqlite3.connect(tmp_path / "studies" / "pcam.db")) as c:
+                try:
+                    n = c.execute("SELECT COUNT(*) FROM trial_intermediate_values").fetchone()
+                except sqlite3.Error:
+                    return False
+            return n[0] >= 2 and bool(_trial_workers())
+
+        _wait_for(reporting, 180, "a trial reporting", proc)
+        os.kill(_trial_workers()[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    study = _load(tmp_path)
+    killed = [t for t in study.trials if "worker or node" in t.user_attrs.get("fail_reason", "")]
+    assert killed and all(t.user_attrs["interrupted"] for t in killed), out
+    assert not [t for t in study.trials if t.state == TrialState.FAIL and t not in killed]
+    assert studies.count_finished(study) == 3  # the killed trial did not count
+    # the same command again (one trial more) runs the killed trial's params first
+    assert main([*args, "--trials", "4"]) == 0
+    again = [t for t in _load(tmp_path).trials if t.user_attrs.get(RETRY_OF) == killed[0].number]
+    assert len(again) == 1 and again[0].params == killed[0].params
+
+
+def test_search_json_prints_the_outcome_alone_on_stdout(_kaggle_master, tmp_path, capsys):
+    assert main(_args(tmp_path, _kaggle_master, 2, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out.strip())
+    best = studies.best_trial(_load(tmp_path))
+    assert summary["exit_code"] == 0 and summary["best_trial"] == best.number
+    assert summary["value"] == best.value and summary["params"] == best.params
+    assert summary["storage"].startswith("sqlite:///")

@@ -81,3 +81,28 @@ def test_load_space_start_tables_must_use_searched_params_and_values(tmp_path):
 def test_cpu_space_starts_from_a_valid_recipe():
     space = load_space("cpu")
     assert space.start and all(set(t) <= set(space.params) for t in space.start)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            '[params.width]\ntype = "int"\nlow = 8\nhigh = 24\nstep = 0',
+            "[params.width]: step must be",
+        ),
+        (
+            '[params.lr]\ntype = "float"\nlow = 1e-4\nhigh = 1e-2\nlog = true\nstep = 1e-4',
+            "step and log",
+        ),
+        ('[fixed]\nbatch_size = "64"', "[fixed]: batch_size must be of type int, got '64'"),
+        ("[fixed]\nwidth = 0", "[fixed]: width and depth must be >= 1"),
+        ("[fixed]\ncrop = 32\ndepth = 7", "[fixed]: depth 7 is too deep for crop 32"),
+        ("[fixed]\nrestore_best = 1", "restore_best must be of type bool, got 1"),
+    ],
+)
+def test_load_space_bad_values_name_the_file_and_key(tmp_path, text, says):
+    path = tmp_path / "space.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(SpaceError) as e:
+        load_space(path)
+    assert str(e.value).startswith(str(path)) and says in str(e.value)

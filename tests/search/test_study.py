@@ -104,7 +104,7 @@ def test_check_study_name_accepts_plain_names():
 
 
 def test_search_refit_and_report_refuse_a_path_as_study_name(tmp_path, capsys):
-    from search.cli import main as search_main
+    from search.cli_args import main as search_main
     from search.refit_cli import refit_main
     from search.report import main as report_main
 
@@ -139,7 +139,7 @@ def test_make_storage_leaves_an_unrelated_sqlite_database_untouched(tmp_path):
 
 def test_search_checks_the_storage_before_starting_ray(tmp_path, monkeypatch, capsys):
     from search import ray_adapter
-    from search.cli import main
+    from search.cli_args import main
 
     def no_ray(*a, **k):
         raise AssertionError("Ray started before the storage was checked")
@@ -182,3 +182,16 @@ def test_failures_name_the_commonest_error_and_ignore_interrupted():
     f = studies.failures(study)
     assert (f.total, f.error_type, f.count) == (3, "TrialDiverged", 2)
     assert f.example == "TrialDiverged happened"
+
+
+@pytest.mark.parametrize("command", ["pcam-report", "pcam-refit"])
+def test_reading_commands_do_not_create_an_empty_study_database(tmp_path, capsys, command):
+    from search.refit_cli import refit_main
+    from search.report import main as report_main
+
+    where = ["--studies-dir", str(tmp_path / "studies")]
+    rc = report_main(where) if command == "pcam-report" else refit_main(["--best", *where])
+    assert rc == 2
+    db = tmp_path / "studies" / "pcam.db"
+    assert f"no study database at {db}" in capsys.readouterr().err
+    assert not db.exists()
