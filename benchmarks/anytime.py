@@ -54,21 +54,21 @@ import torch
 from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.folds import folds_for_cache
 from data_pipeline.synth import SynthConfig, write
-from search.attrs import get_record
-from search.engine import (
+from search.common.attrs import get_record
+from search.common.ensemble import Ensemble
+from search.training.engine import (
     TrainData,
     TrainParams,
     TrialError,
     train_cv,
     train_full,
 )
-from search.ensemble import Ensemble
-from search.space import load_space, suggest
+from search.tuning.space import load_space, suggest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 OUT = ROOT / "benchmarks" / "out"
-K, MAX_EPOCHS, TTA = 3, 12, 8  # the CPU defaults (search/config.py)
+K, MAX_EPOCHS, TTA = 3, 12, 8  # the CPU defaults (search/common/config.py)
 # Generator settings: the embedded set, then harder ones (weaker tumour signal + more label
 # noise; wider stain spread + fewer patches per slide), each from its own seed.
 SETTINGS = {

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import optuna
 
-from search.attrs import get_record
+from search.common.attrs import get_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import OUT, SETTINGS, dataset  # noqa: E402  same data as the anytime benchmark

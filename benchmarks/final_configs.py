@@ -32,8 +32,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import FIXED, SETTINGS, TTA, _load, dataset  # noqa: E402
 
-from search.engine import TrainParams, train_full  # noqa: E402
-from search.ensemble import Ensemble  # noqa: E402
+from search.common.ensemble import Ensemble  # noqa: E402
+from search.training.engine import TrainParams, train_full  # noqa: E402
 
 # name -> (params changed from the recipe, seed). "seed1" is the same-config control.
 VARIANTS = {

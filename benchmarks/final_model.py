@@ -38,8 +38,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import FIXED, SETTINGS, TTA, K, _load, dataset  # noqa: E402
 
-from search.engine import TrainParams, train_cv, train_full  # noqa: E402
-from search.ensemble import Ensemble  # noqa: E402
+from search.common.ensemble import Ensemble  # noqa: E402
+from search.training.engine import TrainParams, train_cv, train_full  # noqa: E402
 
 
 def test_auc(p: TrainParams, states: list[dict], cache) -> float:

@@ -32,7 +32,7 @@ BATCH = 256
 
 def facts() -> dict:
     """What the machine is: torch, CUDA, the GPU, and the precision the engine picks."""
-    from search.device import precision
+    from search.training.device import precision
 
     d: dict = {"torch": torch.__version__, "cuda_build": torch.version.cuda}
     if torch.cuda.is_available():
@@ -53,7 +53,7 @@ def _pool(tmp: Path, n: int) -> object:
     """``n`` PCam-like patches as a memory-mapped cache file (what trials read): 2,048
     generated ones, tiled (throughput does not depend on which pixels)."""
     from data_pipeline.synth import SynthConfig, generate
-    from search.engine import PoolImages, TrainData
+    from search.training.engine import PoolImages, TrainData
 
     made = generate(2048, 0, "gpu_check", SynthConfig(n=2048))
     reps = -(-n // len(made.images))
@@ -68,7 +68,7 @@ def measure(data, steps: int, dev: torch.device) -> list[dict]:
     from train_throughput import baseline, engine
 
     import models
-    from search.device import estimate_trial_bytes
+    from search.training.device import estimate_trial_bytes
 
     rows = []
     for arch, crop in CONFIGS:
@@ -131,7 +131,7 @@ def main() -> int:
                 )
         print(f"would write {args.out}/throughput.md and {args.out}/throughput.json")
         return 0
-    from search.engine import resolve_device
+    from search.training.engine import resolve_device
 
     dev = resolve_device()
     args.out.mkdir(parents=True, exist_ok=True)

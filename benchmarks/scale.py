@@ -219,8 +219,8 @@ MAKE_ENSEMBLE = """
 import sys
 from dataclasses import asdict
 import models
-from search.engine import TrainParams, create_model
-from search.ensemble import save_ensemble
+from search.training.engine import TrainParams, create_model
+from search.common.ensemble import save_ensemble
 p = TrainParams.from_dict({"arch": "simple_cnn", "width": 16, "crop": int(sys.argv[2])})
 norm = models.data_config(create_model(p), p.arch)
 states = [create_model(p).state_dict() for _ in range(3)]

@@ -3,13 +3,13 @@
     python benchmarks/search_overhead.py [--trials 100 --epochs 3]
 
 Both sides run the same trivial objective (no training: ``epochs`` intermediate values made
-up from lr, see ``search.ray_adapter.noop_trainable``) against a fresh SQLite study of the same
-kind (WAL, the storage ``pcam-search`` opens), with the same space (``studies/cpu.toml``) and
-TPE sampler:
+up from lr, see ``search.tuning.ray_adapter.noop_trainable``) against a fresh SQLite study of
+the same kind (WAL, the storage ``pcam-search`` opens), with the same space
+(``studies/cpu.toml``) and TPE sampler:
 
 - baseline: ``study.optimize(objective, n_trials)`` in one process;
-- ours: ``search.ray_adapter.run_trials`` - Ray Tune, the truthful OptunaSearch, ASHA, reused
-  actors, data through the object store - at concurrency 1 and 2.
+- ours: ``search.tuning.ray_adapter.run_trials`` - Ray Tune, the truthful OptunaSearch, ASHA,
+  reused actors, data through the object store - at concurrency 1 and 2.
 
 Ray's start-up (``ray.init``, once per search) is timed separately. Target: <= 0.1 s/trial.
 """
@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from search import ray_adapter
-from search import study as studies
-from search.deadline import Deadline
-from search.engine import TrainData
-from search.progress import Tally
-from search.space import load_space, suggest
+from search.common import study as studies
+from search.training.engine import TrainData
+from search.tuning import ray_adapter
+from search.tuning.deadline import Deadline
+from search.tuning.progress import Tally
+from search.tuning.space import load_space, suggest
 
 
 def _optuna_baseline(url: str, space, trials: int, epochs: int) -> float:

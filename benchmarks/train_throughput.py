@@ -12,7 +12,7 @@ ratio >= 0.95 on CPU. With CUDA it also prints AMP + channels_last img/s for sim
 resnet50 at 96x96 (target for resnet50 on an H100: >= 10,000 img/s).
 
 Then the engine in fp32 (``PCAM_AMP=off``) against the engine in its own precision (bf16
-autocast on a CPU with AMX units or a GPU; ``search.engine.precision``), same runs
+autocast on a CPU with AMX units or a GPU; ``search.training.engine.precision``), same runs
 interleaved, at crops 32/48/64 (``--precision-crops``): what the CPU bf16 rule buys.
 """
 
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 import models
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
-from search.augment import augment
-from search.device import amp_dtype
-from search.engine import (
+from search.training.augment import augment
+from search.training.device import amp_dtype
+from search.training.engine import (
     AMP_ENV,
     PoolImages,
     TrainData,
@@ -48,7 +48,7 @@ def baseline(
     arch: str, data: TrainData, crop: int, batch: int, steps: int, dev, aug: float = 0.0
 ) -> float:
     """img/s of the plainest correct loop: random batch -> normalise -> fwd/bwd -> AdamW
-    (``aug`` > 0: the same batch augmentation the engine applies, ``search.augment``), in
+    (``aug`` > 0: the same batch augmentation the engine applies, ``search.training.augment``), in
     the engine's autocast dtype for ``dev``."""
     torch.manual_seed(0)
     m = models.create(arch).to(dev, memory_format=torch.channels_last)

@@ -30,8 +30,8 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from data_pipeline.atomic import write_text_atomic
 from data_pipeline.cli_common import EXIT_BAD_INPUT
 from data_pipeline.version import add_version
-from search import study as studies
-from search.attrs import (
+from search.common import study as studies
+from search.common.attrs import (
     AUC_FOLDS,
     COMMAND,
     DATASET_FINGERPRINT,
@@ -48,7 +48,7 @@ from search.attrs import (
     VERSION,
     get_record,
 )
-from search.cli_args import add_study_args
+from search.common.cli_args import add_study_args
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",

@@ -40,7 +40,8 @@ def test_wheel_ships_the_spaces_and_searches_from_outside_the_repo(_kaggle_maste
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}  # before the editable install's path hook
     code = (
-        "import sys; from search.cli_args import main; from search.space import STUDIES_DIR; "
+        "import sys; from search.commands.search_args import main; "
+        "from search.tuning.space import STUDIES_DIR; "
         "print(STUDIES_DIR); sys.exit(main(sys.argv[1:]))"
     )
     args = ["--data", str(_kaggle_master), "--trials", "1", "--max-epochs", "1", "--folds", "2"]

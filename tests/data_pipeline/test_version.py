@@ -3,8 +3,8 @@ import importlib.metadata
 import pytest
 
 from data_pipeline.cli import main as data_main
-from search.cli_args import main as search_main
-from search.refit_cli import predict_main, refit_main
+from search.commands.refit import predict_main, refit_main
+from search.commands.search_args import main as search_main
 from search.report import main as report_main
 
 

@@ -174,9 +174,9 @@ def test_fetch_weights_offline_names_the_arch_and_what_to_do(tmp_path, monkeypat
 
 
 def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, monkeypatch):
-    from search import cli
-    from search.config import SearchConfig
-    from search.space import load_space
+    from search.commands import search as cli
+    from search.common.config import SearchConfig
+    from search.tuning.space import load_space
 
     made, download = _fake_hub(tmp_path, monkeypatch)
     monkeypatch.setattr(
@@ -207,6 +207,6 @@ def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, mo
 def test_weights_arg_hub_and_cache_read_the_caches(value, want):
     # what a refit passes to the engine for the study's --pretrained: "hub" was fetched by
     # the search's driver, so it reads the caches like "cache"
-    from search.config import weights_arg
+    from search.common.config import weights_arg
 
     assert weights_arg(value) == want

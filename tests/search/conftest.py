@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from data_pipeline import build_cache, folds_for_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
-from search.engine import TrainData
+from search.training.engine import TrainData
 
 
 def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) -> optuna.Study:

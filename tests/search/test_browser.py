@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from search import report
-from search import study as studies
+from search.common import study as studies
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_FLAGS = (

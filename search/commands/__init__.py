@@ -1,0 +1,1 @@
+"""One module per command line: pcam-search, pcam-refit and pcam-predict."""

@@ -1,0 +1,2 @@
+"""What the search and the submission both need: study records and storage, the kept-model
+store, pacing, defaults and config."""

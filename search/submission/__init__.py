@@ -1,0 +1,1 @@
+"""Where the submission is built: refit, ensemble selection over trials."""

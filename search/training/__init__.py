@@ -1,0 +1,1 @@
+"""Where a trial trains: the engine, augmentation, losses, devices, metrics."""

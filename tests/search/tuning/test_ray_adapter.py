@@ -1,0 +1,132 @@
+"""The Ray adapter's model sink: kept fold models reach the driver's disk from any node."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from search.common.ensemble import (
+    EnsembleError,
+    ensemble_files,
+    load_ensemble,
+    load_oof,
+    write_files,
+)
+from search.training.engine import TrainParams
+
+P = TrainParams(arch="simple_cnn", width=8, depth=2, crop=32)
+
+
+def _files(k: int = 2) -> tuple[dict, np.ndarray]:
+    m = models.create(P.arch, width=P.width, depth=P.depth, dropout=P.dropout)
+    states = [{n: v.clone() for n, v in m.state_dict().items()} for _ in range(k)]
+    norm = models.data_config(m, P.arch)
+    meta = {"params": P.__dict__, "norm": {"mean": norm["mean"], "std": norm["std"]}}
+    oof = np.linspace(0, 1, 10, dtype=np.float32)
+    return ensemble_files(states, meta, oof), oof
+
+
+def test_ensemble_files_written_load_with_their_hashes(tmp_path):
+    files, oof = _files()
+    folder = write_files(tmp_path / "t1", files)
+    ens = load_ensemble(folder, torch.device("cpu"))
+    assert len(ens.models) == 2
+    np.testing.assert_array_equal(load_oof(folder), oof)
+    # a replaced folder is whole: no temp folder is left beside it
+    write_files(tmp_path / "t1", files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t1"]
+
+
+def test_write_files_refuses_a_name_outside_the_folder(tmp_path):
+    with pytest.raises(EnsembleError, match="refusing"):
+        write_files(tmp_path / "t", {"../x.safetensors": b"0"})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+def test_model_sink_writes_what_a_remote_task_sends(local_ray, tmp_path):
+    # The trial side holds no path: it sends bytes to the actor pinned to the driver's node,
+    # which is the one that writes (on a cluster without a shared disk, the only way there)
+    from search.tuning.ray_adapter import start_sink
+
+    ray = local_ray
+    sink = start_sink(str(tmp_path / "models"))
+    files, oof = _files(3)
+
+    @ray.remote(num_cpus=1)
+    def trial(sink, files):  # what a trial on another node does
+        return ray.get(sink.put.remote("trial_0001", files))
+
+    path = ray.get(trial.remote(sink, files))
+    assert path == str(tmp_path / "models" / "trial_0001")
+    assert len(load_ensemble(path, torch.device("cpu")).models) == 3
+    np.testing.assert_array_equal(load_oof(path), oof)
+    with pytest.raises(ray.exceptions.RayTaskError, match="bad trial id"):
+        ray.get(sink.put.remote("../escape", files))
+    assert not (tmp_path / "escape").exists()
+    ray.kill(sink)
+
+
+def test_check_internals_passes_on_the_pinned_versions():
+    from search.tuning import ray_adapter
+
+    ray_adapter.check_internals()  # raises InternalsChanged naming the attribute otherwise
+
+
+def test_check_internals_names_a_missing_private_attribute(monkeypatch):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from search.tuning import ray_adapter
+
+    real_init = ASHAScheduler.__init__
+
+    def renamed(self, *a, **k):
+        real_init(self, *a, **k)
+        del self._max_t  # as if a Ray release renamed it
+
+    monkeypatch.setattr(ASHAScheduler, "__init__", renamed)
+    with pytest.raises(ray_adapter.InternalsChanged, match=r"ASHAScheduler\._max_t is gone"):
+        ray_adapter.check_internals()
+
+
+def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    from search.training.engine import create_model
+    from search.tuning import ray_adapter
+    from search.tuning.outcome import TrialError, classify
+
+    p = TrainParams(width=8, crop=32)
+    states = [create_model(p).state_dict() for _ in range(2)]
+    res = SimpleNamespace(states=states, oof=np.zeros(4), oof_best=None, device="cpu")
+    models_dir = tmp_path / "models"
+    settings = ray_adapter.TrialSettings(
+        max_epochs=1, seed=0, threads=1, pretrained=False, models_dir=str(models_dir)
+    )
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ray_adapter, "write_files", full)
+    config = {"arch": "simple_cnn", "width": 8, "crop": 32}
+    with pytest.raises(ray_adapter.DiskFullError) as e:
+        ray_adapter._save_models(config, res, settings, "t1")
+    assert f"no space left on the disk of {models_dir}" in str(e.value)
+    # not the params' fault: interrupted (run again on resume), with the message as reason
+    out = classify(
+        fold_epochs=6,
+        full_fold_epochs=6,
+        value=0.8,
+        error=TrialError("DiskFullError", str(e.value), "search.tuning.ray_adapter"),
+    )
+    assert out.interrupted and out.attrs["fail_reason"] == str(e.value)
