@@ -37,7 +37,7 @@ from search.training.engine import (
     AMP_ENV,
     PoolImages,
     TrainData,
-    centre_crop,
+    crop_batch,
     precision,
     resolve_device,
     train_cv,
@@ -55,7 +55,7 @@ def baseline(
     cuda = dev.type == "cuda"
     amp = amp_dtype(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    x = centre_crop(data.images, crop).to(dev)
+    x = crop_batch(data.images, crop).to(dev)
     y = torch.as_tensor(data.labels, dtype=torch.float32, device=dev)
     norm = models.data_config(m, arch)
     mean = torch.tensor(norm["mean"], device=dev).view(1, 3, 1, 1)

@@ -24,7 +24,6 @@ import plotly.io as pio
 from optuna.trial import TrialState
 from plotly.subplots import make_subplots
 from rich.console import Console
-from rich.markup import escape
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from data_pipeline.atomic import write_text_atomic
@@ -48,7 +47,7 @@ from search.common.attrs import (
     VERSION,
     get_record,
 )
-from search.common.cli_args import add_study_args
+from search.common.cli_args import add_study_args, print_error
 
 STATE_COLOURS = {
     "COMPLETE": "#2ca02c",
@@ -746,29 +745,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         studies.check_study_name(args.study)
     except ValueError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     url = studies.default_storage_url(args.storage, args.studies_dir)
     try:
         study = optuna.load_study(study_name=args.study, storage=studies.open_existing(url))
     except KeyError:
-        err.print(f"[red]error:[/] no study {escape(args.study)!r} in {studies.safe_url(url)}")
-        return EXIT_BAD_INPUT
+        return print_error(err, f"no study {args.study!r} in {studies.safe_url(url)}")
     except studies.StorageError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}")
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     if args.png:
         try:
             import kaleido  # noqa: F401
         except ImportError:
             need = 'pip install "pcam-search[png]"'
-            err.print(f"[red]error:[/] --png needs the kaleido package: {escape(need)}")
-            return EXIT_BAD_INPUT
+            return print_error(err, f"--png needs the kaleido package: {need}")
     out = args.out or args.studies_dir / args.study / "report"
     try:
         studies.check_writable(out, "pcam-report")  # e.g. a read-only studies folder: --out
     except studies.StorageError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     path = write_report(study, out, args.png)
     print(path.resolve())

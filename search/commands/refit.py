@@ -21,7 +21,6 @@ from pathlib import Path
 
 import optuna
 from rich.console import Console
-from rich.markup import escape
 
 import models
 from data_pipeline.cli_common import (
@@ -34,7 +33,7 @@ from data_pipeline.dataset import DataConfig, open_dataset
 from data_pipeline.problems import DataError
 from data_pipeline.version import add_version, help_text
 from search.common import study as studies
-from search.common.cli_args import add_study_args
+from search.common.cli_args import add_study_args, print_error, study_flags
 from search.common.config import DEFAULT_TTA
 from search.common.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
 from search.submission.refit import (
@@ -163,28 +162,19 @@ def refit_main(argv: list[str] | None = None) -> int:
     try:
         studies.check_study_name(args.study)
     except ValueError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     if args.full < 0 or (args.full and args.retrain):
-        err.print(
-            "[red]error:[/] --full N needs N >= 1 (it trains; no --retrain)", highlight=False
-        )
-        return EXIT_BAD_INPUT
+        return print_error(err, "--full N needs N >= 1 (it trains; no --retrain)")
     if args.reuse and args.epochs:
-        err.print("[red]error:[/] --reuse trains nothing (no --epochs)", highlight=False)
-        return EXIT_BAD_INPUT
+        return print_error(err, "--reuse trains nothing (no --epochs)")
     if args.time is not None and args.time <= 0:
-        err.print(f"[red]error:[/] --time must be > 0 seconds, got {args.time}", highlight=False)
-        return EXIT_BAD_INPUT
+        return print_error(err, f"--time must be > 0 seconds, got {args.time}")
     if args.ensemble is not None and (
         args.ensemble < 1 or args.retrain or args.epochs or args.full or args.reuse
     ):
-        err.print(
-            "[red]error:[/] --ensemble N needs N >= 1 and trains nothing (no --retrain, "
-            "--epochs or --full)",
-            highlight=False,
-        )
-        return EXIT_BAD_INPUT
+        why = "--ensemble N needs N >= 1 and trains nothing (no --retrain, --epochs or --full)"
+        return print_error(err, why)
     cfg = RefitConfig(
         study=args.study,
         storage=args.storage,
@@ -228,7 +218,7 @@ def refit_main(argv: list[str] | None = None) -> int:
         models.MissingWeightsError,
         ValueError,
     ) as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     folds = ", ".join(f"{a:.4f}" for a in r.oof_auc_folds)
     full = r.path == "full"
@@ -284,9 +274,7 @@ def _print_outputs(cfg: RefitConfig, submission, layout: str | None, out: Consol
         out.print("no test split in the data: no submission written")
         return 0
     out.print(f"submission: {submission}", highlight=False)
-    where = ["--study", cfg.study, "--studies-dir", str(Path(cfg.studies_dir).resolve())]
-    if cfg.storage:
-        where += ["--storage", studies.safe_url(cfg.storage)]
+    where = study_flags(cfg.study, cfg.studies_dir, cfg.storage)
     out.print("next:", highlight=False)
     out.print(f"  {shlex.join(['pcam-report', *where])}", highlight=False, markup=False)
     if layout == "kaggle":
@@ -344,7 +332,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         err.print("interrupted: nothing written", highlight=False)
         return EXIT_INTERRUPTED
     except (RefitError, EnsembleError, DataError, studies.StorageError, ValueError) as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(err, str(e))
         return EXIT_BAD_INPUT
     out.print(f"wrote {len(rows)} predictions to {path}", highlight=False)
     return 0

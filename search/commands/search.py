@@ -53,6 +53,7 @@ from search.common.attrs import (
     get_record,
     set_record,
 )
+from search.common.cli_args import print_error, study_flags
 from search.common.config import PRETRAINED_HUB, SearchConfig, for_device
 from search.common.defaults import FOLD_SEED, FOLD_STRATEGIES, MIN_BUDGET_S
 from search.training.engine import TrainData
@@ -241,9 +242,7 @@ def next_commands(cfg: SearchConfig) -> list[str]:
     folder: absolute paths, and the storage whenever it is not the default (a password in it
     is masked: put it back, or use a .pgpass file)."""
     url = studies.safe_url(cfg.storage_url)
-    where = ["--study", cfg.study, "--studies-dir", str(Path(cfg.studies_dir).resolve())]
-    if cfg.storage:
-        where += ["--storage", url]
+    where = study_flags(cfg.study, cfg.studies_dir, cfg.storage)
     return [
         shlex.join(["optuna-dashboard", url]),
         shlex.join(["pcam-refit", "--best", *where]),
@@ -361,7 +360,7 @@ def run(
     )
     _summary(console, study, cfg, tally)
     if tally.halted:
-        console.print(f"[red]error:[/] {escape(tally.halted)}", highlight=False)
+        print_error(console, tally.halted)
         return EXIT_FAILED
     # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
     # deadline having ended the run means interrupted
@@ -425,8 +424,7 @@ def _no_result(console: Console, study: optuna.Study) -> int:
         else "no trial finished training"
     )
     name = study.study_name
-    console.print(f"[red]error:[/] study {name!r} has no COMPLETE trial: {escape(why)}")
-    return EXIT_FAILED
+    return print_error(console, f"study {name!r} has no COMPLETE trial: {why}", EXIT_FAILED)
 
 
 def _check_nodes(data: TrainData) -> None:
@@ -618,7 +616,7 @@ def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline
     try:
         res = refit(rcfg, console)
     except RefitError as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(console, str(e))
         return EXIT_BAD_INPUT
     total = time.monotonic() - t_cmd
     test = f", test AUC {res.test_auc:.4f}" if res.test_auc is not None else ""
@@ -701,7 +699,7 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         return rc
     except DataError as e:
         # the message already summarises the problems, naming the files and ids
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(console, str(e))
         return EXIT_BAD_INPUT
     except (
         SpaceError,
@@ -712,7 +710,7 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         ValueError,
         ConnectionError,
     ) as e:
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(console, str(e))
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -720,7 +718,7 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
     except RuntimeError as e:
         if type(e).__name__ not in ("InternalsChanged", "RayStartError", "RayDown"):
             raise
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        print_error(console, str(e))
         return EXIT_FAILED
     finally:
         if "ray_adapter" in locals():

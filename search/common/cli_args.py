@@ -30,3 +30,22 @@ def add_study_args(ap: argparse.ArgumentParser) -> None:
         default=DEFAULT_STUDIES_DIR,
         help="SQLite file and per-study outputs (default: ./studies)",
     )
+
+
+def print_error(console, message: str, code: int = 2) -> int:
+    """Say ``message`` on ``console`` (a rich Console on stderr) as the one-line error of a
+    command, escaped (paths and ids are not markup); returns the exit ``code``."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/] {escape(message)}", highlight=False)
+    return code
+
+
+def study_flags(study: str, studies_dir: Path, storage: str) -> list[str]:
+    """The flags that reach this study from any folder: its name, the absolute studies folder
+    and the storage when it is not the default (its password masked: put it back, or use a
+    .pgpass file)."""
+    from search.common.study import safe_url  # sqlalchemy: only when a command prints this
+
+    flags = ["--study", study, "--studies-dir", str(Path(studies_dir).resolve())]
+    return flags + (["--storage", safe_url(storage)] if storage else [])

@@ -28,6 +28,7 @@ from search.training.engine import (
     normalise,
     probabilities,
     resolve_device,
+    to_unit,
 )
 from search.training.metrics import blend
 
@@ -35,6 +36,18 @@ TTA_CHOICES = (1, 4, 8)
 
 
 META_FILE = "ensemble.json"  # an ensemble folder's description: params, norm, file hashes
+
+
+def model_meta(p: TrainParams, model: torch.nn.Module | None = None) -> dict:
+    """What loading a fold model needs, as ``ensemble.json`` keeps it: the arch, the params,
+    the normalisation the model's inputs get, the crop. The one builder of it."""
+    norm = models.data_config(model if model is not None else create_model(p), p.arch)
+    return {
+        "arch": p.arch,
+        "params": asdict(p),
+        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
+        "crop": p.crop,
+    }
 
 
 class EnsembleError(ValueError):
@@ -86,12 +99,7 @@ class Ensemble:
             m = create_model(p)
             m.load_state_dict(sd, strict=True)
             ms.append(m.to(dev, memory_format=torch.channels_last).eval())
-        norm = models.data_config(ms[0], p.arch)
-        meta = {
-            "params": asdict(p),
-            "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
-        }
-        return cls(ms, meta, dev)
+        return cls(ms, model_meta(p, ms[0]), dev)
 
     @torch.no_grad()
     def predict(
@@ -113,7 +121,7 @@ class Ensemble:
         out = np.empty((len(self.models), len(x)), np.float32)  # (M, N)
         for s in range(0, len(x), batch):
             xb = crop_batch(x[s : s + batch], p.crop).to(self.device, non_blocking=cuda)
-            xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
+            xb = to_unit(xb)  # (B, 3, c, c) in [0, 1]
             views = [normalise(v, mean, std) for v in dihedral_views(xb, tta)]
             for i, m in enumerate(self.models):
                 acc = sum(probabilities(m, v) for v in views)

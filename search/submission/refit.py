@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-import models
 from data_pipeline.atomic import atomic_path, remove, temp_beside
 from data_pipeline.cache import Cache, pid_alive
 from data_pipeline.dataset import DataConfig, open_dataset
@@ -46,13 +45,19 @@ from search.common.attrs import (
 )
 from search.common.config import weights_arg
 from search.common.defaults import CPU_DEFAULTS
-from search.common.ensemble import META_FILE, Ensemble, load_ensemble, load_oof, save_ensemble
+from search.common.ensemble import (
+    META_FILE,
+    Ensemble,
+    load_ensemble,
+    load_oof,
+    model_meta,
+    save_ensemble,
+)
 from search.common.pace import MARGIN, REFIT_FIXED_S, Pace, full_fit_plan, predict_seconds
 from search.training.engine import (
     PoolImages,
     TrainData,
     TrainParams,
-    create_model,
     train_cv,
     train_full,
 )
@@ -535,15 +540,10 @@ def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
     out_dir = stage_dir(final_dir)
     if not cfg.out:
         sub_path = out_dir / SUBMISSION
-    p = TrainParams.from_dict(params)
-    norm = models.data_config(create_model(p), p.arch)
     meta = {
         "study": cfg.study,
         "trial": trial.number,
-        "arch": p.arch,
-        "params": asdict(p),
-        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
-        "crop": p.crop,
+        **model_meta(TrainParams.from_dict(params)),
         "epochs": epochs,
         "k": su.k,
         "folds_file": su.folds_file,

@@ -23,17 +23,12 @@ autocast on CPUs with AMX units (``cpu_bf16``; ``PCAM_AMP=off`` for fp32).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import numbers
-import os
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -42,6 +37,7 @@ from timm.utils import ModelEmaV3
 
 import models
 from search.training.augment import apply_mix, augment, draw_mixes
+from search.training.data import PROBE_BYTES, PoolImages, TrainData  # noqa: F401
 from search.training.device import (
     AMP_ENV,
     PoolPlan,
@@ -55,191 +51,20 @@ from search.training.device import (
     release,
     share_bytes,
 )
-from search.training.losses import LOSSES, binary_loss
+from search.training.losses import binary_loss
 from search.training.metrics import auc
+from search.training.params import (  # noqa: F401  (re-exported: callers import them here)
+    CROPS,
+    LOSSES,
+    MIN_DELTA,
+    MIXES,
+    ONECYCLE_PCT,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainParams,
+)
 
 __all__ = ["AMP_ENV", "cpu_bf16", "precision"]  # re-exported: callers import them from here
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("cosine", "onecycle", "constant")
-ONECYCLE_PCT = 0.25  # onecycle: share of all steps spent rising from lr/25 to lr
-MIXES = ("none", "mixup", "cutmix")
-MIN_DELTA = 1e-4  # an AUC gain smaller than this is not an improvement (early stopping)
-CROPS = (32, 48, 64, 96)
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    """Everything a search can tune. ``from_dict`` builds it from a trial's params."""
-
-    arch: str = "simple_cnn"  # simple_cnn, resnet18/34/50 or any timm name
-    lr: float = 1e-3  # peak learning rate (after warm-up)
-    optimizer: str = "adamw"  # adam | adamw | sgd (momentum, nesterov) | rmsprop
-    batch_size: int = 64
-    dropout: float = 0.3  # before the 1-logit head
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0  # linear warm-up (cosine / constant schedules)
-    schedule: str = "cosine"  # cosine: warm-up then cosine to 0 | onecycle | constant
-    label_smoothing: float = 0.0  # targets become y*(1-s) + s/2
-    crop: int = 64  # centre crop in px (label lives in the centre 32x32): 32, 48, 64 or 96
-    aug: float = 0.5  # augmentation strength 0..1 (0 = none; >0 = dihedral + HED jitter)
-    unfreeze: int = 4  # ResNets: stages trained from the head (0 = head only, 4 = all)
-    momentum: float = 0.9  # sgd / rmsprop
-    width: int = 16  # simple_cnn: channels of the first block
-    depth: int = 4  # simple_cnn: number of blocks
-    patience: int = 0  # early stopping: epochs without a better held-out AUC (0 = off)
-    restore_best: bool = False  # keep each fold's best-epoch weights (and OOF probs)
-    mix: str = "none"  # none | mixup | cutmix (cutmix labels follow the centre 32x32)
-    mix_alpha: float = 0.4  # Beta(alpha, alpha) of the mixing weight / box size
-    mix_prob: float = 0.5  # share of batches mixed
-    loss: str = "bce"  # bce | focal
-    focal_gamma: float = 2.0  # focal: (1 - p_t)^gamma; 0 = BCE
-    focal_alpha: float = -1.0  # focal: weight of positives in [0, 1]; < 0 = none
-    pos_weight: float = 1.0  # BCE/focal weight of positive examples (PCam is ~60/40)
-    ema: float = 0.0  # decay of an EMA of the weights (timm ModelEmaV3, warm-up); 0 = off.
-    # With it on, the EMA weights are the ones scored, kept and submitted
-    # weight decay on 1-D params (BatchNorm weights and biases) too; False = timm's default
-    # (param_groups_weight_decay): only conv and linear weights are decayed
-    decay_norms: bool = False
-
-    @classmethod
-    def from_dict(cls, params: dict) -> TrainParams:
-        """Build from a dict; unknown keys or invalid values are a clear error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown training params {unknown}; known: {sorted(known)}")
-        for name, v in params.items():
-            want = type(getattr(cls, name))  # the default's type: str, int, float or bool
-            if not _is_type(v, want):
-                raise ValueError(f"{name} must be of type {want.__name__}, got {v!r}")
-        p = cls(**params)
-        if p.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {p.optimizer!r}")
-        if p.crop not in CROPS:
-            raise ValueError(f"crop must be one of {CROPS}, got {p.crop}")
-        if p.lr <= 0 or p.batch_size < 2 or not 0 <= p.dropout < 1 or not 0 <= p.aug <= 1:
-            raise ValueError(f"invalid params {params}")
-        if p.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {p.schedule!r}")
-        if p.mix not in MIXES:
-            raise ValueError(f"mix must be one of {MIXES}, got {p.mix!r}")
-        if p.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {p.loss!r}")
-        if p.patience < 0 or p.mix_alpha < 0 or not 0 <= p.mix_prob <= 1 or p.pos_weight <= 0:
-            raise ValueError(f"invalid params {params}")
-        if not 0 <= p.ema < 1:
-            raise ValueError(f"ema must be a decay in [0, 1), got {p.ema}")
-        if p.width < 1 or p.depth < 1:
-            raise ValueError(f"width and depth must be >= 1, got {p.width}, {p.depth}")
-        if p.arch == "simple_cnn" and p.crop < 2**p.depth:  # each block halves the patch
-            raise ValueError(
-                f"depth {p.depth} is too deep for crop {p.crop}: each block halves the patch, "
-                f"so {p.crop} px allows at most {p.crop.bit_length() - 1} blocks"
-            )
-        return p
-
-
-def _is_type(v: object, want: type) -> bool:
-    """Whether ``v`` may fill a ``want`` field: ints for float fields too, numpy scalars
-    too, but a bool is no number and a "64" no int."""
-    flag = isinstance(v, bool | np.bool_)
-    if want is bool:
-        return flag
-    if want is int:
-        return isinstance(v, numbers.Integral) and not flag
-    if want is float:
-        return isinstance(v, numbers.Real) and not flag
-    return isinstance(v, want)
-
-
-PROBE_BYTES = 1 << 20  # PoolImages.signature reads this much from each end of the file
-
-
-class PoolImages:
-    """Rows of a cache's memory-mapped ``images.npy``, never copied as a whole.
-
-    Indexing gathers just the rows asked for ((B, 96, 96, 3) uint8). It pickles as (path,
-    rows): every process that receives it (Ray trials, via the object store) maps the same
-    file, so the OS page cache holds the patches once per machine, shared by every trial.
-    """
-
-    def __init__(self, path: str | Path, rows: np.ndarray) -> None:
-        self.path, self.rows = str(path), np.asarray(rows, np.int64)
-        self._mm: np.ndarray | None = None
-
-    def __reduce__(self):
-        return (PoolImages, (self.path, self.rows))
-
-    def _map(self) -> np.ndarray:
-        if self._mm is None:
-            if not os.path.isfile(self.path):
-                raise FileNotFoundError(
-                    f"{self.path}: the data cache is not readable on {socket.gethostname()}; "
-                    "every Ray node needs it at the same path (a shared --cache-dir)"
-                )
-            self._mm = np.load(self.path, mmap_mode="r")
-        return self._mm
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows), *self._map().shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, key) -> np.ndarray:
-        """``pool[idx]`` or ``pool[idx, y0:y1, x0:x1]``: a gather of those rows, in RAM."""
-        rest = ()
-        if isinstance(key, tuple):
-            key, rest = key[0], key[1:]
-        rows = self.rows[key]
-        if np.ndim(rows) == 0:
-            return self._map()[int(rows)][rest]
-        # sorted reads walk the file forwards (page cache / read-ahead); then back in order
-        order = np.argsort(rows, kind="stable")
-        out = np.empty((len(rows), *self._map().shape[1:]), np.uint8)
-        out[order] = self._map()[rows[order]]
-        return out[(slice(None), *rest)] if rest else out
-
-    def signature(self) -> str:
-        """What says this host's file is the driver's: its size and a hash of its first and
-        last ``PROBE_BYTES`` (the .npy header holds the shape). Raises like ``_map`` when the
-        file is not there."""
-        self._map()
-        size = os.path.getsize(self.path)
-        h = hashlib.sha1(str(size).encode())
-        with open(self.path, "rb") as f:
-            h.update(f.read(PROBE_BYTES))
-            f.seek(max(0, size - PROBE_BYTES))
-            h.update(f.read(PROBE_BYTES))
-        return h.hexdigest()
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[np.arange(len(self.rows))]
-        return out if dtype is None else out.astype(dtype)
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """Patches and labels of the labelled pool: images (N, 96, 96, 3) uint8 (an array in RAM,
-    or ``PoolImages`` on a cache), labels (N,)."""
-
-    images: np.ndarray | PoolImages
-    labels: np.ndarray
-    ids: np.ndarray | None = None
-
-    @classmethod
-    def from_cache(cls, cache, rows: np.ndarray | None = None) -> TrainData:
-        """Rows of a ``data_pipeline.Cache`` (default: its labelled pool), memory-mapped: no
-        copy of the patches is made here (batches gather their rows)."""
-        rows = cache.labelled_pool() if rows is None else np.asarray(rows)
-        return cls(
-            # absolute: Ray workers (other nodes too) run in other folders
-            images=PoolImages(Path(cache.path).resolve() / "images.npy", rows),
-            labels=cache.index["label"].to_numpy()[rows].astype(np.int64),
-            ids=cache.index["id"].to_numpy()[rows],
-        )
 
 
 class TrialError(RuntimeError):
@@ -352,18 +177,12 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "c
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def centre_crop(images: np.ndarray, crop: int) -> torch.Tensor:
-    """(N, 96, 96, 3) uint8 -> (N, crop, crop, 3) uint8 tensor, contiguous, in RAM.
+def crop_batch(batch: np.ndarray, crop: int) -> torch.Tensor:
+    """(B, 96, 96, 3) uint8 -> its centre (B, crop, crop, 3) uint8 tensor, contiguous.
 
     Kept channels-last (NHWC): ``.permute(0, 3, 1, 2)`` of it is already the channels_last
     memory format convolutions want, so batches need no layout copy.
     """
-    o = (images.shape[1] - crop) // 2
-    return torch.from_numpy(np.ascontiguousarray(images[:, o : o + crop, o : o + crop]))
-
-
-def crop_batch(batch: np.ndarray, crop: int) -> torch.Tensor:
-    """(B, 96, 96, 3) uint8 -> its centre (B, crop, crop, 3), contiguous (channels-last)."""
     o = (batch.shape[1] - crop) // 2
     return torch.from_numpy(np.ascontiguousarray(batch[:, o : o + crop, o : o + crop]))
 
@@ -464,7 +283,7 @@ class _Batcher:
 
     def inputs(self, xb: torch.Tensor, aug: float = 0.0) -> torch.Tensor:
         """(B, c, c, 3) uint8 on the device -> (B, 3, c, c) normalised float, augmented."""
-        xb = xb.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, c, c) in [0, 1]
+        xb = to_unit(xb)
         if aug > 0:
             xb = augment(xb, aug)
         return normalise(xb, self.mean, self.std)
@@ -495,6 +314,12 @@ def _prefetched(fn: Callable, items: list):
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def to_unit(xb: torch.Tensor) -> torch.Tensor:
+    """(B, c, c, 3) uint8 -> (B, 3, c, c) float in [0, 1] (a view of the NHWC batch, so it
+    stays channels_last in memory)."""
+    return xb.permute(0, 3, 1, 2).float().div_(255)
 
 
 def normalise(xb: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bce", "focal")
+from search.training.params import LOSSES  # noqa: F401  (defined with the params)
 
 
 def binary_loss(

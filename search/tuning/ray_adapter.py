@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-import models
 from search.common.attrs import (
     AUC_FOLDS,
     DEVICE,
@@ -66,12 +65,11 @@ from search.common.attrs import (
     SECONDS,
     VAL_LOSS,
 )
-from search.common.ensemble import ensemble_files, write_files
+from search.common.ensemble import ensemble_files, model_meta, write_files
 from search.training.engine import (
     PoolImages,
     TrainData,
     TrainParams,
-    create_model,
     precision,
     train_cv,
 )
@@ -79,6 +77,7 @@ from search.tuning.deadline import Deadline
 from search.tuning.outcome import STOPS_THE_RUN, WORKER_GONE, TrialError, classify
 from search.tuning.progress import Tally
 
+MACHINERY_SLACK = 8  # trials Ray may create beyond --trials to replace interrupted ones
 METRIC = "auc"  # mean held-out AUC over the folds trained so far (all k after epoch 1)
 TIME_ATTR = "fold_epochs"  # ASHA's clock: fold-epochs trained (racing makes it != epochs)
 NODE_CHECK_S = 120  # check_data_on_nodes: a node whose worker has not answered by then fails
@@ -227,13 +226,9 @@ def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> s
     """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>`` on
     the driver's node (through ``settings.sink``; written here when there is none)."""
     p = TrainParams.from_dict(config)
-    norm = models.data_config(create_model(p), p.arch)
     meta = {
         **(settings.model_meta or {}),
-        "arch": p.arch,
-        "params": asdict(p),
-        "norm": {"mean": list(norm["mean"]), "std": list(norm["std"])},
-        "crop": p.crop,
+        **model_meta(p),
         "epochs": settings.max_epochs,
         "k": len(res.states),
         "device": res.device,
@@ -412,6 +407,11 @@ class _TruthfulSearch(OptunaSearch):
         return self._ot_study
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        # --trials counts finished trials: an interrupted one (a worker that died) is replaced
+        if self._tally.finished >= self._tally.target:
+            return self.FINISHED
+        if self._tally.finished + len(self._tally.running) >= self._tally.target:
+            return None  # enough are running; ask again when one ends (it may be interrupted)
         guard = self._deadline.needs_guard()
         if not self._deadline.may_start(time.monotonic() - self._t0):
             self._deadline.not_started += 1
@@ -826,7 +826,9 @@ def run_trials(
             scheduler=scheduler,
             metric=METRIC,
             mode="max",
-            num_samples=n_trials,
+            # the searcher ends the run at n_trials finished; the slack lets it replace trials
+            # the machinery interrupted (a dead worker: not counted, queued again on resume)
+            num_samples=n_trials + max(n_trials, MACHINERY_SLACK),
             max_concurrent_trials=resources.concurrency,
             reuse_actors=True,  # measured 8x less overhead per trial (NOTES.md)
         ),

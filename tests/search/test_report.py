@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from search import report
+from search.common import study as studies
 
 
 def test_report_full_study_draws_every_section(tmp_path, made_up_study, with_refit):
@@ -45,6 +46,8 @@ def test_intermediate_values_coloured_by_state(made_up_study):
 
 
 def test_report_cli_missing_study_is_clear(tmp_path, capsys):
+    url = studies.sqlite_url(tmp_path / "pcam.db")
+    optuna.create_study(study_name="pcam", storage=studies.make_storage(url))
     rc = report.main(["--studies-dir", str(tmp_path), "--study", "nope"])
     assert rc == 2 and "no study 'nope'" in capsys.readouterr().err
 

@@ -829,11 +829,15 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
     try:
 
         def reporting() -> bool:
-            with contextlib.closing(sqlite3.connect(tmp_path / "studies" / "pcam.db")) as c:
-                try:
+            db = tmp_path / "studies" / "pcam.db"
+            if not db.is_file():
+                return False
+            try:
+                uri = f"file:{db}?mode=ro"
+                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as c:
                     n = c.execute("SELECT COUNT(*) FROM trial_intermediate_values").fetchone()
-                except sqlite3.Error:
-                    return False
+            except sqlite3.Error:  # schema not there yet
+                return False
             return n[0] >= 2 and bool(_trial_workers())
 
         _wait_for(reporting, 180, "a trial reporting", proc)
