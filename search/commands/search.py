@@ -47,6 +47,7 @@ from search.common.attrs import (
     DATASET_FINGERPRINT,
     FOLD_EPOCHS,
     FOLDS_FILE,
+    REFIT,
     RUNS,
     SPACE,
     VERSION,
@@ -401,7 +402,7 @@ def json_summary(cfg: SearchConfig, rc: int) -> dict:
     url = cfg.storage_url
     study = optuna.load_study(study_name=cfg.study, storage=studies.open_existing(url))
     best = studies.best_trial(study)
-    refit = get_record(study, "refit") or {}
+    refit = get_record(study, REFIT) or {}
     return {
         "exit_code": rc,
         "study": cfg.study,

@@ -100,12 +100,25 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
             continue
         meta = json.loads((folder / META_FILE).read_text())
         trial = int(meta.get("trial", -1))
-        label = f"trial {trial} retrained, {meta.get('epochs')} epochs"
+        label = _refit_label(folder, trial, meta.get("epochs"))
         c = _candidate(folder, label, trial, su)
         if c is not None:
             kept.append(c)
             seen.add(_weights_key(folder))
     return sorted(kept, key=lambda c: c.oof_auc, reverse=True)
+
+
+def _refit_label(folder: Path, trial: int, epochs) -> str:
+    """How a refit's ensemble is shown: retrained, or the trial's own fold models that a
+    ``--reuse`` refit copied (its refit.json says ``trained: false``)."""
+    record = folder.parent / REFIT_JSON
+    try:
+        trained = json.loads(record.read_text()).get("trained", True)
+    except (OSError, ValueError):
+        trained = True
+    if not trained:
+        return f"trial {trial} (its search fold models, copied by a refit)"
+    return f"trial {trial} retrained, {epochs} epochs"
 
 
 def _weights_key(folder: Path) -> tuple:

@@ -10,6 +10,16 @@ from optuna.trial import TrialState
 
 from data_pipeline import build_cache, folds_for_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
+from search.common.attrs import (
+    AUC_FOLDS,
+    COMMAND,
+    DATASET_FINGERPRINT,
+    EPOCHS_RUN,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    LOSS_CURVE,
+    SECONDS,
+)
 from search.training.engine import TrainData
 
 
@@ -18,8 +28,8 @@ def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) 
     # a seeded sampler, and categorical values enqueued in turn, so every run draws the same
     # study and the complete trials cover both choices (a contour needs two batch sizes)
     st = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed))
-    st.set_user_attr("dataset_fingerprint", "abc123")
-    st.set_user_attr("command", "pcam-search --trials 10")
+    st.set_user_attr(DATASET_FINGERPRINT, "abc123")
+    st.set_user_attr(COMMAND, "pcam-search --trials 10")
     for i in range(n_complete + n_pruned + n_fail):
         st.enqueue_trial(
             {"batch_size": (64, 128)[i % 2], "arch": ("simple_cnn", "resnet18")[(i // 2) % 2]}
@@ -33,18 +43,18 @@ def _make_study(n_complete: int, n_pruned: int, n_fail: int = 0, seed: int = 0) 
         for e in range(1, epochs + 1):
             t.report(0.8 + 0.02 * e + 0.01 * np.log10(lr) + 0.01 * rng.random(), e)
             losses[str(e)] = [0.6 - 0.1 * e, 0.62 - 0.08 * e]
-        t.set_user_attr("loss_curve", losses)
-        t.set_user_attr("seconds", 3.0 * epochs)
-        t.set_user_attr("epochs_run", epochs)
+        t.set_user_attr(LOSS_CURVE, losses)
+        t.set_user_attr(SECONDS, 3.0 * epochs)
+        t.set_user_attr(EPOCHS_RUN, epochs)
         if i < n_complete:
             folds = [0.86 + 0.02 * rng.standard_normal() for _ in range(3)]
-            t.set_user_attr("auc_folds", folds)
+            t.set_user_attr(AUC_FOLDS, folds)
             st.tell(t, float(np.mean(folds)))
         elif i < n_complete + n_pruned:
             st.tell(t, state=TrialState.PRUNED)
         else:
-            t.set_user_attr("error_type", "TrialDiverged")
-            t.set_user_attr("error_message", "training loss is nan (fold 0) at epoch 1")
+            t.set_user_attr(ERROR_TYPE, "TrialDiverged")
+            t.set_user_attr(ERROR_MESSAGE, "training loss is nan (fold 0) at epoch 1")
             st.tell(t, state=TrialState.FAIL)
     return st
 

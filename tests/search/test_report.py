@@ -8,6 +8,7 @@ import pytest
 
 from search import report
 from search.common import study as studies
+from search.common.attrs import FOLDS_FILE, REFIT
 
 
 def test_report_full_study_draws_every_section(tmp_path, made_up_study, with_refit):
@@ -71,7 +72,7 @@ def test_report_png_without_kaleido_is_clear(tmp_path, capsys):
 )
 def test_report_header_warns_when_folds_are_patch_folds(made_up_study, folds_file, warned):
     st = made_up_study(2, 0)
-    st.set_user_attr("folds_file", folds_file)
+    st.set_user_attr(FOLDS_FILE, folds_file)
     html = report.render(st)
     assert ("folds patch-no-slide-map: ids without a slide" in html) == warned
 
@@ -80,7 +81,7 @@ def test_report_shows_ensemble_members_weights_and_nested_estimate(
     tmp_path, made_up_study, with_refit
 ):
     st = with_refit(made_up_study(3, 0), tmp_path)
-    rec = dict(st.user_attrs["refit"])
+    rec = dict(st.user_attrs[REFIT])
     rec.update(
         kind="ensemble",
         label="ensemble of 2 (trial 1, trial 2)",
@@ -91,7 +92,7 @@ def test_report_shows_ensemble_members_weights_and_nested_estimate(
         selection_curve=[0.81, 0.83],
         nested_auc=0.8123,
     )
-    st.set_user_attr("refit", rec)
+    st.set_user_attr(REFIT, rec)
     html = report.render(st)
     assert "ensemble of 2 (trial 1, trial 2): OOF AUC" in html
     assert "trial 1 (weight 0.60, OOF 0.8100, test 0.8000)" in html

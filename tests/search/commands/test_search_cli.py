@@ -26,7 +26,24 @@ from optuna.trial import TrialState
 
 from search.commands.search_args import main
 from search.common import study as studies
-from search.common.attrs import MODELS_DIR, RETRY_OF, get_record
+from search.common.attrs import (
+    AUC_FOLDS,
+    DEVICE,
+    EARLY_STOPPED,
+    EPOCHS_RUN,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    FAIL_REASON,
+    FOLD_EPOCHS,
+    INTERMEDIATE_FOLDS,
+    INTERRUPTED,
+    MODELS_DIR,
+    NODE,
+    PRECISION,
+    RETRY_OF,
+    SECONDS,
+    get_record,
+)
 from search.common.config import CPU_DEFAULTS
 from search.common.ensemble import load_ensemble
 from search.tuning.deadline import TIE_AUC
@@ -109,35 +126,35 @@ def test_search_states_are_truthful(searched):
         steps = sorted(t.intermediate_values)
         if t.params["lr"] > 1:  # diverges: FAIL with the reason, never a value
             assert t.state == TrialState.FAIL
-            assert t.user_attrs["error_type"] == "TrialDiverged"
-            assert "nan" in t.user_attrs["error_message"]
+            assert t.user_attrs[ERROR_TYPE] == "TrialDiverged"
+            assert "nan" in t.user_attrs[ERROR_MESSAGE]
         elif t.state == TrialState.COMPLETE:
             # every report's mean fold AUC (step = fold-epochs), the last one included; the
             # value is the mean over all k folds at the last epoch
             assert steps == STEPS
             assert t.value == pytest.approx(t.intermediate_values[STEPS[-1]])
-            assert t.user_attrs["epochs_run"] == MAX_EPOCHS
-            assert t.user_attrs["fold_epochs"] == K * MAX_EPOCHS
-            assert len(t.user_attrs["auc_folds"]) == K
-            assert t.value == pytest.approx(sum(t.user_attrs["auc_folds"]) / K)
+            assert t.user_attrs[EPOCHS_RUN] == MAX_EPOCHS
+            assert t.user_attrs[FOLD_EPOCHS] == K * MAX_EPOCHS
+            assert len(t.user_attrs[AUC_FOLDS]) == K
+            assert t.value == pytest.approx(sum(t.user_attrs[AUC_FOLDS]) / K)
             # the first values are fold 0 alone, then every value averages both folds
-            assert t.user_attrs["intermediate_folds"] == {"1": 1, "2": 1, "4": 2, "6": 2}
+            assert t.user_attrs[INTERMEDIATE_FOLDS] == {"1": 1, "2": 1, "4": 2, "6": 2}
             # what it trained on: the GPU's name on a CUDA host, else "cpu"
             want = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-            assert t.user_attrs["device"] == want and t.user_attrs["seconds"] > 0
+            assert t.user_attrs[DEVICE] == want and t.user_attrs[SECONDS] > 0
             # and in which arithmetic: the engine's rule for that device (bf16 on AMX CPUs)
             from search.training.engine import precision
 
             dev = "cuda" if torch.cuda.is_available() else "cpu"
-            assert t.user_attrs["precision"] == precision(dev)
+            assert t.user_attrs[PRECISION] == precision(dev)
         else:  # ASHA stopped it early: PRUNED, with the fold-epochs it did run
             assert t.state == TrialState.PRUNED
-            assert 1 <= t.user_attrs["fold_epochs"] < K * MAX_EPOCHS
-            assert steps == STEPS[: len(steps)] and steps[-1] == t.user_attrs["fold_epochs"]
-            assert t.user_attrs["intermediate_folds"]["1"] == 1
+            assert 1 <= t.user_attrs[FOLD_EPOCHS] < K * MAX_EPOCHS
+            assert steps == STEPS[: len(steps)] and steps[-1] == t.user_attrs[FOLD_EPOCHS]
+            assert t.user_attrs[INTERMEDIATE_FOLDS]["1"] == 1
     assert TrialState.COMPLETE in states and TrialState.PRUNED in states
     # racing: some trials were stopped on fold 0 alone, having trained 1 fold-epoch
-    assert any(t.user_attrs.get("fold_epochs") == 1 for t in trials)
+    assert any(t.user_attrs.get(FOLD_EPOCHS) == 1 for t in trials)
 
 
 def test_search_study_attrs_describe_the_run(searched):
@@ -243,7 +260,7 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
     after = {t.number: t for t in _load(tmp_path).trials}
     assert all(t.state != TrialState.RUNNING for t in after.values())
     for n in zombies:
-        assert after[n].state == TrialState.FAIL and after[n].user_attrs["interrupted"]
+        assert after[n].state == TrialState.FAIL and after[n].user_attrs[INTERRUPTED]
         # ... and their params were run again, once each
         retries = [t for t in after.values() if t.user_attrs.get(RETRY_OF) == n]
         assert len(retries) == 1 and retries[0].params == after[n].params
@@ -284,11 +301,11 @@ def test_search_timeout_stops_cleanly(_kaggle_master, tmp_path, capsys):
     study = _load(tmp_path)
     counts = studies.tally(study)
     assert counts.get("RUNNING", 0) == 0 and counts.get("COMPLETE", 0) >= 1
-    cut = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    cut = [t for t in study.trials if t.user_attrs.get(INTERRUPTED)]
     assert studies.count_finished(study) == len(study.trials) - len(cut) < 200
     # the summary prints the waste: fold-epochs of the trials it stopped, of all trained
-    wasted = sum(t.user_attrs.get("fold_epochs", 0) for t in cut)
-    total = sum(t.user_attrs.get("fold_epochs", 0) for t in study.trials)
+    wasted = sum(t.user_attrs.get(FOLD_EPOCHS, 0) for t in cut)
+    total = sum(t.user_attrs.get(FOLD_EPOCHS, 0) for t in study.trials)
     assert f"({wasted} of {total} fold-epochs went to trials stopped unfinished)" in out
 
 
@@ -555,7 +572,7 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         assert worker_env == "from-the-driver"
         assert len(other) == 1 and node_id in other[0] and "other data" in other[0], other
         assert len(gone) == 1 and node_id in gone[0] and "not readable on" in gone[0], gone
-        ran_on = {t.user_attrs.get("node") for t in study.trials}
+        ran_on = {t.user_attrs.get(NODE) for t in study.trials}
         assert ran_on and all(cpus.get(n) == 2 for n in ran_on), (ran_on, cpus)
         # ... and their kept fold models are whole on the driver's disk: the trials send the
         # bytes to the model sink on the driver's node (no shared filesystem assumed)
@@ -568,12 +585,12 @@ def test_search_on_two_node_ray_cluster(_kaggle_master, tmp_path):
         args = _args(tmp_path, _kaggle_master, 2, "--study", "alone", "--max-epochs", "1")
         env.pop("RAY_ADDRESS", None)
         _search_process(args, env)
-        alone = {t.user_attrs.get("node") for t in _load(tmp_path, "alone").trials}
+        alone = {t.user_attrs.get(NODE) for t in _load(tmp_path, "alone").trials}
         assert alone and not alone & set(cpus), (alone, cpus)
         # ... and RAY_ADDRESS joins the cluster, as for Ray's own scripts
         args = _args(tmp_path, _kaggle_master, 2, "--study", "env", "--max-epochs", "1")
         _search_process(args, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-        joined = {t.user_attrs.get("node") for t in _load(tmp_path, "env").trials}
+        joined = {t.user_attrs.get(NODE) for t in _load(tmp_path, "env").trials}
         assert joined and all(cpus.get(n) == 2 for n in joined), (joined, cpus)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -593,8 +610,8 @@ def test_search_self_stopped_trial_is_complete(_kaggle_master, tmp_path):
     assert main(args) == 0
     for t in _load(tmp_path).trials:
         assert t.state == TrialState.COMPLETE, (t.number, t.state, t.user_attrs)
-        assert t.user_attrs["early_stopped"] is True
-        epochs = t.user_attrs["epochs_run"]
+        assert t.user_attrs[EARLY_STOPPED] is True
+        epochs = t.user_attrs[EPOCHS_RUN]
         steps = [1, 2, *range(2 * K, K * epochs + 1, K)]  # fold 0 to epoch 2, then both
         assert epochs < 6 and sorted(t.intermediate_values) == steps
         assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
@@ -618,7 +635,7 @@ def test_search_extended_space_end_to_end(_kaggle_master, tmp_path):
     study = _load(tmp_path)
     assert studies.count_finished(study) == 4
     assert all(t.state != TrialState.FAIL for t in study.trials), [
-        t.user_attrs.get("error_message") for t in study.trials
+        t.user_attrs.get(ERROR_MESSAGE) for t in study.trials
     ]
 
 
@@ -848,8 +865,8 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     study = _load(tmp_path)
-    killed = [t for t in study.trials if "worker or node" in t.user_attrs.get("fail_reason", "")]
-    assert killed and all(t.user_attrs["interrupted"] for t in killed), out
+    killed = [t for t in study.trials if "worker or node" in t.user_attrs.get(FAIL_REASON, "")]
+    assert killed and all(t.user_attrs[INTERRUPTED] for t in killed), out
     assert not [t for t in study.trials if t.state == TrialState.FAIL and t not in killed]
     assert studies.count_finished(study) == 3  # the killed trial did not count
     # the same command again (one trial more) runs the killed trial's params first

@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.common import study as studies
-from search.common.attrs import ERROR_MESSAGE, ERROR_TYPE, INTERRUPTED, RETRY_OF
+from search.common.attrs import DRIVER, ERROR_MESSAGE, ERROR_TYPE, INTERRUPTED, RETRY_OF
 
 
 def _sqlite(tmp_path):
@@ -42,7 +42,7 @@ def _study_with_running(tmp_path, driver):
         storage=studies.make_storage(_sqlite(tmp_path)), study_name="z", direction="maximize"
     )
     t = st.ask()
-    t.set_user_attr("driver", driver)
+    t.set_user_attr(DRIVER, driver)
     done = st.ask()
     st.tell(done, 0.7)
     return st
@@ -59,7 +59,7 @@ def test_fail_zombies_marks_dead_drivers_trials_fail(tmp_path):
     st = _study_with_running(tmp_path, {"host": socket.gethostname(), "pid": dead_pid})
     assert studies.fail_zombies(st) == [0]
     t0 = st.trials[0]
-    assert t0.state == TrialState.FAIL and t0.user_attrs["interrupted"] is True
+    assert t0.state == TrialState.FAIL and t0.user_attrs[INTERRUPTED] is True
     # interrupted trials do not count toward --trials; the COMPLETE one does
     assert studies.count_finished(st) == 1
 

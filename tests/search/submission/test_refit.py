@@ -21,7 +21,7 @@ from data_pipeline import DataConfig, open_dataset
 from search.commands.refit import predict_main, refit_main
 from search.commands.search_args import main as search_main
 from search.common import study as studies
-from search.common.attrs import get_record
+from search.common.attrs import MODELS_DIR, REFIT, get_record
 from search.common.ensemble import EnsembleError, dihedral_views, load_ensemble
 from search.submission.refit import RefitError, pick_trial, submission_frame, write_csv_atomic
 
@@ -304,7 +304,7 @@ def test_refit_reuse_submits_the_searchs_fold_models_without_training(refitted):
     best = study.best_trial
     rec = get_record(study, "refit")
     assert rec["trained"] is False and rec["trial"] == best.number
-    saved = Path(best.user_attrs["models_dir"])
+    saved = Path(best.user_attrs[MODELS_DIR])
     copied = _refit_dir(root) / "ensemble"
     for f in sorted(saved.glob("fold*.safetensors")):
         assert (copied / f.name).read_bytes() == f.read_bytes()
@@ -322,7 +322,7 @@ def test_search_keeps_only_the_top_trials_models(_kaggle_master, tmp_path):
     )
     kept = [p for p in (tmp_path / "studies/pcam/models").iterdir() if not p.name.startswith(".")]
     # one folder left, the best trial's; no half-written temp folder
-    assert kept == [Path(study.best_trial.user_attrs["models_dir"])]
+    assert kept == [Path(study.best_trial.user_attrs[MODELS_DIR])]
     assert not list((tmp_path / "studies/pcam/models").glob(".*"))
 
 
@@ -345,7 +345,7 @@ def test_refit_full_trains_models_on_every_labelled_patch(refitted, tmp_path):
     study = optuna.load_study(
         study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
     )
-    saved = Path(study.trials[rec["trial"]].user_attrs["models_dir"])
+    saved = Path(study.trials[rec["trial"]].user_attrs[MODELS_DIR])
     from search.common.ensemble import load_oof
 
     oof = pd.read_csv(d / "oof.csv")
@@ -412,8 +412,8 @@ def test_study_user_attrs_stay_short_big_records_elsewhere(refitted):
     assert rows and max(len(r) for r in rows) < 1000, max(len(r) for r in rows)
     study = optuna.load_study(study_name="pcam", storage=url)
     summary = {"kind", "trial", "oof_auc", "test_auc", "full_fit", "record"}
-    assert set(study.user_attrs["refit"]) <= summary
-    assert Path(study.user_attrs["refit"]["record"]).name == "refit.json"
+    assert set(study.user_attrs[REFIT]) <= summary
+    assert Path(study.user_attrs[REFIT]["record"]).name == "refit.json"
     assert get_record(study, "config")["folds"] == 2
     assert "fixed" in get_record(study, "space") and get_record(study, "runs")
     assert get_record(study, "refit")["test_auc_folds"]

@@ -191,3 +191,14 @@ def test_refit_prints_the_report_and_kaggle_submit_commands(selected, capsys):
         "kaggle competitions submit -c histopathologic-cancer-detection -f "
         f"{rec['submission']}" in out
     )
+
+
+def test_refit_ensemble_labels_a_copied_refit_as_the_trials_own_models(tmp_path):
+    from search.submission.refit_ensemble import _refit_label
+
+    folder = tmp_path / "trial-3" / "ensemble"
+    folder.mkdir(parents=True)
+    (folder.parent / "refit.json").write_text(json.dumps({"trained": False}))
+    assert _refit_label(folder, 3, 4) == "trial 3 (its search fold models, copied by a refit)"
+    (folder.parent / "refit.json").write_text(json.dumps({"trained": True}))
+    assert _refit_label(folder, 3, 12) == "trial 3 retrained, 12 epochs"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import models
+from search.common.attrs import FAIL_REASON
 from search.common.ensemble import (
     EnsembleError,
     ensemble_files,
@@ -129,4 +130,4 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
         value=0.8,
         error=TrialError("DiskFullError", str(e.value), "search.tuning.ray_adapter"),
     )
-    assert out.interrupted and out.attrs["fail_reason"] == str(e.value)
+    assert out.interrupted and out.attrs[FAIL_REASON] == str(e.value)
