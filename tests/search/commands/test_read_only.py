@@ -4,6 +4,7 @@ where permission bits do not stop writes, so the folder is a tmpfs mounted read-
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +94,28 @@ def test_writable_root_names_the_nearest_existing_folder(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+def test_search_with_a_read_only_home_says_what_to_set(_kaggle_master, tmp_path, capsys):
+    # HOME on a read-only mount, the cache elsewhere: whatever Ray needs from ~ either works
+    # or is said in one line naming HOME and what to set; never a traceback
+    home = tmp_path / "home"
+    home.mkdir()
+    if not _mount(home, "ro"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        env = {**os.environ, "HOME": str(home), "PCAM_CACHE_DIR": str(tmp_path / "cache")}
+        args = ["--data", str(_kaggle_master), "--studies-dir", str(tmp_path / "studies")]
+        args += ["--trials", "1", "--max-epochs", "1", "--folds", "2", "--no-progress"]
+        r = subprocess.run(
+            [sys.executable, "-m", "search.commands.search_args", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+        if r.returncode != 0:
+            assert r.returncode == 1 and f"HOME ({home}) cannot be written" in r.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
