@@ -306,6 +306,9 @@ def run(
     storage = studies.make_storage(cfg.storage_url)
     study = _open_study(cfg, storage, console)
     cfg = _resume_settings(cfg, study, explicit, console)
+    requeued = studies.requeue_interrupted(study)  # run first, by this run or the next
+    if requeued:
+        console.print(f"re-running first the params of interrupted trial(s) {requeued}")
     done = studies.count_finished(study)
     remaining = cfg.trials - done
     if remaining <= 0:
@@ -352,9 +355,6 @@ def run(
     if not study.trials:  # a new study starts from the space's known-good recipes
         for params in space.start:
             study.enqueue_trial(params, skip_if_exists=True)
-    requeued = studies.requeue_interrupted(study)
-    if requeued:
-        console.print(f"re-running first the params of interrupted trial(s) {requeued}")
     meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
     interrupted = _search(
         cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
