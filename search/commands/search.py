@@ -72,6 +72,7 @@ from search.tuning.deadline import (
     pick_final,
 )
 from search.tuning.progress import Tally, live
+from search.tuning.sampler import make_sampler
 from search.tuning.space import Space, SpaceError, load_space, skipped_for_weights, suggest
 
 METRIC_NAME = "mean fold AUC"  # what a trial's value is, as optuna-dashboard labels it
@@ -116,6 +117,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         address=args.address,
         space=pick(args.space, d.space),
         pretrained=args.pretrained,
+        sampler=args.sampler,
         seed=args.seed,
         verbose=args.verbose,
         progress=not (args.no_progress or args.verbose) and sys.stderr.isatty(),
@@ -450,10 +452,8 @@ def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency
     if prior is not None:
         tally.offer_best(prior.number, prior.value, prior.params)
         deadline.settled = True  # no trial needs guarding: the study can already submit
-    sampler = optuna.samplers.TPESampler(
-        seed=cfg.seed + len(study.trials),  # a resumed run does not replay the same draws
-        constant_liar=True,  # parallel trials: avoid sampling next to running ones
-    )
+    # a resumed run does not replay the same draws
+    sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials))
     settings = ray_adapter.TrialSettings(
         max_epochs=cfg.max_epochs,
         seed=cfg.seed,

@@ -23,6 +23,7 @@ from search.common.defaults import (
     FOLD_SEED,
     FOLD_STRATEGIES,
     GPU_DEFAULTS,
+    SAMPLERS,
     SEARCH_SHARE,
     cpu_gpu,
 )
@@ -185,6 +186,13 @@ def parser() -> argparse.ArgumentParser:
         help="pretrained weights: a file; 'cache' (timm's weights from the local HF/torch "
         "caches); or 'hub' (downloaded into those caches once, by this process, if missing). "
         "Enables searching the number of unfrozen ResNet stages",
+    )
+    a(
+        "--sampler",
+        choices=SAMPLERS,
+        default=SAMPLERS[0],
+        help="Optuna's TPE: each parameter on its own (tpe), or jointly within groups of "
+        "trials that share parameters (tpe-multivariate); default: %(default)s",
     )
     a("--seed", type=int, default=0, help="sampler and training seed (default: %(default)s)")
     add_cache_dir(ap)

@@ -22,6 +22,7 @@ from search.common.defaults import (  # noqa: F401  (re-exported: what callers i
     FINAL_FITS,
     FOLD_STRATEGIES,
     GPU_DEFAULTS,
+    SAMPLERS,
     SEARCH_SHARE,
     DeviceDefaults,
     for_device,
@@ -76,6 +77,7 @@ class SearchConfig:
     space: str = C.space  # space file: a path or a name in studies/
     pretrained: str | None = None  # weights: a file, "cache" (local timm caches) or "hub"
     # (fetched into those caches once, by the driver)
+    sampler: str = SAMPLERS[0]  # Optuna TPE: "tpe" (independent) or "tpe-multivariate"
     seed: int = 0  # sampler seed and training seed
     verbose: bool = False  # Ray's own logs instead of the live view
     progress: bool = True  # live view (off when not a terminal)

@@ -30,6 +30,10 @@ MIN_BUDGET_S = 60.0
 # rows each: measured better on every generator setting (docs/benchmarks.md, "The final
 # model")
 FINAL_FITS = ("full", "folds")
+# Optuna's TPE over the conditional space: "tpe" samples each parameter on its own;
+# "tpe-multivariate" models them jointly within groups of trials that share parameters
+# (Optuna's advice for conditional spaces). Both use constant_liar for parallel trials.
+SAMPLERS = ("tpe", "tpe-multivariate")
 
 
 @dataclass(frozen=True)
