@@ -25,7 +25,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

@@ -493,7 +493,7 @@ def build_cache(
             raw.unlink()
         index = entries.iloc[keep].copy()
         index["hash"] = hashes[keep]
-        index["source"] = [_source(entries, r) for r in keep]
+        index["source"] = [_source(entries, int(r)) for r in keep]
         index = index[["id", "label", "split", "slide", "hash", "source"]]
         index.to_csv(tmp / "index.csv", index=False)
         (tmp / "report.csv").write_text(to_csv_text(problems))

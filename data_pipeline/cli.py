@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data_pipeline import cache as cache_mod
 from data_pipeline.archive import resolve_source
 from data_pipeline.cli_common import (
@@ -157,92 +159,111 @@ def _config(args: argparse.Namespace) -> DataConfig:
     )
 
 
-def _warn_slides(slides) -> None:
+def _warn_slides(slides: np.ndarray | list[str]) -> None:
     """Say plainly when slide folds would really be patch folds (no or a small slide map)."""
     warn = slide_map_warning(slide_coverage(slides))
     if warn:
         print(f"warning: {warn}", file=sys.stderr)
 
 
+def _synth(args: argparse.Namespace) -> int:
+    synth = SynthConfig(
+        n=args.n,
+        n_test=args.n_test,
+        seed=args.seed,
+        patches_per_slide=args.patches_per_slide,
+        flip_rate=args.flip_rate,
+        tumour_signal=args.tumour_signal,
+        stain_range=args.stain_range,
+    )
+    out = write(args.out, synth, args.layout)
+    print(
+        f"wrote {synth.n} train + {synth.test_count} test patches ({args.layout} layout) to {out}"
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    problems = cache_mod.check(
+        args.data, cfg.cache_root, args.workers, progress=not args.no_progress
+    )
+    print(summarize(problems, args.data))
+    try:
+        work = cfg.cache_root / "unpacked"
+        _, entries, _ = cache_mod.scan(resolve_source(Path(args.data), work, False), work)
+        _warn_slides(entries.loc[entries["split"] != "test", "slide"].to_numpy())
+    except DataError:  # unusable as a whole: the summary above already says why
+        pass
+    if args.report:
+        args.report.write_text(to_csv_text(problems))
+        print(f"report written to {args.report}")
+    return 1 if problems else 0
+
+
+def _slide_map(args: argparse.Namespace) -> int:
+    r = build_slide_map(
+        args.kaggle, args.pcam, args.cache_dir, args.workers, not args.no_progress, args.force
+    )
+    print(
+        f"wrote {r.path}: {r.mapped_train} of {r.train} train ids ({r.coverage:.1%}) and "
+        f"{r.mapped_test} of {r.test} test ids matched a PCam patch with a slide; "
+        f"{r.ambiguous} pixel hash(es) on two slides left out"
+    )
+    _warn_slides([""] * (r.train - r.mapped_train) + ["x"] * r.mapped_train)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.rebuild:
+        path = cache_mod.build_cache(
+            cfg.source(),
+            cfg.cache_root,
+            cfg.skip_bad,
+            cfg.workers,
+            not args.no_progress,
+            rebuild=True,
+        )
+        cache = cache_mod.load_cache(path)
+    else:
+        cache = open_dataset(cfg, progress=not args.no_progress)
+    m = cache.meta
+    print(f"cache: {cache.path}")
+    print(
+        f"  {m['n']} patches {m['splits']}, labels {m['labels']}, "
+        f"{m['slides']} with a slide id, built in {m['build_seconds']} s"
+    )
+    if m["skipped"]:
+        print(f"  skipped {m['skipped']} bad rows: see {cache.path / 'report.csv'}")
+    _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
+    return 0
+
+
+def _folds(args: argparse.Namespace) -> int:
+    cache = open_dataset(_config(args), progress=not args.no_progress)
+    k = args.k or _search_folds()
+    folds_for_cache(cache, k, args.seed, args.strategy)
+    summary = folds_file(cache, k, args.seed, args.strategy).with_suffix(".json")
+    print(f"folds: {summary.with_suffix('.csv')}")
+    if args.strategy == "slide":
+        _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
+    print(json.dumps(json.loads(summary.read_text())["per_fold"], indent=1))
+    return 0
+
+
+COMMANDS = {
+    "synth": _synth,
+    "check": _check,
+    "slide-map": _slide_map,
+    "build": _build,
+    "folds": _folds,
+}
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed command; returns the exit code."""
-    if args.cmd == "synth":
-        cfg = SynthConfig(
-            n=args.n,
-            n_test=args.n_test,
-            seed=args.seed,
-            patches_per_slide=args.patches_per_slide,
-            flip_rate=args.flip_rate,
-            tumour_signal=args.tumour_signal,
-            stain_range=args.stain_range,
-        )
-        out = write(args.out, cfg, args.layout)
-        print(
-            f"wrote {cfg.n} train + {cfg.test_count} test patches ({args.layout} layout) to {out}"
-        )
-        return 0
-    if args.cmd == "check":
-        cfg = _config(args)
-        problems = cache_mod.check(
-            args.data, cfg.cache_root, args.workers, progress=not args.no_progress
-        )
-        print(summarize(problems, args.data))
-        try:
-            work = cfg.cache_root / "unpacked"
-            _, entries, _ = cache_mod.scan(resolve_source(Path(args.data), work, False), work)
-            _warn_slides(entries.loc[entries["split"] != "test", "slide"].to_numpy())
-        except DataError:  # unusable as a whole: the summary above already says why
-            pass
-        if args.report:
-            args.report.write_text(to_csv_text(problems))
-            print(f"report written to {args.report}")
-        return 1 if problems else 0
-    if args.cmd == "slide-map":
-        r = build_slide_map(
-            args.kaggle, args.pcam, args.cache_dir, args.workers, not args.no_progress, args.force
-        )
-        print(
-            f"wrote {r.path}: {r.mapped_train} of {r.train} train ids ({r.coverage:.1%}) and "
-            f"{r.mapped_test} of {r.test} test ids matched a PCam patch with a slide; "
-            f"{r.ambiguous} pixel hash(es) on two slides left out"
-        )
-        _warn_slides([""] * (r.train - r.mapped_train) + ["x"] * r.mapped_train)
-        return 0
-    cfg = _config(args)
-    if args.cmd == "build":
-        if args.rebuild:
-            path = cache_mod.build_cache(
-                cfg.source(),
-                cfg.cache_root,
-                cfg.skip_bad,
-                cfg.workers,
-                not args.no_progress,
-                rebuild=True,
-            )
-            cache = cache_mod.load_cache(path)
-        else:
-            cache = open_dataset(cfg, progress=not args.no_progress)
-        m = cache.meta
-        print(f"cache: {cache.path}")
-        print(
-            f"  {m['n']} patches {m['splits']}, labels {m['labels']}, "
-            f"{m['slides']} with a slide id, built in {m['build_seconds']} s"
-        )
-        if m["skipped"]:
-            print(f"  skipped {m['skipped']} bad rows: see {cache.path / 'report.csv'}")
-        _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
-        return 0
-    if args.cmd == "folds":
-        cache = open_dataset(cfg, progress=not args.no_progress)
-        k = args.k or _search_folds()
-        folds_for_cache(cache, k, args.seed, args.strategy)
-        summary = folds_file(cache, k, args.seed, args.strategy).with_suffix(".json")
-        print(f"folds: {summary.with_suffix('.csv')}")
-        if args.strategy == "slide":
-            _warn_slides(cache.index["slide"].to_numpy()[cache.labelled_pool()])
-        print(json.dumps(json.loads(summary.read_text())["per_fold"], indent=1))
-        return 0
-    raise AssertionError(args.cmd)
+    return COMMANDS[args.cmd](args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,12 +18,15 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from data_pipeline.atomic import atomic_path
 from data_pipeline.constants import STRATEGIES
 
+if TYPE_CHECKING:  # cache imports this module
+    from data_pipeline.cache import Cache
+
 # Below this share of labelled ids with a slide, "slide" folds are mostly patch folds (the
 # Kaggle zip has no patch_id_wsi.csv: every patch is then its own group, the leak we prevent)
 SLIDE_MAP_MIN = 0.5
 
 
-def slide_coverage(slides: Sequence[str | None]) -> float:
+def slide_coverage(slides: Sequence[str | None] | np.ndarray) -> float:
     """Share of rows that have a slide id (0..1)."""
     s = pd.Series(list(slides), dtype=object)
     return float((s.notna() & (s.astype(str) != "")).mean()) if len(s) else 0.0
@@ -124,7 +128,7 @@ def make_folds(
     return folds
 
 
-def folds_file(cache, k: int, seed: int, strategy: str) -> Path:
+def folds_file(cache: Cache, k: int, seed: int, strategy: str) -> Path:
     """Where ``folds_for_cache`` keeps a fold assignment inside the cache; the name says what
     the folds really are (``fold_label``)."""
     pool = cache.index["slide"].to_numpy()[cache.labelled_pool()]
@@ -132,7 +136,9 @@ def folds_file(cache, k: int, seed: int, strategy: str) -> Path:
     return Path(cache.path) / "folds" / f"{label}-k{k}-s{seed}.csv"
 
 
-def folds_for_cache(cache, k: int = 5, seed: int = 0, strategy: str = "slide") -> pd.DataFrame:
+def folds_for_cache(
+    cache: Cache, k: int = 5, seed: int = 0, strategy: str = "slide"
+) -> pd.DataFrame:
     """Folds of the cache's labelled pool (id, row, fold), made once and saved in the cache.
 
     Saved as ``<cache>/folds/<strategy>-k<k>-s<seed>.csv`` (written atomically) so search,

@@ -159,7 +159,7 @@ def _slide(rng: np.random.Generator, tumour: bool, cfg: SynthConfig = SynthConfi
 def _crop_positions(rng: np.random.Generator, slide: dict, k: int) -> np.ndarray:
     """``k`` distinct top-left corners; some aimed at tumour or lymph areas (hard cases)."""
     hi = CANVAS - PATCH
-    pos = set()
+    pos: set[tuple[int, int]] = set()
     lymph_pts = np.argwhere(slide["lymph"])
     tries = 0
     while len(pos) < k and tries < 50 * k:

@@ -24,4 +24,4 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.required or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""

@@ -73,7 +73,7 @@ def cached_weights(arch: str) -> list[Path]:
             except Exception:  # malformed cache: treat as absent
                 hit = None
             candidates.append(Path(hit) if isinstance(hit, str) else repo / "snapshots/*" / fname)
-    if cfg.url:
+    if isinstance(cfg.url, str) and cfg.url:
         candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url))
     return candidates
 
@@ -92,6 +92,8 @@ def _download(arch: str) -> Path:
             return Path(hf_hub_download(cfg.hf_hub_id, "model.safetensors"))
         except EntryNotFoundError:  # older repos hold only the torch file
             return Path(hf_hub_download(cfg.hf_hub_id, "pytorch_model.bin"))
+    if not isinstance(cfg.url, str):  # timm's (url, file) pairs: not a plain download
+        raise MissingWeightsError(f"timm's weights for {arch!r} are not one URL: {cfg.url!r}")
     dst = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(cfg.url, str(dst), progress=True)
@@ -175,7 +177,7 @@ def _load_backbone(model: nn.Module, sd: dict[str, torch.Tensor], source: Path) 
 
 
 def _classifier_prefix(model: nn.Module) -> str:
-    head = model.get_classifier()
+    head = model.get_classifier()  # type: ignore[operator]  # timm's, typed as nn.Module's
     for name, mod in model.named_modules():
         if mod is head:
             return name + "."

@@ -21,7 +21,7 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 from rich.console import Console
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
@@ -174,7 +174,7 @@ def fig_losses(study: optuna.Study) -> go.Figure | str:
         return "No trial recorded loss curves (studies from before this report version)."
     fig = go.Figure()
     top = 1
-    for i, t in enumerate(sorted(got, key=lambda t: t.value, reverse=True)[:10]):
+    for i, t in enumerate(sorted(got, key=studies.value_of, reverse=True)[:10]):
         curve = t.user_attrs[LOSS_CURVE]
         steps = sorted(int(k) for k in curve)
         top = max(top, steps[-1])
@@ -193,7 +193,9 @@ def fig_losses(study: optuna.Study) -> go.Figure | str:
     return fig
 
 
-def _needs_complete(n: int, make: Callable[[], go.Figure]) -> Callable[[optuna.Study], object]:
+def _needs_complete(
+    n: int, make: Callable[[optuna.Study], go.Figure]
+) -> Callable[[optuna.Study], object]:
     def draw(study: optuna.Study) -> go.Figure | str:
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(done) < n:
@@ -243,7 +245,7 @@ def fig_fold_spread(study: optuna.Study) -> go.Figure | str:
     if not done:
         return "No COMPLETE trial with per-fold AUCs yet."
     fig = go.Figure()
-    for t in sorted(done, key=lambda t: t.value, reverse=True)[:20]:
+    for t in sorted(done, key=studies.value_of, reverse=True)[:20]:
         fig.add_box(
             y=t.user_attrs[AUC_FOLDS],
             name=f"#{t.number}",
@@ -255,7 +257,7 @@ def fig_fold_spread(study: optuna.Study) -> go.Figure | str:
     return fig
 
 
-def _param_columns(trials) -> list[tuple[str, list, bool]]:
+def _param_columns(trials: list[FrozenTrial]) -> list[tuple[str, list, bool]]:
     """(name, values per trial (None where not asked), log scale) for every param."""
     names = sorted({k for t in trials for k in t.params})
     out = []
@@ -278,7 +280,7 @@ def fig_parallel(study: optuna.Study) -> go.Figure | str:
     trials = _valued(study)
     if len(trials) < 2:
         return f"Needs at least 2 COMPLETE or PRUNED trials (the study has {len(trials)})."
-    dims = [
+    dims: list[dict[str, object]] = [
         {
             "label": "state",
             "values": [1 if t.state == TrialState.COMPLETE else 0 for t in trials],
@@ -294,7 +296,7 @@ def fig_parallel(study: optuna.Study) -> go.Figure | str:
             known = [x for x in xs if x is not None]
             lo, hi = min(known), max(known)
             na = lo - 0.1 * (hi - lo or 1.0)
-            d = {
+            d: dict[str, object] = {
                 "label": f"log10 {name}" if log else name,
                 "values": [na if x is None else x for x in xs],
             }
@@ -378,7 +380,7 @@ def trials_table(study: optuna.Study) -> str:
     names = sorted({k for t in trials for k in t.params})
     head = ["trial", "state", "mean fold AUC", "fold-epochs", "seconds", *names]
 
-    def cell(v) -> str:
+    def cell(v: object) -> str:
         shown = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
         return f"<td data-v='{html.escape(str('' if v is None else v))}'>{html.escape(shown)}</td>"
 
@@ -523,7 +525,8 @@ def calibration_bins(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     elif cur:
         groups.append(cur)
     out = [(p[m].mean(), y[m].mean(), m.sum()) for g in groups if (m := np.isin(idx, g)).any()]
-    return tuple(np.array(c, dtype=float) for c in zip(*out, strict=True))
+    mean_p, frac, count = (np.array(c, dtype=float) for c in zip(*out, strict=True))
+    return mean_p, frac, count
 
 
 def fig_confusion(study: optuna.Study) -> go.Figure | str:
@@ -561,7 +564,7 @@ SECTIONS: list[tuple[str, Callable[[optuna.Study], object]]] = [
     ("Train and held-out loss of the best trials", fig_losses),
     (
         "Parameter importances",
-        _needs_complete(2, lambda s: optuna.visualization.plot_param_importances(s)),
+        _needs_complete(2, optuna.visualization.plot_param_importances),
     ),
     ("Parallel coordinates (COMPLETE and PRUNED trials)", fig_parallel),
     ("Slices: mean fold AUC by param (COMPLETE and PRUNED trials)", fig_slices),

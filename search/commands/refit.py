@@ -268,7 +268,9 @@ def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:
     return _print_outputs(cfg, rec["submission"], rec.get("layout"), out)
 
 
-def _print_outputs(cfg: RefitConfig, submission, layout: str | None, out: Console) -> int:
+def _print_outputs(
+    cfg: RefitConfig, submission: Path | None, layout: str | None, out: Console
+) -> int:
     """The submission and what to run next: the report, and Kaggle's submit command."""
     if not submission:
         out.print("no test split in the data: no submission written")

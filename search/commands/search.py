@@ -167,7 +167,9 @@ def _check_weights(cfg: SearchConfig, space: Space, console: Console | None = No
             models.create(arch, pretrained=cfg.pretrained_arg)
 
 
-def _open_study(cfg: SearchConfig, storage, console: Console) -> optuna.Study:
+def _open_study(
+    cfg: SearchConfig, storage: optuna.storages.BaseStorage, console: Console
+) -> optuna.Study:
     study = optuna.create_study(
         storage=storage, study_name=cfg.study, direction="maximize", load_if_exists=True
     )
@@ -438,19 +440,31 @@ def _check_nodes(data: TrainData) -> None:
     if problems:
         raise ValueError(
             "the data cache is not readable the same on every Ray node (trials map "
-            f"{data.images.path} there):\n  " + "\n  ".join(problems) + "\nuse a --cache-dir "
+            f"{getattr(data.images, 'path', 'the pool')} there):\n  "
+            + "\n  ".join(problems)
+            + "\nuse a --cache-dir "
             "every node shares, or build the cache on each node from the same files"
         )
 
 
-def _search(cfg, study, storage, space, data_folds, deadline, tally, concurrency, console) -> bool:
+def _search(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    space: Space,
+    data_folds: tuple[TrainData, np.ndarray, dict],
+    deadline: Deadline,
+    tally: Tally,
+    concurrency: int,
+    console: Console,
+) -> bool:
     """Run the Ray Tune trials; True if interrupted by Ctrl-C."""
     from search.tuning import ray_adapter  # Ray is heavy: import it only when searching
 
     data, folds, meta = data_folds
     prior = studies.best_trial(study)
     if prior is not None:
-        tally.offer_best(prior.number, prior.value, prior.params)
+        tally.offer_best(prior.number, studies.value_of(prior), prior.params)
         deadline.settled = True  # no trial needs guarding: the study can already submit
     # a resumed run does not replay the same draws
     sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials))
@@ -535,11 +549,16 @@ def _final_plan(
     fastest within ``TIE_AUC`` of it when that trains more epochs in what is left, trained
     for as many epochs as fit (on every labelled row, or on each fold: 0 full-data models);
     (None, 0, 0) = the best trial's own fold models. Said on the console."""
+    assert cfg.budget is not None  # only --budget plans a final model
     best = deadline.best_pace()
     left = cfg.budget - (time.monotonic() - t_cmd)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     paced = [
-        (t.number, t.value, (t.datetime_complete - t.datetime_start).total_seconds() / fe)
+        (
+            t.number,
+            studies.value_of(t),
+            (t.datetime_complete - t.datetime_start).total_seconds() / fe,
+        )
         for t in done
         if (fe := t.user_attrs.get(FOLD_EPOCHS)) and t.datetime_complete and t.datetime_start
     ]
@@ -588,12 +607,13 @@ def _final_plan(
     return number, epochs, n
 
 
-def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline) -> int:
+def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline: Deadline) -> int:
     """--budget: the final model (the best params for as many epochs as fit, or the best
     trial's own fold models) and its submission, in the time the search left."""
     from search.submission.refit import RefitConfig, RefitError, refit
     from search.tuning import ray_adapter
 
+    assert cfg.budget is not None  # only --budget refits in the same command
     ray_adapter.shutdown_ray()  # free the cores for the refit
     study = optuna.load_study(study_name=cfg.study, storage=studies.make_storage(cfg.storage_url))
     trial, epochs, full_models = _final_plan(cfg, study, t_cmd, deadline, console)

@@ -4,6 +4,12 @@ line. (optuna-dashboard shows them as they are named here.)"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # optuna only for the types: this module is imported by light CLIs
+    import optuna
+
 # --- study attrs (search.commands.search._record_study, search.submission.refit*) ---
 DATASET_FINGERPRINT = "dataset_fingerprint"  # content hash of the data searched on
 FOLDS_FILE = "folds_file"  # the cache's folds CSV every trial and refit used
@@ -46,12 +52,12 @@ RECORD_PREFIX = "pcam:"
 REFIT_SUMMARY = ("kind", "trial", "oof_auc", "test_auc", "full_fit", "record")
 
 
-def set_record(study, key: str, value) -> None:
+def set_record(study: optuna.Study, key: str, value: Any) -> None:
     """Store a big JSON record of ``study`` under ``key`` (see above)."""
     study._storage.set_study_system_attr(study._study_id, RECORD_PREFIX + key, value)
 
 
-def get_record(study, key: str, default=None):
+def get_record(study: optuna.Study, key: str, default: Any = None) -> Any:
     """The record ``key`` of ``study``: its system attr, else (older studies, in-memory test
     studies) its user attr of that name, else ``default``."""
     sys_attrs = study._storage.get_study_system_attrs(study._study_id)
@@ -60,7 +66,7 @@ def get_record(study, key: str, default=None):
     return study.user_attrs.get(key, default)
 
 
-def set_refit(study, record: dict, path) -> None:
+def set_refit(study: optuna.Study, record: dict, path: Path | str) -> None:
     """The refit's full record as a system attr; its summary (and where refit.json lies) as
     the short ``refit`` user attr that optuna-dashboard shows."""
     set_record(study, REFIT, record)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # rich is imported when an error is printed, not for --help
+    from rich.console import Console
 
 from search.common.defaults import DEFAULT_STUDIES_DIR, DEFAULT_STUDY
 
@@ -32,7 +36,7 @@ def add_study_args(ap: argparse.ArgumentParser) -> None:
     )
 
 
-def print_error(console, message: str, code: int = 2) -> int:
+def print_error(console: Console, message: str, code: int = 2) -> int:
     """Say ``message`` on ``console`` (a rich Console on stderr) as the one-line error of a
     command, escaped (paths and ids are not markup); returns the exit ``code``."""
     from rich.markup import escape

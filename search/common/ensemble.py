@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,16 +99,16 @@ class Ensemble:
         for sd in states:
             m = create_model(p)
             m.load_state_dict(sd, strict=True)
-            ms.append(m.to(dev, memory_format=torch.channels_last).eval())
+            ms.append(m.to(dev).to(memory_format=torch.channels_last).eval())
         return cls(ms, model_meta(p, ms[0]), dev)
 
     @torch.no_grad()
     def predict(
         self,
-        images: np.ndarray,
+        images: np.ndarray | PoolImages,
         tta: int = 8,
         batch: int = 512,
-        progress=None,
+        progress: Callable[[int], object] | None = None,
         per_model: bool = False,
     ) -> np.ndarray:
         """Mean probability over fold models and ``tta`` dihedral views: (N, 96, 96, 3) uint8
@@ -124,7 +125,9 @@ class Ensemble:
             xb = to_unit(xb)  # (B, 3, c, c) in [0, 1]
             views = [normalise(v, mean, std) for v in dihedral_views(xb, tta)]
             for i, m in enumerate(self.models):
-                acc = sum(probabilities(m, v) for v in views)
+                acc = probabilities(m, views[0])
+                for v in views[1:]:
+                    acc = acc + probabilities(m, v)
                 out[i, s : s + len(xb)] = (acc / len(views)).cpu().numpy()
             if progress is not None:
                 progress(len(xb))
@@ -234,10 +237,10 @@ class WeightedEnsemble:
 
     def predict(
         self,
-        images: np.ndarray,
+        images: np.ndarray | PoolImages,
         tta: int = 8,
         batch: int = 512,
-        progress=None,
+        progress: Callable[[int], object] | None = None,
         per_model: bool = False,
     ) -> np.ndarray:
         """Weighted mean of the members' TTA fold-ensemble probabilities, (N,); with
@@ -292,7 +295,7 @@ def _read_meta(folder: Path) -> dict:
     return meta
 
 
-def _entries_problem(entries, key: str, what: str) -> str:
+def _entries_problem(entries: object, key: str, what: str) -> str:
     """Why a list of ``{key: name, "sha256": hex}`` entries is malformed ("" if it is not)."""
     if not isinstance(entries, list) or not entries:
         return f"{what} must be a non-empty list, got {entries!r:.80}"
@@ -337,6 +340,11 @@ def load_ensemble(
     meta = _read_meta(folder)
     if MEMBERS in meta:
         return _load_members(folder, meta, device)
+    return _load_folds(folder, meta, device)
+
+
+def _load_folds(folder: Path, meta: dict, device: str | torch.device | None) -> Ensemble:
+    """The fold models of one trial's ``folder`` (its ``ensemble.json`` read as ``meta``)."""
     dev = resolve_device(device)
     try:
         p = TrainParams.from_dict(meta["params"])
@@ -358,19 +366,20 @@ def load_ensemble(
             m.load_state_dict(sd, strict=True)
         except RuntimeError as e:
             raise EnsembleError(f"{path}: does not fit {p.arch}: {e}") from None
-        fold_models.append(m.to(dev, memory_format=torch.channels_last).eval())
+        fold_models.append(m.to(dev).to(memory_format=torch.channels_last).eval())
     return Ensemble(fold_models, meta, dev)
 
 
-def _load_members(folder: Path, meta: dict, device) -> WeightedEnsemble:
+def _load_members(folder: Path, meta: dict, device: str | torch.device | None) -> WeightedEnsemble:
     members, weights = [], []
     for entry in meta[MEMBERS]:
         sub = _inside(folder, entry["dir"])
         if not (sub / META_FILE).is_file() or _sha256(sub / META_FILE) != entry["sha256"]:
             raise EnsembleError(f"{sub}: missing or differs from the hash saved with the ensemble")
-        if MEMBERS in _read_meta(sub):
+        sub_meta = _read_meta(sub)
+        if MEMBERS in sub_meta:
             raise EnsembleError(f"{sub}: a member may not itself be a multi-trial ensemble")
-        members.append(load_ensemble(sub, device))
+        members.append(_load_folds(sub, sub_meta, device))
         weights.append(float(entry["weight"]))
     if not members or min(weights) <= 0 or abs(sum(weights) - 1) > 1e-6:
         raise EnsembleError(

@@ -300,4 +300,9 @@ def tally(study: optuna.Study) -> dict[str, int]:
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     """Best COMPLETE trial (highest mean fold AUC), or None before the first one."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return max(done, key=lambda t: t.value) if done else None
+    return max(done, key=value_of) if done else None
+
+
+def value_of(trial: FrozenTrial) -> float:
+    """A finished trial's value for ranking (-inf where it has none: never the best)."""
+    return float("-inf") if trial.value is None else trial.value

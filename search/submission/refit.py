@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import optuna
@@ -48,6 +49,7 @@ from search.common.defaults import CPU_DEFAULTS
 from search.common.ensemble import (
     META_FILE,
     Ensemble,
+    WeightedEnsemble,
     load_ensemble,
     load_oof,
     model_meta,
@@ -234,7 +236,7 @@ def progress_bar(label: str, enabled: bool) -> Progress:
 
 
 def predict_test(
-    ens: Ensemble, cache: Cache, tta: int, progress: bool
+    ens: Ensemble | WeightedEnsemble, cache: Cache, tta: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(test rows, mean TTA probabilities) for the cache's test split."""
     rows = cache.rows("test")
@@ -297,7 +299,17 @@ def _bars(cfg: RefitConfig, extra: str = "") -> Progress:
     )
 
 
-def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> _FoldModels:
+def _retrain(
+    cfg: RefitConfig,
+    params: dict,
+    data: TrainData,
+    folds: np.ndarray,
+    epochs: int,
+    k: int,
+    search_cfg: dict,
+    out_dir: Path,
+    meta: dict,
+) -> _FoldModels:
     """Train every fold for the full budget (lockstep), one bar per fold, and save them."""
     with _bars(cfg, "  {task.fields[auc]}") as bar:
         tasks = [bar.add_task(f"fold {f}", total=epochs, auc="") for f in range(k)]
@@ -307,7 +319,7 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
                 bar.update(t, completed=epoch, auc=f"AUC {m['auc_folds'][f]:.4f}")
             return False
 
-        pretrained = search_cfg.get("pretrained") or False
+        pretrained = search_cfg.get("pretrained") or None
         res = train_cv(
             params,
             data,
@@ -323,6 +335,8 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
     p = TrainParams.from_dict(params)
     saved = res.oof_best if p.restore_best else res.oof  # predictions of the saved weights
     # with its OOF, so that ensemble selection (pcam-refit --ensemble) can choose it too
+    # keep_states / keep_oof asked for these
+    assert res.states is not None and res.oof is not None and saved is not None
     ens_dir = save_ensemble(
         out_dir / "ensemble", res.states, {**meta, "device": res.device}, oof=saved
     )
@@ -330,7 +344,16 @@ def _retrain(cfg, params, data, folds, epochs, k, search_cfg, out_dir, meta) -> 
     return _FoldModels(ens_dir, saved, res.oof, oof_best, res.best_epochs, trained=True)
 
 
-def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _FoldModels:
+def _full_fit(
+    cfg: RefitConfig,
+    params: dict,
+    data: TrainData,
+    epochs: int,
+    search_cfg: dict,
+    out_dir: Path,
+    meta: dict,
+    oof: np.ndarray,
+) -> _FoldModels:
     """Train ``cfg.full_models`` models (seeds) on every labelled row, one bar each, and save
     them. ``oof``: the search's own fold models' held-out probabilities of the same params
     (NaN when they were not kept): the only honest estimate, since nothing is held out."""
@@ -344,7 +367,7 @@ def _full_fit(cfg, params, data, epochs, search_cfg, out_dir, meta, oof) -> _Fol
 
     with _bars(cfg) as bar:
         tasks = [bar.add_task(f"full-data model {i}", total=epochs) for i in range(n)]
-        pretrained = search_cfg.get("pretrained") or False
+        pretrained = search_cfg.get("pretrained") or None
         states = train_full(
             params,
             data,
@@ -578,7 +601,7 @@ def _models(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console) -> _FoldMo
     if full:
         oof = _search_oof(pl.trial, su.cache, len(su.data.labels))
         fm = _full_fit(*args, pl.epochs, su.search_cfg, pl.out_dir, pl.meta, oof)
-        if min(fm.epochs_trained) < pl.epochs:
+        if fm.epochs_trained and min(fm.epochs_trained) < pl.epochs:
             console.print(
                 f"trained {fm.epochs_trained} of the planned {pl.epochs} epochs: at this pace "
                 "the rest would have run past the budget (each schedule was shortened, so its "
@@ -604,7 +627,7 @@ def _score_oof(su: Setup, pl: _Plan, fm: _FoldModels) -> _OOF:
     y, folds, k = su.data.labels, su.folds, su.k
     oof = fm.oof_final
     if np.isnan(oof).all():  # full-data models whose trial kept no fold models
-        auc_all = float(pl.trial.value)
+        auc_all = studies.value_of(pl.trial)
         auc_folds = [float(a) for a in pl.trial.user_attrs.get(AUC_FOLDS, [])]
     else:
         auc_all = auc(y, oof)
@@ -653,7 +676,7 @@ def _predict(cfg: RefitConfig, su: Setup, pl: _Plan, fm: _FoldModels) -> _Test:
     return out
 
 
-def _record(cfg, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> None:
+def _record(cfg: RefitConfig, su: Setup, pl: _Plan, fm: _FoldModels, res: RefitResult) -> None:
     """Step 5: ``refit.json`` beside the models; the stage folder replaces the trial's refit
     folder as a whole (models, OOF, submission and record change together or not at all);
     then the study's ``refit`` attr."""
@@ -712,6 +735,10 @@ def swap_in(stage: Path, final_dir: Path) -> None:
         os.replace(stage, tmp)
 
 
+@overload
+def moved(path: Path, stage: Path, final_dir: Path) -> Path: ...
+@overload
+def moved(path: None, stage: Path, final_dir: Path) -> None: ...
 def moved(path: Path | None, stage: Path, final_dir: Path) -> Path | None:
     """``path`` as it is after ``swap_in``: inside ``final_dir`` if it was in ``stage``."""
     if path is None or not Path(path).is_relative_to(stage):
@@ -757,7 +784,7 @@ def _run(cfg: RefitConfig, su: Setup, pl: _Plan, console: Console, t0: float) ->
         test_auc=test.auc,
         test_auc_folds=test.auc_folds,
         validation_gap=test.gap,
-        ensemble_dir=in_final(fm.ens_dir),
+        ensemble_dir=moved(fm.ens_dir, pl.out_dir, pl.final_dir),
         oof_csv=in_final(oof.csv),
         submission=in_final(test.submission),
         seconds={"train": round(t_train, 1), "predict": round(test.seconds, 1)},

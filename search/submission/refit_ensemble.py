@@ -19,8 +19,10 @@ import functools
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +31,16 @@ from rich.console import Console
 
 from data_pipeline.atomic import atomic_path, remove
 from search.common.attrs import MODELS_DIR, set_refit
-from search.common.ensemble import META_FILE, load_ensemble, load_oof, save_members
+from search.common.ensemble import (
+    META_FILE,
+    Ensemble,
+    EnsembleError,
+    WeightedEnsemble,
+    load_ensemble,
+    load_oof,
+    save_members,
+)
+from search.common.study import value_of
 from search.submission.refit import (
     OOF_CSV,
     REFIT_JSON,
@@ -47,7 +58,13 @@ from search.submission.refit import (
     swap_in,
     write_csv_atomic,
 )
-from search.submission.selection import MAX_STEPS, greedy_select, nested_estimate
+from search.submission.selection import (
+    MAX_STEPS,
+    Nested,
+    Selection,
+    greedy_select,
+    nested_estimate,
+)
 from search.training.metrics import auc, blend, fold_aucs
 
 ENSEMBLE_DIR = "ensemble"  # studies/<study>/refit/ensemble
@@ -88,7 +105,7 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
     model of this study; best OOF AUC first (selection breaks ties toward the front)."""
     done = [t for t in su.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     kept: list[Candidate] = []
-    for t in sorted(done, key=lambda t: t.value, reverse=True):
+    for t in sorted(done, key=value_of, reverse=True):
         path = t.user_attrs.get(MODELS_DIR)
         c = _candidate(Path(path), f"trial {t.number}", t.number, su) if path else None
         if c is not None and len(kept) < n:
@@ -108,7 +125,7 @@ def candidates(su: Setup, studies_dir: Path, n: int) -> list[Candidate]:
     return sorted(kept, key=lambda c: c.oof_auc, reverse=True)
 
 
-def _refit_label(folder: Path, trial: int, epochs) -> str:
+def _refit_label(folder: Path, trial: int, epochs: object) -> str:
     """How a refit's ensemble is shown: retrained, or the trial's own fold models that a
     ``--reuse`` refit copied (its refit.json says ``trained: false``)."""
     record = folder.parent / REFIT_JSON
@@ -130,7 +147,7 @@ def _weights_key(folder: Path) -> tuple:
         return (str(folder),)
 
 
-def _cached(path: Path, compute) -> np.ndarray:
+def _cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
     """``compute()``'s predictions, computed once and kept at ``path`` (written atomically):
     a second selection or refit over the same members runs no inference."""
     if path.is_file():
@@ -141,7 +158,9 @@ def _cached(path: Path, compute) -> np.ndarray:
     return pred
 
 
-def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_dir: Path):
+def with_test_views(
+    cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_dir: Path
+) -> list[Candidate]:
     """The candidates with their OOF predicted again over the test's ``cfg.tta`` views
     (each fold model on its own held-out rows; cached per member, data, folds and views).
 
@@ -164,7 +183,10 @@ def with_test_views(cands: list[Candidate], su: Setup, cfg: RefitConfig, cache_d
 
 def _held_out(folder: Path, su: Setup, cfg: RefitConfig) -> np.ndarray:
     """One candidate's OOF over the test's views: (N,), fold-file order."""
-    return load_ensemble(folder, cfg.device).predict_held_out(su.data.images, su.folds, cfg.tta)
+    ens = load_ensemble(folder, cfg.device)
+    if not isinstance(ens, Ensemble):
+        raise EnsembleError(f"{folder}: a candidate must be one trial's fold models")
+    return ens.predict_held_out(su.data.images, su.folds, cfg.tta)
 
 
 def _member_key(folder: Path, su: Setup) -> str:
@@ -216,10 +238,10 @@ PATHS = ("ensemble", "oof_csv", "submission")  # record keys that name files of 
 class _Chosen:
     """The selection: every candidate, the greedy weights, the nested estimate."""
 
-    cands: list
-    sel: object  # selection.Selection
-    nested: object  # selection.Nested
-    members: list  # (candidate, weight) with weight > 0
+    cands: list[Candidate]
+    sel: Selection
+    nested: Nested
+    members: list[tuple[Candidate, float]]  # weight > 0
 
 
 def _select(cfg: RefitConfig, su: Setup, n: int, console: Console, cache_dir: Path) -> _Chosen:
@@ -327,8 +349,10 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     and the like-for-like per-fold scores (fold model f of every member, blended, over the
     same views as the OOF)."""
     ens = load_ensemble(ens_dir, cfg.device)
+    if not isinstance(ens, WeightedEnsemble):
+        raise EnsembleError(f"{ens_dir}: not a multi-trial ensemble")
     rows = su.cache.rows("test")
-    out = {"rows": rows, "probs": None, "auc": None, "auc_folds": None}
+    out: dict[str, Any] = {"rows": rows, "probs": None, "auc": None, "auc_folds": None}
     out["members"] = [{} for _ in ens.members]
     if len(rows) == 0:
         return out
@@ -339,7 +363,7 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     ]
     pairs = list(zip(ens.members, keys, strict=True))
 
-    def per_fold_model(m, key: str) -> np.ndarray:  # (k, N) over cfg.tta views
+    def per_fold_model(m: Ensemble, key: str) -> np.ndarray:  # (k, N) over cfg.tta views
         return _cached(
             cache_dir / f"{key}-tta{cfg.tta}-folds.npy",
             lambda: m.predict(images(), tta=cfg.tta, per_model=True),
@@ -359,7 +383,9 @@ def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dic
     return out
 
 
-def _gap(oof: np.ndarray, y, folds, test_folds: list[float] | None) -> float | None:
+def _gap(
+    oof: np.ndarray, y: np.ndarray, folds: np.ndarray, test_folds: list[float] | None
+) -> float | None:
     """Mean per-fold held-out AUC of the blend minus the mean per-fold test AUC."""
     if test_folds is None:
         return None
@@ -367,7 +393,9 @@ def _gap(oof: np.ndarray, y, folds, test_folds: list[float] | None) -> float | N
     return float(np.mean(val) - np.mean(test_folds))
 
 
-def _print_selection(console: Console, cands: list[Candidate], sel, nested) -> None:
+def _print_selection(
+    console: Console, cands: list[Candidate], sel: Selection, nested: Nested
+) -> None:
     console.print(
         f"ensemble selection over {len(cands)} candidate(s), greedy with replacement, "
         f"{MAX_STEPS} steps:"

@@ -8,8 +8,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the data pipeline is not needed to train on arrays
+    from data_pipeline.cache import Cache
 
 PROBE_BYTES = 1 << 20  # PoolImages.signature reads this much from each end of the file
 
@@ -26,7 +30,7 @@ class PoolImages:
         self.path, self.rows = str(path), np.asarray(rows, np.int64)
         self._mm: np.ndarray | None = None
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, np.ndarray]]:
         return (PoolImages, (self.path, self.rows))
 
     def _map(self) -> np.ndarray:
@@ -46,7 +50,7 @@ class PoolImages:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, key) -> np.ndarray:
+    def __getitem__(self, key: Any) -> np.ndarray:
         """``pool[idx]`` or ``pool[idx, y0:y1, x0:x1]``: a gather of those rows, in RAM."""
         rest = ()
         if isinstance(key, tuple):
@@ -73,7 +77,7 @@ class PoolImages:
             h.update(f.read(PROBE_BYTES))
         return h.hexdigest()
 
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         out = self[np.arange(len(self.rows))]
         return out if dtype is None else out.astype(dtype)
 
@@ -88,7 +92,7 @@ class TrainData:
     ids: np.ndarray | None = None
 
     @classmethod
-    def from_cache(cls, cache, rows: np.ndarray | None = None) -> TrainData:
+    def from_cache(cls, cache: Cache, rows: np.ndarray | None = None) -> TrainData:
         """Rows of a ``data_pipeline.Cache`` (default: its labelled pool), memory-mapped: no
         copy of the patches is made here (batches gather their rows)."""
         rows = cache.labelled_pool() if rows is None else np.asarray(rows)

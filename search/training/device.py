@@ -62,7 +62,8 @@ def amp_dtype(dev: torch.device) -> torch.dtype | None:
 def precision(dev: str | torch.device) -> str:
     """The arithmetic training and inference use on ``dev``: "bf16", "fp16" or "fp32"."""
     amp = amp_dtype(torch.device(dev))
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp, "fp32")
+    names: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(amp, "fp32")
 
 
 def configure(dev: torch.device, threads: int | None) -> None:

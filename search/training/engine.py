@@ -26,9 +26,10 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -74,7 +75,7 @@ class TrialError(RuntimeError):
         super().__init__(f"{message} at epoch {epoch} with params {params}")
         self.message, self.epoch, self.params = message, epoch, params
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, int, dict]]:
         # Ray copies and pickles errors from trials to the driver: rebuild from the same args
         return (type(self), (self.message, self.epoch, self.params))
 
@@ -141,7 +142,7 @@ def _param_groups(p: TrainParams, model: torch.nn.Module) -> list:
     return param_groups_weight_decay(model, p.weight_decay)
 
 
-def _make_optimizer(p: TrainParams, params) -> torch.optim.Optimizer:
+def _make_optimizer(p: TrainParams, params: list) -> torch.optim.Optimizer:
     """torch's optimizer for ``p`` (torch's defaults, RMSprop's alpha 0.99 included);
     ``params``: a list of tensors or of param groups (``_param_groups``)."""
     if p.optimizer == "adam":
@@ -208,12 +209,12 @@ class _Batcher:
 
     def __init__(
         self,
-        images,
+        images: np.ndarray | PoolImages,
         labels: np.ndarray,
         crop: int,
         device: torch.device,
-        mean,
-        std,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
         place: str = "host",
         prefetch: bool | None = None,
     ) -> None:
@@ -255,11 +256,13 @@ class _Batcher:
         """A fold's training rows as a device tensor (once per fold) when the pool is there."""
         return None if self.x is None else torch.from_numpy(rows).to(self.device)
 
-    def epoch(self, rows: np.ndarray, rows_dev: torch.Tensor | None, steps: int, size: int):
+    def epoch(
+        self, rows: np.ndarray, rows_dev: torch.Tensor | None, steps: int, size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``steps`` batches of ``size`` rows, a random order of ``rows`` (drop-last), as
         (B, c, c, 3) uint8 and (B,) float32 targets on the device. Draws from the default
         generators (the fold's, swapped in by ``_FoldRNG``)."""
-        if self.x is not None and rows_dev is not None:
+        if self.x is not None and self.y is not None and rows_dev is not None:
             perm = rows_dev[torch.randperm(len(rows_dev), device=self.device)]
             for s in range(steps):
                 idx = perm[s * size : (s + 1) * size]
@@ -299,7 +302,7 @@ def _pinned(t: torch.Tensor, cuda: bool) -> torch.Tensor:
     return t.pin_memory() if cuda else t
 
 
-def _prefetched(fn: Callable, items: list):
+def _prefetched(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
     """``fn(item)`` for each item, in order, each computed in a background thread while the
     caller works on the previous result (one ahead)."""
     if not items:
@@ -364,7 +367,7 @@ class _FoldRNG:
         self.cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self) -> Iterator[None]:
         outer = torch.get_rng_state()
         outer_cuda = torch.cuda.get_rng_state(self.dev) if self.cuda is not None else None
         torch.set_rng_state(self.cpu)
@@ -375,7 +378,7 @@ class _FoldRNG:
         finally:
             self.cpu = torch.get_rng_state()
             torch.set_rng_state(outer)
-            if self.cuda is not None:
+            if outer_cuda is not None:  # set iff this fold has a CUDA stream
                 self.cuda = torch.cuda.get_rng_state(self.dev)
                 torch.cuda.set_rng_state(outer_cuda, self.dev)
 
@@ -400,13 +403,20 @@ class _Fold:
     """
 
     def __init__(
-        self, f: int, p: TrainParams, folds: np.ndarray, epochs: int, seed: int, dev, pretrained
+        self,
+        f: int,
+        p: TrainParams,
+        folds: np.ndarray,
+        epochs: int,
+        seed: int,
+        dev: torch.device,
+        pretrained: bool | str,
     ) -> None:
         self.f = f
         # the process's own stream is left as it was: the fold's is forked from it
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(seed * 1000 + f)  # same seed -> same init per fold
-            self.model = create_model(p, pretrained).to(dev, memory_format=torch.channels_last)
+            self.model = create_model(p, pretrained).to(dev).to(memory_format=torch.channels_last)
             self.rng = _FoldRNG(dev)  # the fold's stream from here on: seed + init
         self.train_idx = np.flatnonzero(folds != f)
         self.train_idx_dev: torch.Tensor | None = None  # on the device with a device pool
@@ -445,8 +455,9 @@ class _Fold:
             for s, (xb, yb) in enumerate(batches):
                 xb = batch.inputs(xb, p.aug)  # (B, 3, c, c) float, normalised, augmented
                 yb = yb * (1 - p.label_smoothing) + 0.5 * p.label_smoothing
-                if mixes[s] is not None:
-                    xb, yb = apply_mix(xb, yb, mixes[s])
+                mix = mixes[s]
+                if mix is not None:
+                    xb, yb = apply_mix(xb, yb, mix)
                 with torch.autocast(run.dev.type, dtype=run.amp, enabled=run.amp is not None):
                     logits = m(xb).squeeze(1)
                 loss = binary_loss(
@@ -557,18 +568,20 @@ def train_cv(
     configure(dev, threads)
     folds = np.asarray(folds)
     k = int(folds.max()) + 1
-    plan = plan_pool_for(p, len(data.labels), k, dev, gpu_share) if pool is None else None
-    place = pool or plan.where
+    place = plan_pool_for(p, len(data.labels), k, dev, gpu_share).where if pool is None else pool
     args = (p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race_epochs)
     trained, note = _host_if_pool_oom(lambda where: _train_cv(*args, where), place, dev)
     return _finish(trained, keep_states, keep_oof, note)
+
+
+_T = TypeVar("_T")
 
 
 class _PoolOutOfMemory(RuntimeError):
     """CUDA ran out of memory with the pool on the device, before anything was reported."""
 
 
-def _host_if_pool_oom(train: Callable[[str], object], place: str, dev: torch.device):
+def _host_if_pool_oom(train: Callable[[str], _T], place: str, dev: torch.device) -> tuple[_T, str]:
     """(``train(place)``, "") - or, when the device pool ran out of memory before the first
     report, (``train("host")``, why): same seeds, same result. The device's cached blocks
     are released after either (reused Ray actors: the next trial finds them free)."""
@@ -596,7 +609,19 @@ class _Trained:
     t_start: float
 
 
-def _train_cv(p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race, place):
+def _train_cv(
+    p: TrainParams,
+    data: TrainData,
+    folds: np.ndarray,
+    epochs: int,
+    dev: torch.device,
+    seed: int,
+    pretrained: bool | str,
+    on_epoch: Callable[[int, dict], bool] | None,
+    eval_batch: int,
+    race: int,
+    place: str,
+) -> _Trained:
     """``train_cv``'s loop with the pool at ``place``; returns the trained folds."""
     k = int(folds.max()) + 1
     t_start = time.perf_counter()
@@ -636,7 +661,7 @@ class _Clock:
         self.last_seconds = self.last_images = 0.0
 
     @contextlib.contextmanager
-    def training(self, dev: torch.device):
+    def training(self, dev: torch.device) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
         if dev.type == "cuda":
@@ -651,7 +676,7 @@ class _Clock:
 
 
 def _metrics(
-    epoch: int, seen: list[_Fold], runs: list[_Fold], p: TrainParams, clock: _Clock, t_start
+    epoch: int, seen: list[_Fold], runs: list[_Fold], p: TrainParams, clock: _Clock, t_start: float
 ) -> dict:
     """One report: means over the folds in ``seen`` (all trained to ``epoch``, or stopped)."""
     aucs = [r.best_auc if p.restore_best and not r.active else r.auc for r in seen]
@@ -713,7 +738,9 @@ def _finish(t: _Trained, keep_states: bool, keep_oof: bool, note: str = "") -> C
 
 
 @torch.no_grad()
-def _predict(model, batch: _Batcher, rows: np.ndarray, eval_batch: int) -> np.ndarray:
+def _predict(
+    model: torch.nn.Module, batch: _Batcher, rows: np.ndarray, eval_batch: int
+) -> np.ndarray:
     """Probabilities for ``rows`` (no augmentation), in chunks of ``eval_batch``."""
     model.eval()
     out = [
@@ -763,7 +790,17 @@ def train_full(
     return _host_if_pool_oom(lambda where: _train_full(*args, where), place, dev)[0]
 
 
-def _train_full(p, data, epochs, seeds, dev, pretrained, on_epoch, seconds, place) -> list[dict]:
+def _train_full(
+    p: TrainParams,
+    data: TrainData,
+    epochs: int,
+    seeds: list[int] | tuple[int, ...],
+    dev: torch.device,
+    pretrained: bool | str,
+    on_epoch: Callable[[int, int, int], None] | None,
+    seconds: float | None,
+    place: str,
+) -> list[dict]:
     """``train_full``'s loop with the pool at ``place``."""
     every = np.ones(len(data.labels), np.int64)  # "fold 0" then trains on every row
     states, batch, run = [], None, None

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -123,13 +123,13 @@ class Tally:
                 ),
                 Text(params, overflow="fold"),
             )
-        parts = [head, best]
+        parts: list[RenderableType] = [head, best]
         if self.last_error:
             parts.append(Text(f"last failure: {self.last_error}", style="red", overflow="fold"))
         return Group(*parts)
 
 
-def _short(v) -> str:
+def _short(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 

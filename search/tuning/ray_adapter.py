@@ -34,9 +34,10 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import optuna
@@ -66,7 +67,9 @@ from search.common.attrs import (
     VAL_LOSS,
 )
 from search.common.ensemble import ensemble_files, model_meta, write_files
+from search.common.study import value_of
 from search.training.engine import (
+    CVResult,
     PoolImages,
     TrainData,
     TrainParams,
@@ -95,7 +98,7 @@ class TrialSettings:
     models_dir: str | None = None  # COMPLETE trials save their fold models + OOF here
     model_meta: dict | None = None  # saved with them: dataset fingerprint, folds file, ...
     # run_trials sets it: the actor that writes them on the driver's node (see ModelSink)
-    sink: object | None = None
+    sink: Any = None  # the driver-side actor (ray.actor.ActorHandle) that writes fold models
     gpu_share: float = 0.0  # --gpus-per-trial: the share of its GPU a trial plans memory with
 
 
@@ -211,7 +214,7 @@ class ModelSink:
         return str(write_files(self.models_dir / trial_id, files))
 
 
-def start_sink(models_dir: str):
+def start_sink(models_dir: str) -> Any:
     """A ``ModelSink`` actor pinned to this (the driver's) node, using no CPU."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -222,10 +225,11 @@ def start_sink(models_dir: str):
     ).remote(models_dir)
 
 
-def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> str:
+def _save_models(config: dict, res: CVResult, settings: TrialSettings, trial_id: str) -> str:
     """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>`` on
     the driver's node (through ``settings.sink``; written here when there is none)."""
     p = TrainParams.from_dict(config)
+    assert res.states is not None  # train_cv(keep_states=True) for a kept trial
     meta = {
         **(settings.model_meta or {}),
         **model_meta(p),
@@ -237,6 +241,7 @@ def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> s
     files = ensemble_files(res.states, meta, oof=res.oof_best if p.restore_best else res.oof)
     try:
         if settings.sink is None:
+            assert settings.models_dir is not None  # only called when models are kept
             return str(write_files(Path(settings.models_dir) / trial_id, files))
         return ray.get(settings.sink.put.remote(trial_id, files))
     except OSError as e:
@@ -250,7 +255,9 @@ def _save_models(config: dict, res, settings: TrialSettings, trial_id: str) -> s
         ) from None
 
 
-def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
+def noop_trainable(
+    config: dict, data: TrainData, folds: np.ndarray, settings: TrialSettings
+) -> None:
     """No training: reports ``max_epochs`` made-up AUCs (a smooth function of lr) at once.
 
     For measuring orchestration overhead per trial (``benchmarks/search_overhead.py``).
@@ -272,11 +279,11 @@ def noop_trainable(config: dict, data, folds, settings: TrialSettings) -> None:
 class _RecordingASHA(ASHAScheduler):
     """ASHA that remembers which trials it stopped before their last epoch."""
 
-    def __init__(self, stopped: set[str], **kwargs) -> None:
+    def __init__(self, stopped: set[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stopped_early = stopped
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and result.get(TIME_ATTR, 0) < self._max_t:
             self.stopped_early.add(trial.trial_id)
@@ -311,17 +318,17 @@ class _TrialRegistry(tune.Callback):
     def __init__(self) -> None:
         self.trials: dict = {}
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.trials[trial.trial_id] = trial
 
 
-def _finite(v) -> float | None:
+def _finite(v: float | None) -> float | None:
     """A loss for JSON user attrs: None when missing or not finite (JSON has no NaN)."""
     v = None if v is None else float(v)
     return v if v is not None and math.isfinite(v) else None
 
 
-def _error_of(trial) -> TrialError:
+def _error_of(trial: Any) -> TrialError:
     """The exception that ended a Ray trial (type name, message, module).
 
     Read from the trial's local error files (written by Ray before the searcher hears of the
@@ -368,14 +375,14 @@ class _TruthfulSearch(OptunaSearch):
         tally: Tally,
         driver: dict,
         keep_top: int = 10,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._keep_top = keep_top
         # COMPLETE trials whose fold models are on disk: path -> value (earlier runs included)
         self._kept: dict[str, float] = {
-            t.user_attrs[MODELS_DIR]: t.value
-            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            t.user_attrs[MODELS_DIR]: value_of(t)
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get(MODELS_DIR)
         }
         self._max_epochs = max_epochs
@@ -404,9 +411,11 @@ class _TruthfulSearch(OptunaSearch):
 
     @property
     def study(self) -> optuna.Study:
-        return self._ot_study
+        """OptunaSearch's study (set from ``storage`` + ``study_name`` in its constructor)."""
+        return cast(optuna.Study, self._ot_study)
 
-    def suggest(self, trial_id: str) -> dict | str | None:
+    # Ray's searchers end a search by returning Searcher.FINISHED, a str, from suggest
+    def suggest(self, trial_id: str) -> dict | str | None:  # type: ignore[override]
         # --trials counts finished trials: an interrupted one (a worker that died) is replaced
         if self._tally.finished >= self._tally.target:
             return self.FINISHED
@@ -457,7 +466,9 @@ class _TruthfulSearch(OptunaSearch):
         )
         self._tally.running[ot.number] = int(result["epoch"])
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         ot = self._ot_trials.get(trial_id)
         if ot is None or trial_id in self._completed_trials:
             return
@@ -517,7 +528,7 @@ class _TruthfulSearch(OptunaSearch):
         try:
             for k, v in attrs.items():
                 ot.set_user_attr(k, v)
-            self._ot_study.tell(ot, value if state == TrialState.COMPLETE else None, state=state)
+            self.study.tell(ot, value if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # never lose the search over one bookkeeping write
             logging.getLogger(__name__).warning("could not record trial %s: %s", ot.number, e)
 
@@ -527,7 +538,7 @@ class _TruthfulSearch(OptunaSearch):
             self._kept[path] = value
         else:
             shutil.rmtree(path, ignore_errors=True)
-        ranked = sorted(self._kept, key=self._kept.get, reverse=True)
+        ranked = sorted(self._kept, key=self._kept.__getitem__, reverse=True)
         for old in ranked[self._keep_top :]:
             shutil.rmtree(old, ignore_errors=True)
             del self._kept[old]
@@ -548,7 +559,9 @@ class _TruthfulSearch(OptunaSearch):
         return n
 
 
-def init_ray(address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool):
+def init_ray(
+    address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool
+) -> dict:
     """Start a private Ray instance, or join the cluster at ``address``.
 
     Returns the cluster's resources ({"CPU": n, "GPU": m, ...}).
@@ -681,7 +694,7 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 ENV_PREFIX = "PCAM_"  # environment variables of the project, forwarded to Ray's workers
 
 
-def worker_env(environ) -> dict[str, str]:
+def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The driver's ``PCAM_*`` settings, for every trial's worker."""
     return {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)}
 
@@ -798,6 +811,7 @@ def run_trials(
         driver=driver,
         keep_top=keep_top,
     )
+    scheduler: TrialScheduler
     if asha:
         scheduler = _RecordingASHA(
             stopped,

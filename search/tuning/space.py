@@ -35,13 +35,16 @@ import importlib.resources
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import models
+
+if TYPE_CHECKING:
+    import optuna
 from search.training.engine import TrainParams
 
 # the shipped spaces: package data of ``studies`` (the repo folder, or the installed copy)
-STUDIES_DIR = Path(importlib.resources.files("studies"))
+STUDIES_DIR = Path(str(importlib.resources.files("studies")))
 TYPES = ("float", "int", "categorical")
 REQUIREMENTS = ("resnet", "simple_cnn", "pretrained")  # conditions a param may depend on
 _KEYS = {"type", "low", "high", "log", "step", "choices", "requires", "when", "why"}
@@ -219,7 +222,7 @@ def _applies(spec: dict, chosen: dict, pretrained: bool) -> bool:
     return all(chosen.get(n, getattr(defaults, n)) in ok for n, ok in spec.get("when", {}).items())
 
 
-def suggest(trial, space: Space, pretrained: bool = False) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: Space, pretrained: bool = False) -> dict[str, Any]:
     """Sample one trial's params: ``space.fixed`` plus each applicable searched param.
 
     ``trial`` is an ``optuna.Trial`` (or anything with its ``suggest_*`` methods). Params
