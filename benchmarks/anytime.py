@@ -56,13 +56,8 @@ from data_pipeline.folds import folds_for_cache
 from data_pipeline.synth import SynthConfig, write
 from search.common.attrs import get_record
 from search.common.ensemble import Ensemble
-from search.training.engine import (
-    TrainData,
-    TrainParams,
-    TrialError,
-    train_cv,
-    train_full,
-)
+from search.training.engine import TrainData, TrainParams, train_cv, train_full
+from search.training.results import TrialError
 from search.tuning.space import load_space, suggest
 
 ROOT = Path(__file__).resolve().parent.parent

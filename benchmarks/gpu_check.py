@@ -131,7 +131,7 @@ def main() -> int:
                 )
         print(f"would write {args.out}/throughput.md and {args.out}/throughput.json")
         return 0
-    from search.training.engine import resolve_device
+    from search.training.fold import resolve_device
 
     dev = resolve_device()
     args.out.mkdir(parents=True, exist_ok=True)

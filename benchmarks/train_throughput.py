@@ -32,16 +32,10 @@ import models
 from data_pipeline import build_cache, load_cache
 from data_pipeline.synth import SynthConfig, write
 from search.training.augment import augment
+from search.training.batches import crop_batch
 from search.training.device import amp_dtype
-from search.training.engine import (
-    AMP_ENV,
-    PoolImages,
-    TrainData,
-    crop_batch,
-    precision,
-    resolve_device,
-    train_cv,
-)
+from search.training.engine import AMP_ENV, PoolImages, TrainData, precision, train_cv
+from search.training.fold import resolve_device
 
 
 def baseline(

@@ -21,16 +21,9 @@ from safetensors.torch import load_file, save
 
 import models
 from data_pipeline.atomic import atomic_path
-from search.training.engine import (
-    PoolImages,
-    TrainParams,
-    create_model,
-    crop_batch,
-    normalise,
-    probabilities,
-    resolve_device,
-    to_unit,
-)
+from search.training.batches import crop_batch, normalise, to_unit
+from search.training.engine import PoolImages, TrainParams
+from search.training.fold import create_model, probabilities, resolve_device
 from search.training.metrics import blend
 
 TTA_CHOICES = (1, 4, 8)

@@ -68,14 +68,8 @@ from search.common.attrs import (
 )
 from search.common.ensemble import ensemble_files, model_meta, write_files
 from search.common.study import value_of
-from search.training.engine import (
-    CVResult,
-    PoolImages,
-    TrainData,
-    TrainParams,
-    precision,
-    train_cv,
-)
+from search.training.engine import PoolImages, TrainData, TrainParams, precision, train_cv
+from search.training.results import CVResult
 from search.tuning.deadline import Deadline
 from search.tuning.outcome import STOPS_THE_RUN, WORKER_GONE, TrialError, classify
 from search.tuning.progress import Tally

@@ -13,6 +13,8 @@ from torch.overrides import TorchFunctionMode
 import models
 import search.training.device as device
 import search.training.engine as engine
+import search.training.fold as training_fold
+from search.training import batches, results
 from search.training.engine import TrainData, TrainParams, train_cv
 
 TINY = {"crop": 32, "batch_size": 16, "lr": 3e-3, "width": 8}
@@ -151,10 +153,10 @@ def test_device_pool_is_one_allocation_no_list_and_cat(small, monkeypatch):
     # a list of chunks + torch.cat briefly needs twice the pool: the pool is filled in place
     data, _ = small
     monkeypatch.setattr(torch, "cat", lambda *a, **k: pytest.fail("torch.cat builds the pool"))
-    b = engine._Batcher(
+    b = batches.Batcher(
         data.images, data.labels, 32, torch.device("cpu"), (0.5,) * 3, (0.2,) * 3, "device"
     )
-    want = engine.crop_batch(np.asarray(data.images), 32)
+    want = batches.crop_batch(np.asarray(data.images), 32)
     assert b.place == "device" and torch.equal(b.x, want)
 
 
@@ -178,14 +180,14 @@ def test_device_pool_out_of_memory_in_first_step_restarts_on_host_not_a_fail(sma
     # not the params': the trial restarts on the host path (same seeds: same result)
     data, folds = small
     want = train_cv(TINY, data, folds, epochs=1, device="cpu", threads=2, pool="host")
-    real = engine._Fold.train_epoch
+    real = training_fold.Fold.train_epoch
 
     def train_epoch(self, run):
         if run.batch.place == "device":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512 MiB")
         return real(self, run)
 
-    monkeypatch.setattr(engine._Fold, "train_epoch", train_epoch)
+    monkeypatch.setattr(training_fold.Fold, "train_epoch", train_epoch)
     r = train_cv(TINY, data, folds, epochs=1, device="cpu", threads=2, pool="device")
     assert r.pool == "host" and "before the first report" in r.pool_note
     assert r.final["auc_folds"] == want.final["auc_folds"]
@@ -194,11 +196,11 @@ def test_device_pool_out_of_memory_in_first_step_restarts_on_host_not_a_fail(sma
 def test_out_of_memory_after_a_report_is_the_trials(small, monkeypatch):
     data, folds = small
     monkeypatch.setattr(
-        engine._Fold,
+        training_fold.Fold,
         "train_epoch",
         lambda self, run: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("CUDA out of memory")),
     )
-    with pytest.raises(engine.TrialOutOfMemory):
+    with pytest.raises(results.TrialOutOfMemory):
         train_cv(TINY, data, folds, epochs=1, device="cpu", threads=2, pool="host")
 
 
@@ -261,12 +263,12 @@ def test_train_epoch_makes_no_host_sync_per_step(small, pool):
             {**TINY, "aug": 0.5, "mix": "mixup", "mix_prob": 1.0, "pos_weight": 1.5}
         )
         every = np.ones(len(rows), np.int64)
-        fold = engine._Fold(0, p, every, 1, 0, torch.device("cpu"), False)
+        fold = training_fold.Fold(0, p, every, 1, 0, torch.device("cpu"), False)
         norm = models.data_config(fold.model, p.arch)
-        b = engine._Batcher(
+        b = batches.Batcher(
             sub.images, sub.labels, 32, torch.device("cpu"), norm["mean"], norm["std"], pool
         )
-        run = engine._Run(p, torch.device("cpu"), b, sub.labels)
+        run = training_fold.Run(p, torch.device("cpu"), b, sub.labels)
         with _SyncCounter() as c:
             fold.train_epoch(run)
         counts[fold.steps] = c.calls
@@ -339,7 +341,7 @@ def test_prefetched_computes_one_ahead_in_order():
         return i * 10
 
     got = []
-    for v in engine._prefetched(fn, [0, 1, 2]):
+    for v in batches._prefetched(fn, [0, 1, 2]):
         if v == 0:  # while the caller holds batch 0, batch 1 is being made
             assert ready.wait(5)
         got.append(v)
@@ -353,7 +355,7 @@ def test_host_path_with_prefetch_gives_the_same_batches(small):
     rows = np.flatnonzero(folds != 0)
     out = []
     for prefetch in (False, True):
-        b = engine._Batcher(
+        b = batches.Batcher(
             data.images,
             data.labels,
             32,
@@ -385,7 +387,7 @@ def test_train_cv_releases_the_device_after_each_trial_even_on_error(small, monk
     monkeypatch.setattr(engine, "release", lambda dev: released.append(dev.type))
     train_cv(TINY, data, folds, epochs=1, device="cpu", threads=2)
     assert released == ["cpu"]
-    with pytest.raises(engine.TrialDiverged):
+    with pytest.raises(results.TrialDiverged):
         train_cv({**TINY, "lr": 1e30, "optimizer": "sgd"}, data, folds, epochs=1, device="cpu")
     assert released == ["cpu", "cpu"]
 

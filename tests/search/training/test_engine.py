@@ -4,17 +4,9 @@ import pickle
 import numpy as np
 import pytest
 
-from search.training.engine import (
-    PoolImages,
-    TrainData,
-    TrainParams,
-    TrialDiverged,
-    TrialOutOfMemory,
-    fold_steps,
-    lr_factor,
-    resolve_device,
-    train_cv,
-)
+from search.training.engine import PoolImages, TrainData, TrainParams, fold_steps, train_cv
+from search.training.fold import lr_factor, resolve_device
+from search.training.results import TrialDiverged, TrialOutOfMemory
 
 TINY = {"crop": 32, "batch_size": 32, "lr": 3e-3, "width": 8}
 
@@ -371,14 +363,14 @@ def test_train_full_shortens_each_models_schedule_to_its_share_of_seconds(embedd
 
 @pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 def test_fold_schedule_shortened_mid_run_still_anneals_to_its_new_end(schedule):
-    # train_full's deadline sets _Fold.epochs mid-run: the lr must follow the new length
+    # train_full's deadline sets Fold.epochs mid-run: the lr must follow the new length
     # (reach ~0 at its last step), not the planned one
     import torch
 
-    from search.training.engine import _Fold
+    from search.training.fold import Fold
 
     p = TrainParams.from_dict({**TINY, "schedule": schedule, "warmup_epochs": 0.5})
-    fold = _Fold(0, p, np.ones(320, np.int64), 8, 0, torch.device("cpu"), False)
+    fold = Fold(0, p, np.ones(320, np.int64), 8, 0, torch.device("cpu"), False)
     lam = fold.sched.lr_lambdas[0]
     last = 3 * fold.steps - 1  # the last step of 3 epochs
     assert lam(last) > 0.3  # on the planned 8 epochs, mid-schedule
@@ -388,7 +380,7 @@ def test_fold_schedule_shortened_mid_run_still_anneals_to_its_new_end(schedule):
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
 def test_optimizer_decays_conv_and_linear_weights_only(optimizer):
-    from search.training.engine import _make_optimizer, _param_groups, create_model
+    from search.training.fold import _make_optimizer, _param_groups, create_model
 
     p = TrainParams(width=8, crop=32, optimizer=optimizer, weight_decay=1e-2)
     model = create_model(p)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from search.training.augment import centre_fraction, cutmix, mixup
-from search.training.engine import TrainParams, normalise, probabilities, train_cv
+from search.training.batches import normalise
+from search.training.engine import TrainParams, train_cv
+from search.training.fold import probabilities
 from search.training.losses import binary_loss
 from search.tuning.space import load_space, suggest
 

@@ -103,7 +103,7 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
     import errno
     from types import SimpleNamespace
 
-    from search.training.engine import create_model
+    from search.training.fold import create_model
     from search.tuning import ray_adapter
     from search.tuning.outcome import TrialError, classify
 
