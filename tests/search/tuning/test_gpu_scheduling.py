@@ -131,20 +131,20 @@ def test_quarter_gpu_trials_run_four_at_once_each_with_its_gpu(logical_gpu_ray, 
             }
         )
 
-    from search.tuning import ray_adapter
+    from search.tuning.ray_adapter import searcher
 
     seen = []
-    real = ray_adapter._TruthfulSearch.on_trial_complete
+    real = searcher._TruthfulSearch.on_trial_complete
 
     def spy(self, trial_id, result=None, error=False):
         seen.append(dict(result or {}))
         return real(self, trial_id, result, error)
 
-    ray_adapter._TruthfulSearch.on_trial_complete = spy
+    searcher._TruthfulSearch.on_trial_complete = spy
     try:
         st = _run(tmp_path, trainable, 4, n, "quarter")
     finally:
-        ray_adapter._TruthfulSearch.on_trial_complete = real
+        searcher._TruthfulSearch.on_trial_complete = real
     assert [t.state for t in st.trials] == [TrialState.COMPLETE] * 4
     assert len(seen) == 4
     for r in seen:
@@ -155,7 +155,7 @@ def test_quarter_gpu_trials_run_four_at_once_each_with_its_gpu(logical_gpu_ray, 
 
 def test_trial_given_a_gpu_without_cuda_fails_naming_the_node(logical_gpu_ray, tmp_path):
     # the real trainable on a logical GPU: this machine's torch has no CUDA device
-    from search.tuning.ray_adapter import _trainable
+    from search.tuning.ray_adapter.trial import _trainable
 
     st = _run(tmp_path, _trainable, 1, 1, "nocuda")
     (t,) = st.trials

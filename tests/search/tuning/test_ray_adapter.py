@@ -106,6 +106,7 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
     from search.training.fold import create_model
     from search.tuning import ray_adapter
     from search.tuning.outcome import TrialError, classify
+    from search.tuning.ray_adapter import trial
 
     p = TrainParams(width=8, crop=32)
     states = [create_model(p).state_dict() for _ in range(2)]
@@ -118,16 +119,16 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ray_adapter, "write_files", full)
+    monkeypatch.setattr(trial, "write_files", full)
     config = {"arch": "simple_cnn", "width": 8, "crop": 32}
     with pytest.raises(ray_adapter.DiskFullError) as e:
-        ray_adapter._save_models(config, res, settings, "t1")
+        trial._save_models(config, res, settings, "t1")
     assert f"no space left on the disk of {models_dir}" in str(e.value)
     # not the params' fault: interrupted (run again on resume), with the message as reason
     out = classify(
         fold_epochs=6,
         full_fold_epochs=6,
         value=0.8,
-        error=TrialError("DiskFullError", str(e.value), "search.tuning.ray_adapter"),
+        error=TrialError("DiskFullError", str(e.value), "search.tuning.ray_adapter.trial"),
     )
     assert out.interrupted and out.attrs[FAIL_REASON] == str(e.value)
