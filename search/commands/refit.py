@@ -36,16 +36,15 @@ from search.common import study as studies
 from search.common.cli_args import add_study_args, print_error, study_flags
 from search.common.config import DEFAULT_TTA
 from search.common.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
-from search.submission.refit import (
+from search.submission.inputs import RefitConfig, RefitError
+from search.submission.outputs import (
     REFIT_JSON,
-    RefitConfig,
-    RefitError,
     check_out_path,
     predict_test,
-    refit,
     submission_frame,
     write_csv_atomic,
 )
+from search.submission.refit import refit
 from search.submission.refit_ensemble import refit_ensemble
 
 KAGGLE_COMPETITION = "histopathologic-cancer-detection"

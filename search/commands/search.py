@@ -610,7 +610,8 @@ def _final_plan(
 def _refit_in_budget(cfg: SearchConfig, console: Console, t_cmd: float, deadline: Deadline) -> int:
     """--budget: the final model (the best params for as many epochs as fit, or the best
     trial's own fold models) and its submission, in the time the search left."""
-    from search.submission.refit import RefitConfig, RefitError, refit
+    from search.submission.inputs import RefitConfig, RefitError
+    from search.submission.refit import refit
     from search.tuning import ray_adapter
 
     assert cfg.budget is not None  # only --budget refits in the same command

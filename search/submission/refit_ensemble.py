@@ -41,16 +41,18 @@ from search.common.ensemble import (
     save_members,
 )
 from search.common.study import value_of
-from search.submission.refit import (
-    OOF_CSV,
-    REFIT_JSON,
-    SUBMISSION,
+from search.submission.inputs import (
     RefitConfig,
     RefitError,
     Setup,
     check_outputs_writable,
-    moved,
     open_setup,
+)
+from search.submission.outputs import (
+    OOF_CSV,
+    REFIT_JSON,
+    SUBMISSION,
+    moved,
     pool_images,
     progress_bar,
     stage_dir,

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from data_pipeline.atomic import atomic_path, write_text_atomic
-from search.submission.refit import write_csv_atomic
+from search.submission.outputs import write_csv_atomic
 
 
 def test_atomic_path_error_leaves_the_old_file_and_no_temp(tmp_path):

@@ -680,7 +680,7 @@ def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch
     from search.commands.refit import refit_parser
     from search.commands.search import next_commands
     from search.common.config import SearchConfig
-    from search.submission.refit import RefitConfig
+    from search.submission.inputs import RefitConfig
 
     monkeypatch.chdir(tmp_path)
     cfg = SearchConfig(study="s1", storage=storage, studies_dir=Path("rel/studies"))

@@ -23,7 +23,8 @@ from search.commands.search_args import main as search_main
 from search.common import study as studies
 from search.common.attrs import MODELS_DIR, REFIT, get_record
 from search.common.ensemble import EnsembleError, dihedral_views, load_ensemble
-from search.submission.refit import RefitError, pick_trial, submission_frame, write_csv_atomic
+from search.submission.inputs import RefitError, pick_trial
+from search.submission.outputs import submission_frame, write_csv_atomic
 
 SPACE = """
 [fixed]
@@ -368,7 +369,8 @@ def test_refit_full_models_end_by_train_until(refitted, tmp_path):
 
     from rich.console import Console
 
-    from search.submission.refit import RefitConfig, refit
+    from search.submission.inputs import RefitConfig
+    from search.submission.refit import refit
 
     root, _ = refitted
     shutil.copytree(root / "studies", tmp_path / "studies")
@@ -420,7 +422,7 @@ def test_study_user_attrs_stay_short_big_records_elsewhere(refitted):
 
 
 def test_plan_final_trains_the_cap_without_a_time_limit():
-    from search.submission.refit import plan_final
+    from search.submission.plan import plan_final
 
     plan = plan_final(3, 12, 48, 48, None, None, 1000, True)
     assert (plan.path, plan.models, plan.epochs) == ("full", 1, 48)
@@ -428,7 +430,7 @@ def test_plan_final_trains_the_cap_without_a_time_limit():
 
 
 def test_plan_final_with_time_fits_epochs_then_seeds_then_reuses():
-    from search.submission.refit import plan_final
+    from search.submission.plan import plan_final
     from search.tuning.deadline import Pace
 
     pace = Pace(seconds_per_fold_epoch=2.0, images_per_s=500.0)  # a trial's pace
