@@ -9,6 +9,7 @@ import pytest
 from search import report
 from search.common import study as studies
 from search.common.attrs import FOLDS_FILE, REFIT
+from search.report import refit_figures, study_figures
 
 
 def test_report_full_study_draws_every_section(tmp_path, made_up_study, with_refit):
@@ -39,11 +40,11 @@ def test_report_degrades_with_a_sentence(case, tmp_path, made_up_study):
 
 
 def test_intermediate_values_coloured_by_state(made_up_study):
-    fig = report.fig_intermediate(made_up_study(2, 3))
+    fig = study_figures.fig_intermediate(made_up_study(2, 3))
     # one line per trial, in its final state's colour
     colours = [tr.line.color for tr in fig.data]
-    assert colours.count(report.STATE_COLOURS["COMPLETE"]) == 2
-    assert colours.count(report.STATE_COLOURS["PRUNED"]) == 3
+    assert colours.count(study_figures.STATE_COLOURS["COMPLETE"]) == 2
+    assert colours.count(study_figures.STATE_COLOURS["PRUNED"]) == 3
 
 
 def test_report_cli_missing_study_is_clear(tmp_path, capsys):
@@ -111,25 +112,25 @@ def test_report_trials_table_lists_every_trial_and_sorts(made_up_study):
 
 def test_report_fold_spread_shows_each_complete_trials_folds(made_up_study):
     st = made_up_study(3, 1)
-    fig = report.fig_fold_spread(st)
+    fig = study_figures.fig_fold_spread(st)
     assert len(fig.data) == 3
     assert all(len(b.y) == 3 for b in fig.data)  # 3 folds each
-    assert isinstance(report.fig_fold_spread(made_up_study(0, 2)), str)
+    assert isinstance(study_figures.fig_fold_spread(made_up_study(0, 2)), str)
 
 
 def test_report_history_and_parallel_coordinates_show_pruned_trials(made_up_study):
     st = made_up_study(2, 3)
-    hist = report.fig_history(st)
+    hist = study_figures.fig_history(st)
     pruned = [tr for tr in hist.data if tr.name == "PRUNED (last mean AUC)"]
     assert len(pruned) == 1 and len(pruned[0].x) == 3
-    par = report.fig_parallel(st)
+    par = study_figures.fig_parallel(st)
     state_axis = par.data[0].dimensions[0]
     assert state_axis.label == "state" and sorted(state_axis.values) == [0, 0, 0, 1, 1]
 
 
 def test_report_slices_wrap_into_rows_that_fit_the_page(made_up_study):
     st = made_up_study(4, 2)
-    fig = report.fig_slices(st)
+    fig = study_figures.fig_slices(st)
     # 3 params -> one row of 3 panels; no fixed width (optuna's: 300 px per param)
     assert fig.layout.width is None
     xaxes = [k for k in fig.layout.to_plotly_json() if k.startswith("xaxis")]
@@ -140,7 +141,7 @@ def test_report_slices_wrap_into_rows_that_fit_the_page(made_up_study):
 
 
 def test_report_intermediate_axis_has_whole_number_ticks(made_up_study):
-    fig = report.fig_intermediate(made_up_study(2, 1))
+    fig = study_figures.fig_intermediate(made_up_study(2, 1))
     assert fig.layout.xaxis.tickformat == "d" and fig.layout.xaxis.dtick >= 1
 
 
@@ -149,7 +150,7 @@ def test_calibration_bins_hold_enough_predictions_when_they_bunch_up():
     rng = np.random.default_rng(0)
     p = np.concatenate([0.40 + 0.07 * rng.random(1960), rng.random(40)])
     y = (rng.random(len(p)) < p).astype(int)
-    mean_p, frac, count = report.calibration_bins(y, p)
+    mean_p, frac, count = refit_figures.calibration_bins(y, p)
     assert count.sum() == len(p)
     assert (count >= 0.02 * len(p)).all()
     assert (np.diff(mean_p) > 0).all()
@@ -166,6 +167,6 @@ def test_report_study_with_only_failed_trials_says_so(made_up_study):
 
 
 def test_report_loss_curves_of_the_best_trials(made_up_study):
-    fig = report.fig_losses(made_up_study(3, 2))
+    fig = study_figures.fig_losses(made_up_study(3, 2))
     assert len(fig.data) == 2 * 5  # train + held-out per trial
     assert {tr.line.dash for tr in fig.data} == {"dash", "solid"}
