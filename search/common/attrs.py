@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # optuna only for the types: this module is imported by light CLIs
     import optuna
 
-# --- study attrs (search.commands.search._record_study, search.submission.refit*) ---
+# --- study attrs (search.commands.search_study.record_study, search.submission.refit*) ---
 DATASET_FINGERPRINT = "dataset_fingerprint"  # content hash of the data searched on
 FOLDS_FILE = "folds_file"  # the cache's folds CSV every trial and refit used
 CONFIG = "config"  # the last run's SearchConfig.to_dict() (password masked)

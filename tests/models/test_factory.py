@@ -174,7 +174,7 @@ def test_fetch_weights_offline_names_the_arch_and_what_to_do(tmp_path, monkeypat
 
 
 def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, monkeypatch):
-    from search.commands import search as cli
+    from search.commands import search_config as cli
     from search.common.config import SearchConfig
     from search.tuning.space import load_space
 
@@ -189,7 +189,7 @@ def test_search_pretrained_hub_fetches_each_arch_once_on_the_driver(tmp_path, mo
     )
     cfg = SearchConfig(pretrained="hub")
     assert cfg.pretrained_arg is True  # trials read the caches
-    cli._check_weights(cfg, load_space(str(space_file)))
+    cli.check_weights(cfg, load_space(str(space_file)))
     assert made == ["resnet18"]
 
 

@@ -678,7 +678,7 @@ def test_search_on_bad_data_names_the_problem_and_creates_no_study(kaggle_dir, t
 def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch, storage):
     # the printed refit/report commands must reach this study when run from another folder
     from search.commands.refit import refit_parser
-    from search.commands.search import next_commands
+    from search.commands.search_study import next_commands
     from search.common.config import SearchConfig
     from search.submission.inputs import RefitConfig
 
@@ -712,8 +712,8 @@ def test_next_commands_name_the_same_study_from_any_folder(tmp_path, monkeypatch
 )
 def test_build_config_budget_searches_short_complete_trials(flags, epochs):
     # with a final model to train, trials are short complete runs unless the user says
-    from search.commands.search import build_config
     from search.commands.search_args import parser
+    from search.commands.search_config import build_config
 
     cfg = build_config(parser().parse_args(flags), has_gpu=False)
     assert cfg.max_epochs == epochs
@@ -775,7 +775,7 @@ def test_final_plan_gives_a_tie_to_the_faster_trial_only_when_it_buys_epochs(lef
 
     from rich.console import Console
 
-    from search.commands.search import _final_plan
+    from search.commands.final_step import final_plan
     from search.common.config import SearchConfig
     from search.tuning.deadline import Deadline
 
@@ -784,7 +784,7 @@ def test_final_plan_gives_a_tie_to_the_faster_trial_only_when_it_buys_epochs(lef
     deadline.observe("best", seconds=12, fold_epochs=12, images_per_s=1e9)
     deadline.best = "best"
     cfg = SearchConfig(budget=left, max_epochs=4)
-    number, epochs, models = _final_plan(
+    number, epochs, models = final_plan(
         cfg, study, time.monotonic(), deadline, Console(file=io.StringIO())
     )
     assert number == want and epochs > 4 and models >= 1
@@ -803,8 +803,8 @@ def test_search_dead_address_is_named_in_seconds(_kaggle_master, tmp_path, capsy
 
 
 def test_build_config_takes_the_fold_seed():
-    from search.commands.search import FROZEN_SETTINGS, build_config
     from search.commands.search_args import parser
+    from search.commands.search_config import FROZEN_SETTINGS, build_config
 
     assert build_config(parser().parse_args([]), has_gpu=False).fold_seed == 0
     assert build_config(parser().parse_args(["--fold-seed", "1"]), has_gpu=False).fold_seed == 1

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.commands.search import trials_at_once
+from search.commands.search_config import trials_at_once
 from search.common import study as studies
 from search.common.attrs import ERROR_MESSAGE, ERROR_TYPE
 from search.training.engine import TrainData
