@@ -59,26 +59,22 @@ def _ours(url: str, space, trials: int, epochs: int, concurrency: int, tmp: Path
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     data = TrainData(np.zeros((64, 96, 96, 3), np.uint8), np.zeros(64, np.int64))
     t0 = time.perf_counter()
-    ray_adapter.run_trials(
+    run = ray_adapter.SearchRun(
         study=study,
         storage=storage,
         space_fn=lambda t: suggest(t, space),
         sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True),
         n_trials=trials,
-        data=data,
-        folds=np.zeros(64, np.int64),
         settings=ray_adapter.TrialSettings(max_epochs=epochs, seed=0, threads=1, pretrained=False),
         resources=ray_adapter.Resources(1, 0, concurrency),
+        storage_path=str(tmp / "ray"),
+        driver=studies.driver_id(),
         grace_period=1,
         reduction_factor=3,
-        asha=True,
-        deadline=Deadline(full_fold_epochs=epochs),  # no deadline: k = 1, all epochs
-        tally=Tally(target=trials),
-        driver=studies.driver_id(),
-        storage_path=str(tmp / "ray"),
-        verbose=False,
         trainable=ray_adapter.noop_trainable,
     )
+    deadline = Deadline(full_fold_epochs=epochs)  # no deadline: k = 1, all epochs
+    ray_adapter.run_trials(run, data, np.zeros(64, np.int64), deadline, Tally(target=trials))
     wall = time.perf_counter() - t0
     n = len(optuna.load_study(study_name=name, storage=storage).trials)
     assert n == trials, f"expected {trials} trials, the study has {n}"

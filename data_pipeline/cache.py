@@ -467,66 +467,91 @@ def build_cache(
                 "(they are listed with reasons in report.csv beside the cache).",
                 problems,
             )
-        bad = _bad_rows(entries, problems)
-        skipped_dup = {
-            (p.split, p.id)
-            for p in problems
-            if p.kind == "duplicate_image" and p.action == "skipped"
-        }
-        keys = zip(entries["split"].to_numpy(), entries["id"].to_numpy(), strict=True)
-        bad |= np.fromiter((k in skipped_dup for k in keys), dtype=bool, count=len(entries))
+        keep = np.flatnonzero(~_rows_left_out(entries, problems))
         problems = [p if p.action != "error" else _with_action(p, "skipped") for p in problems]
-        keep = np.flatnonzero(~bad)
-        images = tmp / "images.npy"
-        if len(keep) == len(entries):
-            os.replace(raw, images)
-        else:
-            src = np.load(raw, mmap_mode="r")
-            check_free_space(tmp, len(keep) * int(np.prod(SHAPE)))
-            dst = np.lib.format.open_memmap(
-                images, mode="w+", dtype=np.uint8, shape=(len(keep), *SHAPE)
-            )
-            for s in range(0, len(keep), 4096):  # bounded memory: 4096 patches = 113 MB
-                dst[s : s + 4096] = src[keep[s : s + 4096]]
-            dst.flush()
-            del src, dst
-            raw.unlink()
+        _write_images(raw, tmp / "images.npy", keep, len(entries))
         index = entries.iloc[keep].copy()
         index["hash"] = hashes[keep]
         index["source"] = [_source(entries, int(r)) for r in keep]
         index = index[["id", "label", "split", "slide", "hash", "source"]]
         index.to_csv(tmp / "index.csv", index=False)
         (tmp / "report.csv").write_text(to_csv_text(problems))
-        meta = {
-            "cache_version": CACHE_VERSION,
-            "layout": layout,
-            "source": str(root),
-            "fingerprint": fp,
-            "content_fingerprint": content_fingerprint(index),
-            "n": int(len(index)),
-            "splits": {k: int(v) for k, v in index["split"].value_counts().items()},
-            "labels": {str(k): int(v) for k, v in index["label"].value_counts().items()},
-            "slides": int((index["slide"] != "").sum()),
-            "problems": counts(problems),
-            "skipped": int(len(entries) - len(keep)),
-            "skip_bad": skip_bad,
-            "build_seconds": round(time.perf_counter() - t0, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        seconds = round(time.perf_counter() - t0, 2)
+        meta = _meta(layout, root, fp, index, problems, len(entries), skip_bad, seconds)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists() and rebuild:
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build won: use its cache
+        _move_in(tmp, final, rebuild)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _remove_stale(cache_root, final, root)
     return final
+
+
+def _rows_left_out(entries: pd.DataFrame, problems: list[Problem]) -> np.ndarray:
+    """(N,) bool: rows with a problem, and the duplicates the scan skipped."""
+    bad = _bad_rows(entries, problems)
+    skipped_dup = {
+        (p.split, p.id) for p in problems if p.kind == "duplicate_image" and p.action == "skipped"
+    }
+    keys = zip(entries["split"].to_numpy(), entries["id"].to_numpy(), strict=True)
+    bad |= np.fromiter((k in skipped_dup for k in keys), dtype=bool, count=len(entries))
+    return bad
+
+
+def _write_images(raw: Path, images: Path, keep: np.ndarray, n: int) -> None:
+    """``images``: the rows ``keep`` of the decoded ``raw`` array (renamed when it is all)."""
+    if len(keep) == n:
+        os.replace(raw, images)
+        return
+    src = np.load(raw, mmap_mode="r")
+    check_free_space(images.parent, len(keep) * int(np.prod(SHAPE)))
+    dst = np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(len(keep), *SHAPE))
+    for s in range(0, len(keep), 4096):  # bounded memory: 4096 patches = 113 MB
+        dst[s : s + 4096] = src[keep[s : s + 4096]]
+    dst.flush()
+    del src, dst
+    raw.unlink()
+
+
+def _meta(
+    layout: str,
+    root: Path,
+    fp: str,
+    index: pd.DataFrame,
+    problems: list[Problem],
+    scanned: int,
+    skip_bad: bool,
+    seconds: float,
+) -> dict:
+    """The cache's meta.json."""
+    return {
+        "cache_version": CACHE_VERSION,
+        "layout": layout,
+        "source": str(root),
+        "fingerprint": fp,
+        "content_fingerprint": content_fingerprint(index),
+        "n": int(len(index)),
+        "splits": {k: int(v) for k, v in index["split"].value_counts().items()},
+        "labels": {str(k): int(v) for k, v in index["label"].value_counts().items()},
+        "slides": int((index["slide"] != "").sum()),
+        "problems": counts(problems),
+        "skipped": int(scanned - len(index)),
+        "skip_bad": skip_bad,
+        "build_seconds": seconds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _move_in(tmp: Path, final: Path, rebuild: bool) -> None:
+    """The built folder into place; when a concurrent build won the race, use its cache."""
+    if final.exists() and rebuild:
+        shutil.rmtree(final)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _with_action(p: Problem, action: str) -> Problem:

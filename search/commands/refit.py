@@ -36,7 +36,7 @@ from search.common import study as studies
 from search.common.cli_args import add_study_args, print_error, study_flags
 from search.common.config import DEFAULT_TTA
 from search.common.ensemble import TTA_CHOICES, EnsembleError, load_ensemble
-from search.submission.inputs import RefitConfig, RefitError
+from search.submission.inputs import RefitConfig, RefitError, RefitResult
 from search.submission.outputs import (
     REFIT_JSON,
     check_out_path,
@@ -154,48 +154,16 @@ def _add_force_device(ap: argparse.ArgumentParser) -> None:
 
 
 def refit_main(argv: list[str] | None = None) -> int:
+    """The ``pcam-refit`` entry point: check the flags, refit (or select an ensemble), print
+    what was written; the exit code."""
     t_start = time.monotonic()  # --time counts from here
     args = refit_parser().parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     err, out = Console(stderr=True, soft_wrap=True), Console(soft_wrap=True)
-    try:
-        studies.check_study_name(args.study)
-    except ValueError as e:
-        print_error(err, str(e))
-        return EXIT_BAD_INPUT
-    if args.full < 0 or (args.full and args.retrain):
-        return print_error(err, "--full N needs N >= 1 (it trains; no --retrain)")
-    if args.reuse and args.epochs:
-        return print_error(err, "--reuse trains nothing (no --epochs)")
-    if args.time is not None and args.time <= 0:
-        return print_error(err, f"--time must be > 0 seconds, got {args.time}")
-    if args.ensemble is not None and (
-        args.ensemble < 1 or args.retrain or args.epochs or args.full or args.reuse
-    ):
-        why = "--ensemble N needs N >= 1 and trains nothing (no --retrain, --epochs or --full)"
-        return print_error(err, why)
-    cfg = RefitConfig(
-        study=args.study,
-        storage=args.storage,
-        studies_dir=args.studies_dir,
-        trial=None if args.best else args.trial,
-        epochs=args.epochs,
-        tta=args.tta,
-        data=args.data,
-        cache_dir=args.cache_dir,
-        out=args.out,
-        force=args.force,
-        retrain=args.retrain,
-        full_models=args.full,
-        # the default: plan the final model (full-data fit, or reuse when nothing more fits)
-        final=not (args.reuse or args.retrain or args.full),
-        seconds=args.time,
-        t_start=t_start,
-        other_data=args.other_data,
-        device=args.device,
-        seed=args.seed,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    problem = _flag_problem(args)
+    if problem:
+        return print_error(err, problem)
+    cfg = _refit_config(args, t_start)
     if args.json:  # stdout holds the one JSON record; everything else goes to stderr
         out = Console(soft_wrap=True, stderr=True)
     try:
@@ -219,6 +187,59 @@ def refit_main(argv: list[str] | None = None) -> int:
     ) as e:
         print_error(err, str(e))
         return EXIT_BAD_INPUT
+    _print_scores(r, out)
+    rc = _print_outputs(cfg, r.submission, r.layout, out)
+    if args.json:
+        print(json.dumps(json.loads((Path(r.ensemble_dir).parent / REFIT_JSON).read_text())))
+    return rc
+
+
+def _flag_problem(args: argparse.Namespace) -> str:
+    """Why the flags do not go together ("" when they do)."""
+    try:
+        studies.check_study_name(args.study)
+    except ValueError as e:
+        return str(e)
+    if args.full < 0 or (args.full and args.retrain):
+        return "--full N needs N >= 1 (it trains; no --retrain)"
+    if args.reuse and args.epochs:
+        return "--reuse trains nothing (no --epochs)"
+    if args.time is not None and args.time <= 0:
+        return f"--time must be > 0 seconds, got {args.time}"
+    if args.ensemble is not None and (
+        args.ensemble < 1 or args.retrain or args.epochs or args.full or args.reuse
+    ):
+        return "--ensemble N needs N >= 1 and trains nothing (no --retrain, --epochs or --full)"
+    return ""
+
+
+def _refit_config(args: argparse.Namespace, t_start: float) -> RefitConfig:
+    return RefitConfig(
+        study=args.study,
+        storage=args.storage,
+        studies_dir=args.studies_dir,
+        trial=None if args.best else args.trial,
+        epochs=args.epochs,
+        tta=args.tta,
+        data=args.data,
+        cache_dir=args.cache_dir,
+        out=args.out,
+        force=args.force,
+        retrain=args.retrain,
+        full_models=args.full,
+        # the default: plan the final model (full-data fit, or reuse when nothing more fits)
+        final=not (args.reuse or args.retrain or args.full),
+        seconds=args.time,
+        t_start=t_start,
+        other_data=args.other_data,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _print_scores(r: RefitResult, out: Console) -> None:
+    """The refit's validation (and, with test labels, test) AUCs, and where it wrote."""
     folds = ", ".join(f"{a:.4f}" for a in r.oof_auc_folds)
     full = r.path == "full"
     what = "CV AUC of these params, the search's fold models" if full else "OOF AUC"
@@ -242,10 +263,6 @@ def refit_main(argv: list[str] | None = None) -> int:
             highlight=False,
         )
     out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)
-    rc = _print_outputs(cfg, r.submission, r.layout, out)
-    if args.json:
-        print(json.dumps(json.loads((Path(r.ensemble_dir).parent / REFIT_JSON).read_text())))
-    return rc
 
 
 def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:

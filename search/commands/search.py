@@ -15,6 +15,7 @@ import os
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import optuna
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import models
-from data_pipeline.cache import available_cpus, cache_root_dir
+from data_pipeline.cache import Cache, available_cpus, cache_root_dir
 from data_pipeline.cli_common import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED
 from data_pipeline.dataset import open_dataset
 from data_pipeline.folds import (
@@ -63,6 +64,9 @@ from search.tuning.progress import Tally, live
 from search.tuning.sampler import make_sampler
 from search.tuning.space import Space, SpaceError, load_space, skipped_for_weights, suggest
 
+if TYPE_CHECKING:  # Ray is imported only when a search runs
+    from search.tuning import ray_adapter
+
 
 def run(
     cfg: SearchConfig,
@@ -77,15 +81,7 @@ def run(
     ``explicit``: the frozen settings the user gave; the others come from an existing study.
     """
     t_cmd = time.monotonic() if t_cmd is None else t_cmd
-
-    space = load_space(cfg.space)
-    check_weights(cfg, space, console)
-    skipped = [] if cfg.pretrained else skipped_for_weights(space)
-    if skipped:
-        console.print(
-            f"no pretrained weights (--pretrained): not searching {skipped}; "
-            "ResNets train all stages"
-        )
+    space = _load_space(cfg, console)
     cache = open_dataset(cfg.data, progress=cfg.progress)  # bad data: no study is created
     storage = studies.make_storage(cfg.storage_url)
     study = open_study(cfg, storage, console)
@@ -94,15 +90,67 @@ def run(
     if requeued:
         console.print(f"re-running first the params of interrupted trial(s) {requeued}")
     done = studies.count_finished(study)
-    remaining = cfg.trials - done
-    if remaining <= 0:
+    if cfg.trials <= done:
         console.print(
             f"study {cfg.study!r} already has {done} finished trials (--trials "
             f"{cfg.trials}); raise --trials to search more"
         )
         print_summary(console, study, cfg, Tally(target=0, finished_before=done))
         return 0
+    data_folds = _data_folds(cfg, cache, study, space, argv, console)
+    concurrency = cfg.concurrency or fit_concurrency(cfg)
+    _announce(cfg, console, done, len(data_folds[0].labels), data_folds[2], concurrency)
+    deadline = _deadline(cfg, cache, t_cmd)
+    tally = Tally(
+        target=cfg.trials - done, finished_before=done, echo=None if cfg.progress else console
+    )
+    if not study.trials:  # a new study starts from the space's known-good recipes
+        for params in space.start:
+            study.enqueue_trial(params, skip_if_exists=True)
+    interrupted = _search(
+        cfg, study, storage, space, data_folds, deadline, tally, concurrency, console
+    )
+    print_summary(console, study, cfg, tally)
+    if tally.halted:
+        print_error(console, tally.halted)
+        return EXIT_FAILED
+    # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
+    # deadline having ended the run means interrupted
+    interrupted |= tally.finished < tally.target and not deadline.reached
+    _deadline_notes(cfg, deadline, tally, console)
+    if interrupted:
+        console.print("[yellow]interrupted: run the same command again to continue[/]")
+        return EXIT_INTERRUPTED
+    if studies.best_trial(study) is None:
+        return no_result(console, study)
+    if cfg.budget is not None:
+        return refit_in_budget(cfg, console, t_cmd, deadline)
+    return 0
 
+
+def _load_space(cfg: SearchConfig, console: Console) -> Space:
+    """The search space, checked against the weights the run has."""
+    space = load_space(cfg.space)
+    check_weights(cfg, space, console)
+    skipped = [] if cfg.pretrained else skipped_for_weights(space)
+    if skipped:
+        console.print(
+            f"no pretrained weights (--pretrained): not searching {skipped}; "
+            "ResNets train all stages"
+        )
+    return space
+
+
+def _data_folds(
+    cfg: SearchConfig,
+    cache: Cache,
+    study: optuna.Study,
+    space: Space,
+    argv: list[str],
+    console: Console,
+) -> tuple[TrainData, np.ndarray, dict]:
+    """(labelled pool, its folds, the kept models' metadata); the study records what the run
+    searches on (data fingerprint, folds file, config, space)."""
     folds_df = folds_for_cache(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy)
     where = str(folds_file(cache, cfg.folds, cfg.fold_seed, cfg.fold_strategy))
     record_study(study, cfg, space, cache.fingerprint, where, argv)
@@ -112,18 +160,29 @@ def run(
     warn = slide_map_warning(slide_coverage(cache.index["slide"].to_numpy()[folds_df["row"]]))
     if warn and cfg.fold_strategy == "slide":
         console.print(f"[yellow]warning: {escape(warn)}[/]", highlight=False)
+    meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
+    return data, folds, meta
 
-    concurrency = cfg.concurrency or fit_concurrency(cfg)
+
+def _announce(
+    cfg: SearchConfig, console: Console, done: int, n: int, meta: dict, concurrency: int
+) -> None:
+    kind = Path(meta["folds_file"]).name.split("-k")[0]
     console.print(
         f"searching study [bold]{cfg.study}[/] ({studies.safe_url(cfg.storage_url)}): "
-        f"{remaining} more trial(s), {done} finished before; {len(data.labels)} patches, "
-        f"{cfg.folds} {Path(where).name.split('-k')[0]} folds, up to {cfg.max_epochs} epochs"
+        f"{cfg.trials - done} more trial(s), {done} finished before; {n} patches, "
+        f"{cfg.folds} {kind} folds, up to {cfg.max_epochs} epochs"
         + (f" (fold 0 alone for {cfg.race_epochs})" if cfg.race_epochs else "")
         + f", {concurrency} at once, space {cfg.space}"
         + (f", budget {cfg.budget:.0f} s (search + submission)" if cfg.budget else "")
         + (f", search timeout {cfg.timeout:.0f} s" if cfg.timeout else "")
     )
-    deadline = Deadline(
+
+
+def _deadline(cfg: SearchConfig, cache: Cache, t_cmd: float) -> Deadline:
+    """The run's clock: --timeout, or --budget less what the start took and the final model's
+    reserve; neither: no deadline."""
+    return Deadline(
         full_fold_epochs=cfg.folds * cfg.max_epochs,
         first_rung=min(cfg.grace_period, cfg.folds * cfg.max_epochs) if cfg.asha else None,
         timeout=cfg.timeout,
@@ -135,21 +194,10 @@ def run(
         final_fold_epochs=final_fold_epochs(cfg) if cfg.search_share < 1 else 0,
         final_factor=FULL_FIT_FACTOR if cfg.final_fit == "full" else REFIT_FACTOR,
     )
-    tally = Tally(target=remaining, finished_before=done, echo=None if cfg.progress else console)
-    if not study.trials:  # a new study starts from the space's known-good recipes
-        for params in space.start:
-            study.enqueue_trial(params, skip_if_exists=True)
-    meta = {"study": cfg.study, "dataset_fingerprint": cache.fingerprint, "folds_file": where}
-    interrupted = _search(
-        cfg, study, storage, space, (data, folds, meta), deadline, tally, concurrency, console
-    )
-    print_summary(console, study, cfg, tally)
-    if tally.halted:
-        print_error(console, tally.halted)
-        return EXIT_FAILED
-    # Ray Tune catches Ctrl-C itself and returns early: short of the target without the
-    # deadline having ended the run means interrupted
-    interrupted |= tally.finished < tally.target and not deadline.reached
+
+
+def _deadline_notes(cfg: SearchConfig, deadline: Deadline, tally: Tally, console: Console) -> None:
+    """Why a deadline search ended where it did: the budget too small, or the clock."""
     if deadline.reached and deadline.settled and deadline.starved():
         target = cfg.final_target_epochs  # k fold models; one full-data model: k-1 times more
         if cfg.final_fit == "full":
@@ -170,14 +218,6 @@ def run(
             f"waste {tally.waste:.0%} ({tally.wasted} of {tally.fold_epochs} fold-epochs went "
             "to trials stopped unfinished)[/]"
         )
-    if interrupted:
-        console.print("[yellow]interrupted: run the same command again to continue[/]")
-        return EXIT_INTERRUPTED
-    if studies.best_trial(study) is None:
-        return no_result(console, study)
-    if cfg.budget is not None:
-        return refit_in_budget(cfg, console, t_cmd, deadline)
-    return 0
 
 
 def _check_nodes(data: TrainData) -> None:
@@ -214,8 +254,31 @@ def _search(
     if prior is not None:
         tally.offer_best(prior.number, studies.value_of(prior), prior.params)
         deadline.settled = True  # no trial needs guarding: the study can already submit
-    # a resumed run does not replay the same draws
-    sampler = make_sampler(cfg.sampler, cfg.seed + len(study.trials))
+    run = _search_run(cfg, study, storage, space, meta, tally.target, concurrency)
+    try:
+        with live(tally, cfg.progress, console):
+            ray_adapter.run_trials(run, data, folds, deadline, tally)
+    except KeyboardInterrupt:
+        return True
+    except Exception as e:
+        if not type(e).__module__.startswith("ray"):
+            raise
+        raise RayDown(_ray_down(e, cfg)) from None
+    return False
+
+
+def _search_run(
+    cfg: SearchConfig,
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    space: Space,
+    meta: dict,
+    n_trials: int,
+    concurrency: int,
+) -> ray_adapter.SearchRun:
+    """What Ray runs: the study, its sampler, the space and how each trial trains."""
+    from search.tuning import ray_adapter
+
     settings = ray_adapter.TrialSettings(
         max_epochs=cfg.max_epochs,
         seed=cfg.seed,
@@ -226,37 +289,24 @@ def _search(
         model_meta=meta,
         gpu_share=cfg.gpus_per_trial,
     )
-    resources = ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency)
     pretrained = bool(cfg.pretrained)
-    try:
-        with live(tally, cfg.progress, console):
-            ray_adapter.run_trials(
-                study=study,
-                storage=storage,
-                space_fn=lambda t: suggest(t, space, pretrained),
-                sampler=sampler,
-                n_trials=tally.target,
-                data=data,
-                folds=folds,
-                settings=settings,
-                resources=resources,
-                grace_period=cfg.grace_period,
-                reduction_factor=cfg.reduction_factor,
-                asha=cfg.asha,
-                deadline=deadline,
-                tally=tally,
-                driver=studies.driver_id(),
-                storage_path=str(cfg.out_dir / "ray"),
-                verbose=cfg.verbose,
-                keep_top=cfg.keep_top,
-            )
-    except KeyboardInterrupt:
-        return True
-    except Exception as e:
-        if not type(e).__module__.startswith("ray"):
-            raise
-        raise RayDown(_ray_down(e, cfg)) from None
-    return False
+    return ray_adapter.SearchRun(
+        study=study,
+        storage=storage,
+        space_fn=lambda t: suggest(t, space, pretrained),
+        # a resumed run does not replay the same draws
+        sampler=make_sampler(cfg.sampler, cfg.seed + len(study.trials)),
+        n_trials=n_trials,
+        settings=settings,
+        resources=ray_adapter.Resources(cfg.cpus_per_trial, cfg.gpus_per_trial, concurrency),
+        storage_path=str(cfg.out_dir / "ray"),
+        driver=studies.driver_id(),
+        grace_period=cfg.grace_period,
+        reduction_factor=cfg.reduction_factor,
+        asha=cfg.asha,
+        keep_top=cfg.keep_top,
+        verbose=cfg.verbose,
+    )
 
 
 class RayDown(RuntimeError):
@@ -289,29 +339,13 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
     console = Console(stderr=True, soft_wrap=True)  # no hard breaks inside paths and URLs
     # --json: stdout holds the one JSON summary; everything else goes to stderr
     out = Console(soft_wrap=True, stderr=args.json)
+    ray_started = False
     try:
-        # the storage first: a bad URL or file fails in a second, not after Ray's ~20 s start
-        studies.check_study_name(args.study)
-        url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
-        studies.check_storage(url, write=True)
-        cache_root_dir(args.cache_dir)  # a file there, or a read-only HOME: said before Ray
-        # flags and a given space file: checked before Ray's ~20 s start (the defaults,
-        # which depend on the cluster's GPUs, are valid either way)
-        check_config(build_config(args, has_gpu=False))
-        if args.space:
-            load_space(args.space)
+        _check_before_ray(args)
         from search.tuning import ray_adapter
 
-        ray_adapter.check_internals()
-        if args.address is None:
-            cpus, gpus = available_cpus(), torch.cuda.device_count()
-            env = os.environ.get("RAY_ADDRESS")  # init_ray joins it, as Ray's scripts do
-            say = f"joining the Ray cluster at {env}" if env else f"starting a private Ray ({cpus}"
-            console.print(say + ("" if env else f" CPUs, {gpus} GPUs)") + " ...", highlight=False)
-            ray_adapter.init_ray(None, cpus, gpus, args.verbose)
-        else:
-            console.print(f"joining the Ray cluster at {args.address} ...", highlight=False)
-            ray_adapter.init_ray(args.address, None, None, args.verbose)
+        ray_started = True  # from here on, whatever happens, Ray is shut down at the end
+        _start_ray(args, console)
         has_gpu = ray_adapter.cluster_resources().get("GPU", 0) > 0
         cfg = build_config(args, has_gpu)
         check_config(cfg)
@@ -344,5 +378,36 @@ def run_args(args: argparse.Namespace, argv: list[str], t_cmd: float | None = No
         print_error(console, str(e))
         return EXIT_FAILED
     finally:
-        if "ray_adapter" in locals():
+        if ray_started:
+            from search.tuning import ray_adapter
+
             ray_adapter.shutdown_ray()
+
+
+def _check_before_ray(args: argparse.Namespace) -> None:
+    """What can be checked in a second, before Ray's ~20 s start: the storage (a bad URL or
+    file), the cache folder (a file there, a read-only HOME), the flags and a given space file
+    (the defaults, which depend on the cluster's GPUs, are valid either way)."""
+    studies.check_study_name(args.study)
+    url = SearchConfig(storage=args.storage, studies_dir=args.studies_dir).storage_url
+    studies.check_storage(url, write=True)
+    cache_root_dir(args.cache_dir)
+    check_config(build_config(args, has_gpu=False))
+    if args.space:
+        load_space(args.space)
+
+
+def _start_ray(args: argparse.Namespace, console: Console) -> None:
+    """Start a private Ray on this machine's CPUs and GPUs, or join the cluster asked for."""
+    from search.tuning import ray_adapter
+
+    ray_adapter.check_internals()
+    if args.address is not None:
+        console.print(f"joining the Ray cluster at {args.address} ...", highlight=False)
+        ray_adapter.init_ray(args.address, None, None, args.verbose)
+        return
+    cpus, gpus = available_cpus(), torch.cuda.device_count()
+    env = os.environ.get("RAY_ADDRESS")  # init_ray joins it, as Ray's scripts do
+    say = f"joining the Ray cluster at {env}" if env else f"starting a private Ray ({cpus}"
+    console.print(say + ("" if env else f" CPUs, {gpus} GPUs)") + " ...", highlight=False)
+    ray_adapter.init_ray(None, cpus, gpus, args.verbose)

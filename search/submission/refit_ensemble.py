@@ -303,7 +303,24 @@ def _write(
     if test["probs"] is not None:
         frame = submission_frame(su.cache, test["probs"], test["rows"])
         submission = write_csv_atomic(frame, sub_path, force=True)  # checked before any work
-    record = {
+    seconds = {"select": round(t_select, 1), "predict": round(time.perf_counter() - t1, 1)}
+    paths = {"ensemble": ens_dir, "oof_csv": oof_csv, "submission": submission}
+    record = _record(cfg, su, ch, test, oof_blend, paths, seconds)
+    return EnsembleResult(record, submission)
+
+
+def _record(
+    cfg: RefitConfig,
+    su: Setup,
+    ch: _Chosen,
+    test: dict,
+    oof_blend: np.ndarray,
+    paths: dict,
+    seconds: dict,
+) -> dict:
+    """``refit.json`` of a multi-trial ensemble: members, selection, estimates, files."""
+    y, folds = su.data.labels, su.folds
+    return {
         "kind": "ensemble",
         "label": f"ensemble of {len(ch.members)} ({', '.join(c.label for c, _ in ch.members)})",
         "trial": ch.members[0][0].trial,
@@ -336,13 +353,12 @@ def _write(
         "trained": False,
         "dataset_fingerprint": su.cache.fingerprint,
         "layout": su.cache.meta.get("layout"),
-        "ensemble": str(ens_dir),
-        "oof_csv": str(oof_csv),
-        "submission": str(submission) if submission else None,
-        "seconds": {"select": round(t_select, 1), "predict": round(time.perf_counter() - t1, 1)},
+        "ensemble": str(paths["ensemble"]),
+        "oof_csv": str(paths["oof_csv"]),
+        "submission": str(paths["submission"]) if paths["submission"] else None,
+        "seconds": seconds,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    return EnsembleResult(record, submission)
 
 
 def _predict(cfg: RefitConfig, su: Setup, ens_dir: Path, cache_dir: Path) -> dict:

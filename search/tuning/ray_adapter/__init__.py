@@ -41,7 +41,7 @@ from search.tuning.ray_adapter.cluster import (
     shutdown_ray,
     worker_env,
 )
-from search.tuning.ray_adapter.run import run_trials
+from search.tuning.ray_adapter.run import SearchRun, run_trials
 from search.tuning.ray_adapter.searcher import MACHINERY_SLACK
 from search.tuning.ray_adapter.trial import (
     METRIC,
@@ -66,6 +66,7 @@ __all__ = [
     "InternalsChanged",
     "NoCudaError",
     "RayStartError",
+    "SearchRun",
     "Resources",
     "TrialSettings",
     "check_data_on_nodes",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -33,29 +34,33 @@ from search.tuning.ray_adapter.trial import (
 )
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """What one ``run_trials`` call runs: the study and its sampler, how many trials, how
+    each trains and on what resources, ASHA's schedule, and where Ray writes."""
+
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    space_fn: Callable[[optuna.Trial], dict]
+    sampler: optuna.samplers.BaseSampler
+    n_trials: int  # finished trials wanted (Tally.target)
+    settings: TrialSettings
+    resources: Resources
+    storage_path: str  # Ray's experiment folders
+    driver: dict  # studies.driver_id(): who runs the search, for the trials' attrs
+    grace_period: int = 1  # ASHA, in fold-epochs
+    reduction_factor: int = 3
+    asha: bool = True
+    keep_top: int = 10  # COMPLETE trials whose fold models stay on disk
+    verbose: bool = False
+    trainable: Callable = _trainable
+
+
 def run_trials(
-    *,
-    study: optuna.Study,
-    storage: optuna.storages.BaseStorage,
-    space_fn: Callable[[optuna.Trial], dict],
-    sampler: optuna.samplers.BaseSampler,
-    n_trials: int,
-    data: TrainData,
-    folds: np.ndarray,
-    settings: TrialSettings,
-    resources: Resources,
-    grace_period: int,
-    reduction_factor: int,
-    asha: bool,
-    deadline: Deadline,
-    tally: Tally,
-    driver: dict,
-    storage_path: str,
-    verbose: bool,
-    trainable: Callable = _trainable,
-    keep_top: int = 10,
+    run: SearchRun, data: TrainData, folds: np.ndarray, deadline: Deadline, tally: Tally
 ) -> _TruthfulSearch:
-    """Run ``n_trials`` more trials of ``study`` on the Ray instance ``init_ray`` joined.
+    """Run ``run.n_trials`` more trials of ``run.study`` on the Ray instance ``init_ray``
+    joined.
 
     ASHA's grace period and rungs count fold-epochs. ``deadline`` (its ``full_fold_epochs`` =
     k x max_epochs) decides when to stop starting trials and when the run ends. Returns the
@@ -65,62 +70,29 @@ def run_trials(
     stopped: set[str] = set()
     registry = _TrialRegistry()
     t0 = time.monotonic()
-    searcher = _TruthfulSearch(
-        space=space_fn,
-        metric=METRIC,
-        mode="max",
-        sampler=sampler,
-        study_name=study.study_name,
-        storage=storage,
-        max_epochs=settings.max_epochs,
-        full_fold_epochs=deadline.full_fold_epochs,
-        deadline=deadline,
-        t0=t0,
-        stopped_early=stopped,
-        registry=registry,
-        tally=tally,
-        driver=driver,
-        keep_top=keep_top,
-    )
-    scheduler: TrialScheduler
-    if asha:
-        scheduler = _RecordingASHA(
-            stopped,
-            time_attr=TIME_ATTR,
-            max_t=deadline.full_fold_epochs,
-            grace_period=min(grace_period, deadline.full_fold_epochs),
-            reduction_factor=reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
-    sink = None
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if settings.models_dir is not None and len(alive) > 1:
-        # a cluster: kept models reach this node's disk through the sink; on one node the
-        # trials write them directly (an actor's start would delay the first trials ~seconds)
-        sink = start_sink(str(Path(settings.models_dir).resolve()))
-        settings = replace(settings, sink=sink)
+    searcher = _searcher(run, deadline, tally, t0, stopped, registry)
+    settings, sink = _with_sink(run.settings)
     trainable = tune.with_resources(
-        tune.with_parameters(trainable, data=data, folds=folds, settings=settings),
-        {"cpu": resources.cpus_per_trial, "gpu": resources.gpus_per_trial},
+        tune.with_parameters(run.trainable, data=data, folds=folds, settings=settings),
+        {"cpu": run.resources.cpus_per_trial, "gpu": run.resources.gpus_per_trial},
     )
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=scheduler,
+            scheduler=_scheduler(run, deadline, stopped),
             metric=METRIC,
             mode="max",
             # the searcher ends the run at n_trials finished; the slack lets it replace trials
             # the machinery interrupted (a dead worker: not counted, queued again on resume)
-            num_samples=n_trials + max(n_trials, MACHINERY_SLACK),
-            max_concurrent_trials=resources.concurrency,
+            num_samples=run.n_trials + max(run.n_trials, MACHINERY_SLACK),
+            max_concurrent_trials=run.resources.concurrency,
             reuse_actors=True,  # measured 8x less overhead per trial (NOTES.md)
         ),
         run_config=tune.RunConfig(
             name=f"run-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=storage_path,
-            verbose=1 if verbose else 0,
+            storage_path=run.storage_path,
+            verbose=1 if run.verbose else 0,
             callbacks=[registry],
             stop=_DeadlineStopper(deadline, t0, tally),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
@@ -137,3 +109,52 @@ def run_trials(
             else "the search was interrupted before the trial finished"
         )
     return searcher
+
+
+def _searcher(
+    run: SearchRun,
+    deadline: Deadline,
+    tally: Tally,
+    t0: float,
+    stopped: set[str],
+    registry: _TrialRegistry,
+) -> _TruthfulSearch:
+    return _TruthfulSearch(
+        space=run.space_fn,
+        metric=METRIC,
+        mode="max",
+        sampler=run.sampler,
+        study_name=run.study.study_name,
+        storage=run.storage,
+        max_epochs=run.settings.max_epochs,
+        full_fold_epochs=deadline.full_fold_epochs,
+        deadline=deadline,
+        t0=t0,
+        stopped_early=stopped,
+        registry=registry,
+        tally=tally,
+        driver=run.driver,
+        keep_top=run.keep_top,
+    )
+
+
+def _scheduler(run: SearchRun, deadline: Deadline, stopped: set[str]) -> TrialScheduler:
+    if not run.asha:
+        return FIFOScheduler()
+    return _RecordingASHA(
+        stopped,
+        time_attr=TIME_ATTR,
+        max_t=deadline.full_fold_epochs,
+        grace_period=min(run.grace_period, deadline.full_fold_epochs),
+        reduction_factor=run.reduction_factor,
+    )
+
+
+def _with_sink(settings: TrialSettings) -> tuple[TrialSettings, Any]:
+    """On a cluster, kept models reach this node's disk through a sink actor; on one node the
+    trials write them directly (an actor's start would delay the first trials ~seconds)."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if settings.models_dir is None or len(alive) < 2:
+        return settings, None
+    sink = start_sink(str(Path(settings.models_dir).resolve()))
+    return replace(settings, sink=sink), sink

@@ -75,14 +75,12 @@ def _run(tmp_path: Path, trainable, n_trials: int, concurrency: int, name: str) 
     storage = studies.make_storage(url)
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize")
     data = TrainData(np.zeros((8, 96, 96, 3), np.uint8), np.arange(8) % 2)
-    ray_adapter.run_trials(
+    run = ray_adapter.SearchRun(
         study=study,
         storage=storage,
         space_fn=lambda t: {"lr": t.suggest_float("lr", 1e-4, 1e-2, log=True)},
         sampler=optuna.samplers.RandomSampler(seed=0),
         n_trials=n_trials,
-        data=data,
-        folds=np.arange(8) % 2,
         settings=ray_adapter.TrialSettings(
             max_epochs=1, seed=0, threads=1, pretrained=False, race_epochs=0, gpu_share=GPU_SHARE
         ),
@@ -90,12 +88,13 @@ def _run(tmp_path: Path, trainable, n_trials: int, concurrency: int, name: str) 
         grace_period=1,
         reduction_factor=2,
         asha=False,
-        deadline=Deadline(full_fold_epochs=2),
-        tally=Tally(target=n_trials),
         driver=studies.driver_id(),
         storage_path=str(tmp_path / "ray"),
         verbose=False,
         trainable=trainable,
+    )
+    ray_adapter.run_trials(
+        run, data, np.arange(8) % 2, Deadline(full_fold_epochs=2), Tally(target=n_trials)
     )
     return optuna.load_study(study_name=name, storage=url)
 
