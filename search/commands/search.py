@@ -53,6 +53,7 @@ from search.commands.search_study import (
 from search.common import study as studies
 from search.common.cli_args import print_error
 from search.common.config import SearchConfig
+from search.training.checkpoint import CHECKPOINTS_DIR
 from search.training.engine import TrainData
 from search.tuning.deadline import (
     FULL_FIT_FACTOR,
@@ -288,6 +289,7 @@ def _search_run(
         models_dir=str(cfg.out_dir / "models") if cfg.keep_top > 0 else None,
         model_meta=meta,
         gpu_share=cfg.gpus_per_trial,
+        checkpoint_dir=str(cfg.out_dir / CHECKPOINTS_DIR),
     )
     pretrained = bool(cfg.pretrained)
     return ray_adapter.SearchRun(

@@ -39,6 +39,7 @@ EARLY_STOPPED = "early_stopped"  # early stopping (patience) ended every fold: C
 MODELS_DIR = "models_dir"  # its kept fold models (--keep-top), while kept
 INTERRUPTED = "interrupted"  # stopped by a deadline or Ctrl-C: re-run on resume
 RETRY_OF = "retry_of"  # the interrupted trial whose params this one re-runs (its number)
+RESUMED_FROM = "resumed_from"  # fold-epochs it continued from (the interrupted one's checkpoint)
 FAIL_REASON = "fail_reason"
 ERROR_TYPE = "error_type"
 ERROR_MESSAGE = "error_message"

@@ -26,12 +26,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
 import models
+from search.training import checkpoint as ckpt
 from search.training.batches import Batcher, first_line
 from search.training.data import PROBE_BYTES, PoolImages, TrainData  # noqa: F401
 from search.training.device import (
@@ -103,6 +105,7 @@ def train_cv(
     race_epochs: int = 0,
     gpu_share: float = 1.0,
     pool: str | None = None,
+    checkpoint: str | Path | None = None,
 ) -> CVResult:
     """Train one model per fold and score every fold's held-out part after each of its epochs.
 
@@ -119,6 +122,10 @@ def train_cv(
     (``plan_pool_for``) may use; ``pool`` ("device"/"host") overrides the plan. A device
     pool that runs out of memory before the first report is dropped and the trial restarts
     on the host path (same seeds, so the same result), saying so in ``CVResult.pool_note``.
+
+    ``checkpoint``: a file (``search.training.checkpoint``) the state is saved to after every
+    report; when it already holds this trial's state, the saved reports are replayed to
+    ``on_epoch`` and training continues from the next step (nothing trained twice).
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_dict(params)
     dev = resolve_device(device)
@@ -126,8 +133,9 @@ def train_cv(
     folds = np.asarray(folds)
     k = int(folds.max()) + 1
     place = plan_pool_for(p, len(data.labels), k, dev, gpu_share).where if pool is None else pool
+    ckpt_path = None if checkpoint is None else Path(checkpoint)
     args = (p, data, folds, epochs, dev, seed, pretrained, on_epoch, eval_batch, race_epochs)
-    trained, note = _host_if_pool_oom(lambda where: _train_cv(*args, where), place, dev)
+    trained, note = _host_if_pool_oom(lambda where: _train_cv(*args, ckpt_path, where), place, dev)
     return _finish(trained, keep_states, keep_oof, note)
 
 
@@ -177,12 +185,14 @@ def _train_cv(
     on_epoch: Callable[[int, dict], bool] | None,
     eval_batch: int,
     race: int,
+    checkpoint: Path | None,
     place: str,
 ) -> _Trained:
     """``train_cv``'s loop with the pool at ``place``; returns the trained folds."""
     k = int(folds.max()) + 1
     t_start = time.perf_counter()
-    epoch, history, stopped, batch = 0, [], False, None
+    epoch, stopped, batch = 0, False, None
+    history: list[dict] = []
     try:
         runs = [Fold(f, p, folds, epochs, seed, dev, pretrained) for f in range(k)]
         norm = models.data_config(runs[0].model, p.arch)
@@ -190,12 +200,22 @@ def _train_cv(
         run = Run(p, dev, batch, data.labels)
         clock = Clock()
         steps = fold_steps(k, epochs, race)
+        start, history, stopped, t_start = _resume(checkpoint, steps, runs, run, clock, on_epoch)
+        ckpt_s, share = 0.0, ckpt.write_share()  # seconds spent writing checkpoints, at most
         for i, (group, epoch) in enumerate(steps):
+            if i < start or stopped:
+                continue
             clock.new_step()
             for f in group:
                 runs[f].train_to(run, epoch, clock, eval_batch)
             seen = runs[: group[-1] + 1]  # folds that have reached this epoch (steps go in order)
             history.append(_metrics(epoch, seen, runs, p, clock, t_start))
+            if start:
+                history[-1][ckpt.RESUMED] = history[start - 1][ckpt.RESUMED]
+            if checkpoint is not None and ckpt_s <= share * (time.perf_counter() - t_start):
+                t0 = time.perf_counter()  # before the report: a report is never lost
+                ckpt.save(checkpoint, i, len(steps), history, runs, run, clock, t0 - t_start)
+                ckpt_s += time.perf_counter() - t0
             if on_epoch is not None and on_epoch(epoch, history[-1]) and i < len(steps) - 1:
                 stopped = True
                 break
@@ -206,6 +226,29 @@ def _train_cv(
             raise _PoolOutOfMemory(first_line(e)) from e
         raise TrialOutOfMemory(f"CUDA out of memory ({e})", epoch, asdict(p)) from e
     return _Trained(runs, run, history, stopped, epochs, t_start)
+
+
+def _resume(
+    checkpoint: Path | None,
+    steps: list[tuple[list[int], int]],
+    runs: list[Fold],
+    run: Run,
+    clock: Clock,
+    on_epoch: Callable[[int, dict], bool] | None,
+) -> tuple[int, list[dict], bool, float]:
+    """(first step to train, reports so far, stopped, t_start) - from ``checkpoint`` when it
+    holds this trial's state: its reports are replayed to ``on_epoch`` (a scheduler may stop
+    the trial on them, as it would have), and the clock goes on from the seconds spent."""
+    saved = None if checkpoint is None else ckpt.restore(checkpoint, len(steps), runs, run, clock)
+    if saved is None:
+        return 0, [], False, time.perf_counter()
+    start, history, elapsed = saved
+    # every report of a resumed trial says where it resumed (what was not trained now)
+    history = [{**m, ckpt.RESUMED: history[-1]["fold_epochs"]} for m in history]
+    for i, m in enumerate(history):
+        if on_epoch is not None and on_epoch(m["epoch"], m) and i < len(steps) - 1:
+            return start, history, True, time.perf_counter() - elapsed
+    return start, history, False, time.perf_counter() - elapsed
 
 
 def _metrics(

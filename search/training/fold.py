@@ -232,6 +232,41 @@ class Fold:
             )
         return self.steps * p.batch_size
 
+    def state_dict(self) -> dict:
+        """Everything that makes this fold's next epoch what it would have been: weights,
+        optimizer, schedule, loss scaler, EMA, random stream, progress and best-so-far."""
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng_cpu": self.rng.cpu,
+            "rng_cuda": self.rng.cuda,
+            "epoch": self.epoch,
+            "active": self.active,
+            "latest": [self.auc, self.loss, self.acc, self.train_loss],
+            "best": [self.best_auc, self.best_epoch, self.since],
+            "best_state": self.best_state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s output (same params, folds and device type)."""
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.rng.cpu = state["rng_cpu"]
+        if self.rng.cuda is not None and state["rng_cuda"] is not None:
+            self.rng.cuda = state["rng_cuda"]
+        self.epoch, self.active = int(state["epoch"]), bool(state["active"])
+        self.auc, self.loss, self.acc, self.train_loss = (float(v) for v in state["latest"])
+        best_auc, best_epoch, since = state["best"]
+        self.best_auc, self.best_epoch, self.since = float(best_auc), int(best_epoch), int(since)
+        self.best_state = state["best_state"]
+
     @property
     def scored(self) -> torch.nn.Module:
         """The weights scored, kept and submitted: the EMA's when ``ema`` is on."""

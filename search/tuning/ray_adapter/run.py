@@ -31,6 +31,7 @@ from search.tuning.ray_adapter.trial import (
     TrialSettings,
     _trainable,
     start_sink,
+    trial_checkpoint,
 )
 
 
@@ -70,7 +71,8 @@ def run_trials(
     stopped: set[str] = set()
     registry = _TrialRegistry()
     t0 = time.monotonic()
-    searcher = _searcher(run, deadline, tally, t0, stopped, registry)
+    k = int(np.max(folds)) + 1
+    searcher = _searcher(run, deadline, tally, t0, stopped, registry, k)
     settings, sink = _with_sink(run.settings)
     trainable = tune.with_resources(
         tune.with_parameters(run.trainable, data=data, folds=folds, settings=settings),
@@ -118,6 +120,7 @@ def _searcher(
     t0: float,
     stopped: set[str],
     registry: _TrialRegistry,
+    k: int,
 ) -> _TruthfulSearch:
     return _TruthfulSearch(
         space=run.space_fn,
@@ -135,6 +138,7 @@ def _searcher(
         tally=tally,
         driver=run.driver,
         keep_top=run.keep_top,
+        checkpoint_of=lambda config: trial_checkpoint(run.settings, config, k),
     )
 
 

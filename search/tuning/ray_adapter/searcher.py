@@ -8,6 +8,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import optuna
@@ -17,6 +19,7 @@ from ray import cloudpickle, tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from data_pipeline.atomic import remove
 from search.common.attrs import (
     AUC_FOLDS,
     DEVICE,
@@ -32,10 +35,12 @@ from search.common.attrs import (
     POOL,
     PRECISION,
     RAY_TRIAL_ID,
+    RESUMED_FROM,
     SECONDS,
     VAL_LOSS,
 )
 from search.common.study import value_of
+from search.training.checkpoint import RESUMED
 from search.tuning.deadline import Deadline
 from search.tuning.outcome import STOPS_THE_RUN, WORKER_GONE, TrialError, classify
 from search.tuning.progress import Tally
@@ -143,10 +148,14 @@ class _TruthfulSearch(OptunaSearch):
         tally: Tally,
         driver: dict,
         keep_top: int = 10,
+        checkpoint_of: Callable[[dict], Path | None] = lambda config: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._keep_top = keep_top
+        # a trial's resumable state: kept while it may be re-run (interrupted), else removed
+        self._checkpoint_of = checkpoint_of
+        self._configs: dict[str, dict] = {}
         # COMPLETE trials whose fold models are on disk: path -> value (earlier runs included)
         self._kept: dict[str, float] = {
             t.user_attrs[MODELS_DIR]: value_of(t)
@@ -204,6 +213,7 @@ class _TruthfulSearch(OptunaSearch):
         ot.set_user_attr(RAY_TRIAL_ID, trial_id)
         self._reported[trial_id] = set()
         self._tally.running[ot.number] = 0
+        self._configs[trial_id] = config
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -213,7 +223,12 @@ class _TruthfulSearch(OptunaSearch):
         step = int(result.get(TIME_ATTR, result["epoch"]))
         if step in self._reported[trial_id]:
             return
-        self._tally.fold_epochs += step - max(self._reported[trial_id], default=0)
+        # fold-epochs trained in this run (a resumed trial's replayed reports were not)
+        resumed = int(result.get(RESUMED, 0))
+        if resumed and not self._reported[trial_id]:
+            ot.set_user_attr(RESUMED_FROM, resumed)
+        base = max(max(self._reported[trial_id], default=0), resumed)
+        self._tally.fold_epochs += max(0, step - base)
         self._reported[trial_id].add(step)
         value = float(result[METRIC])
         if math.isfinite(value):  # Optuna rejects NaN intermediate values
@@ -278,6 +293,10 @@ class _TruthfulSearch(OptunaSearch):
         state, error_text = TrialState[outcome.state], outcome.error_text
         if outcome.interrupted:
             self._tally.wasted += fold_epochs
+        else:  # pruned, failed or finished: never resumed (a finished trial removed its own)
+            checkpoint = self._checkpoint_of(self._configs.pop(trial_id, {}))
+            if checkpoint is not None:
+                remove(checkpoint)
         if state == TrialState.COMPLETE and value > self._best_value:
             self._best_value, self._deadline.best = value, trial_id
         self._deadline.finished(trial_id, state == TrialState.COMPLETE)

@@ -16,7 +16,10 @@ import ray
 import torch
 from ray import tune
 
+from data_pipeline.atomic import remove
 from search.common.ensemble import ensemble_files, model_meta, write_files
+from search.training.checkpoint import RESUMED, checkpoint_key
+from search.training.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
 from search.training.engine import TrainData, TrainParams, precision, train_cv
 from search.training.results import CVResult
 
@@ -40,6 +43,25 @@ class TrialSettings:
     # run_trials sets it: the actor that writes them on the driver's node (see ModelSink)
     sink: Any = None  # the driver-side actor (ray.actor.ActorHandle) that writes fold models
     gpu_share: float = 0.0  # --gpus-per-trial: the share of its GPU a trial plans memory with
+    # each trial's resumable state (search.training.checkpoint) on the node it runs on: an
+    # interrupted trial's params run again on resume and continue from it
+    checkpoint_dir: str | None = None
+
+
+def trial_checkpoint(settings: TrialSettings, config: dict, k: int) -> Path | None:
+    """Where the trial of ``config`` keeps its resumable state (None: no checkpoints): the
+    same params trained the same way on the same data and folds find the same file."""
+    if settings.checkpoint_dir is None:
+        return None
+    key = checkpoint_key(
+        config,
+        seed=settings.seed,
+        max_epochs=settings.max_epochs,
+        race_epochs=settings.race_epochs,
+        k=k,
+        data=settings.model_meta,
+    )
+    return Path(settings.checkpoint_dir) / f"{key}{CHECKPOINT_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             "precision": arithmetic,
             "self_stopped": bool(m.get("self_stopped", False)),
             "node": node,
+            RESUMED: m.get(RESUMED, 0),  # > 0: continued from an interrupted run's checkpoint
         }
         if keep and (m["fold_epochs"] >= full or result["self_stopped"]):
             last.update(result)  # the last report: after the models are saved
@@ -86,6 +109,7 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
             tune.report(result)
         return False  # stopping is ASHA's call: Ray ends this thread at the next report
 
+    checkpoint = trial_checkpoint(settings, config, int(np.max(folds)) + 1)
     res = train_cv(
         config,
         data,
@@ -100,7 +124,10 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
         keep_states=keep,
         keep_oof=keep,
         gpu_share=settings.gpu_share or 1.0,
+        checkpoint=checkpoint,
     )
+    if checkpoint is not None:  # trained to its end: nothing left to resume
+        remove(checkpoint)
     if last:
         last["models"] = _save_models(config, res, settings, tune.get_context().get_trial_id())
         last["pool"] = res.pool + (f" ({res.pool_note})" if res.pool_note else "")

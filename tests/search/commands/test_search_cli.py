@@ -40,12 +40,15 @@ from search.common.attrs import (
     MODELS_DIR,
     NODE,
     PRECISION,
+    RESUMED_FROM,
     RETRY_OF,
     SECONDS,
     get_record,
 )
 from search.common.config import CPU_DEFAULTS
 from search.common.ensemble import load_ensemble
+from search.training.checkpoint import CHECKPOINTS_DIR
+from search.training.checkpoint import SHARE_ENV as CHECKPOINT_SHARE_ENV
 from search.tuning.deadline import TIE_AUC
 
 # lr 1e30 makes the loss NaN in the first epoch: those trials must end FAIL, not kill the search
@@ -841,18 +844,21 @@ def test_search_bad_space_file_fails_before_ray(_kaggle_master, tmp_path, capsys
     assert "depth 7 is too deep for crop 32" in err and "starting a private Ray" not in err
 
 
-def _trial_workers() -> list[int]:
-    """Pids of Ray's trial actors on this machine (their process title names the trainable)."""
-    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True)
+def _trial_workers(session: int) -> list[int]:
+    """Pids of the Ray trial actors of the search leading ``session`` (their process title
+    names the trainable; another Ray on the machine has its own)."""
+    cmd = ["pgrep", "-s", str(session), "-f", "ray::ImplicitFunc"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 
-def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
-    _kaggle_master, tmp_path
+def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_resumed(
+    _kaggle_master, tmp_path, monkeypatch
 ):
     # the machinery failing (a trial's worker killed, as the OOM killer does) is not the
     # params' fault: the trial is FAIL *interrupted*, the search goes on, and the resume runs
-    # its params again
+    # its params again, continuing from the killed trial's last checkpoint
+    monkeypatch.setenv(CHECKPOINT_SHARE_ENV, "1")  # a checkpoint after every report
     args = _args(tmp_path, _kaggle_master, 3, "--max-epochs", "8", "--no-asha")
     proc = _cli(args, start_new_session=True)
     try:
@@ -867,10 +873,10 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
                     n = c.execute("SELECT COUNT(*) FROM trial_intermediate_values").fetchone()
             except sqlite3.Error:  # schema not there yet
                 return False
-            return n[0] >= 2 and bool(_trial_workers())
+            return n[0] >= 2 and bool(_trial_workers(proc.pid))
 
         _wait_for(reporting, 180, "a trial reporting", proc)
-        os.kill(_trial_workers()[0], signal.SIGKILL)
+        os.kill(_trial_workers(proc.pid)[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -881,10 +887,17 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_rerun(
     assert killed and all(t.user_attrs[INTERRUPTED] for t in killed), out
     assert not [t for t in study.trials if t.state == TrialState.FAIL and t not in killed]
     assert studies.count_finished(study) == 3  # the killed trial did not count
-    # the same command again (one trial more) runs the killed trial's params first
+    checkpoints = tmp_path / "studies" / "pcam" / CHECKPOINTS_DIR
+    assert len(list(checkpoints.glob("*.pt"))) == 1  # the killed trial's (the others: removed)
+    # the same command again (one trial more) runs the killed trial's params first ...
     assert main([*args, "--trials", "4"]) == 0
     again = [t for t in _load(tmp_path).trials if t.user_attrs.get(RETRY_OF) == killed[0].number]
     assert len(again) == 1 and again[0].params == killed[0].params
+    # ... from where it was killed: its reports so far replayed, not trained again
+    done = killed[0].intermediate_values
+    assert again[0].user_attrs[RESUMED_FROM] >= max(done) > 0
+    assert {s: again[0].intermediate_values[s] for s in done} == done
+    assert again[0].state == TrialState.COMPLETE and not list(checkpoints.glob("*.pt"))
 
 
 def test_search_json_prints_the_outcome_alone_on_stdout(_kaggle_master, tmp_path, capsys):
