@@ -24,6 +24,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from data_pipeline.cli_common import EXIT_FAILED, EXIT_INTERRUPTED
 from search.commands.search_args import main
 from search.common import study as studies
 from search.common.attrs import (
@@ -898,6 +899,55 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_resumed(
     assert again[0].user_attrs[RESUMED_FROM] >= max(done) > 0
     assert {s: again[0].intermediate_values[s] for s in done} == done
     assert again[0].state == TrialState.COMPLETE and not list(checkpoints.glob("*.pt"))
+
+
+def test_search_raylet_killed_leaves_no_fail_against_params_and_resumes(_kaggle_master, tmp_path):
+    # Ray's node going away mid-search (its raylet killed) is the machinery's failure: the
+    # run ends with a one-line reason and a non-zero exit, no trial is FAIL against its
+    # params, and the same command again re-runs the interrupted params and finishes
+    args = _args(tmp_path, _kaggle_master, 3, "--max-epochs", "8", "--no-asha")
+    proc = _cli(args, start_new_session=True)
+    try:
+        _wait_for(
+            lambda: _reports(tmp_path) >= 2 and _trial_workers(proc.pid), 180, "a trial", proc
+        )
+        raylet = subprocess.run(
+            ["pgrep", "-s", str(proc.pid), "-f", "ray/raylet"], capture_output=True, text=True
+        ).stdout.split()
+        assert raylet
+        os.kill(int(raylet[0]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (EXIT_FAILED, EXIT_INTERRUPTED), out
+    assert "Traceback" not in out, out
+    study = _load(tmp_path)
+    assert not [
+        t for t in study.trials if t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)
+    ]
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    cut = [t for t in study.trials if t.user_attrs.get(INTERRUPTED) and t.params]
+    assert cut
+    # the same command again: the interrupted params run first, and the study fills up
+    assert main(args) == 0
+    after = _load(tmp_path)
+    for t in cut:
+        (again,) = [r for r in after.trials if r.user_attrs.get(RETRY_OF) == t.number]
+        assert again.params == t.params and again.state != TrialState.FAIL
+    assert studies.count_finished(after) == 3
+
+
+def _reports(root: Path) -> int:
+    """Intermediate values recorded so far (read-only, as ``_states``)."""
+    db = root / "studies" / "pcam.db"
+    if not db.is_file():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as c:
+            return c.execute("SELECT COUNT(*) FROM trial_intermediate_values").fetchone()[0]
+    except sqlite3.Error:  # schema not there yet
+        return 0
 
 
 def test_search_json_prints_the_outcome_alone_on_stdout(_kaggle_master, tmp_path, capsys):
