@@ -308,6 +308,7 @@ def _search_run(
         asha=cfg.asha,
         keep_top=cfg.keep_top,
         verbose=cfg.verbose,
+        log_file=str(cfg.out_dir / LOG_FILE),
     )
 
 

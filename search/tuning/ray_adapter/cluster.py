@@ -221,3 +221,14 @@ def cluster_resources() -> dict:
 
 def shutdown_ray() -> None:
     ray.shutdown()
+
+
+def dead_local_processes() -> list[str]:
+    """Ray's own processes this driver started (a private Ray: raylet, GCS) that have died;
+    empty when all live or when the driver joined a cluster (it started none). A dead raylet
+    is otherwise noticed only after the GCS health check gives up (minutes, see
+    ``LOCAL_HEALTH_CHECK``), while Tune waits for a node that will not come back."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None:
+        return []
+    return sorted({kind for kind, _ in node.dead_processes() if kind in ("raylet", "gcs_server")})

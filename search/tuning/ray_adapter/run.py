@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from search.training.engine import TrainData
 from search.tuning.deadline import Deadline
 from search.tuning.progress import Tally
+from search.tuning.ray_adapter.cluster import dead_local_processes
 from search.tuning.ray_adapter.searcher import (
     MACHINERY_SLACK,
     _DeadlineStopper,
@@ -55,6 +58,7 @@ class SearchRun:
     keep_top: int = 10  # COMPLETE trials whose fold models stay on disk
     verbose: bool = False
     trainable: Callable = _trainable
+    log_file: str | None = None  # not verbose: Ray Tune's own error logs go here, not stderr
 
 
 def run_trials(
@@ -96,12 +100,13 @@ def run_trials(
             storage_path=run.storage_path,
             verbose=1 if run.verbose else 0,
             callbacks=[registry],
-            stop=_DeadlineStopper(deadline, t0, tally),
+            stop=_DeadlineStopper(deadline, t0, tally, dead_local_processes),
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
     try:
-        tuner.fit()
+        with _tune_logs_to(None if run.verbose else run.log_file):
+            tuner.fit()
     finally:
         if sink is not None:  # every trial has ended: no write is in flight
             ray.kill(sink)
@@ -162,3 +167,25 @@ def _with_sink(settings: TrialSettings) -> tuple[TrialSettings, Any]:
         return settings, None
     sink = start_sink(str(Path(settings.models_dir).resolve()))
     return replace(settings, sink=sink), sink
+
+
+@contextlib.contextmanager
+def _tune_logs_to(path: str | None) -> Iterator[None]:
+    """Ray Tune logs a failed trial's traceback at ERROR on the console; the study already
+    records the error (and the live view shows it), so without --verbose the traceback goes
+    to ``path`` (the run's log file) instead."""
+    if path is None:
+        yield
+        return
+    tune_log = logging.getLogger("ray.tune")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tune_log.addHandler(handler)
+    propagate, tune_log.propagate = tune_log.propagate, False
+    try:
+        yield
+    finally:
+        tune_log.propagate = propagate
+        tune_log.removeHandler(handler)
+        handler.close()

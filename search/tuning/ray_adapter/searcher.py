@@ -69,8 +69,15 @@ class _DeadlineStopper(tune.Stopper):
     the tally says the run cannot go on (a full disk). Either way the trials are recorded as
     interrupted (re-run on resume)."""
 
-    def __init__(self, deadline: Deadline, t0: float, tally: Tally) -> None:
+    def __init__(
+        self,
+        deadline: Deadline,
+        t0: float,
+        tally: Tally,
+        dead: Callable[[], list[str]] = lambda: [],
+    ) -> None:
         self.deadline, self.t0, self.tally = deadline, t0, tally
+        self.dead = dead  # Ray's own processes that died (a private Ray's raylet, GCS)
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         if self.tally.halted:
@@ -82,6 +89,13 @@ class _DeadlineStopper(tune.Stopper):
         return True
 
     def stop_all(self) -> bool:
+        dead = self.dead()
+        if dead and not self.tally.halted:
+            self.tally.halted = (
+                f"Ray's {' and '.join(dead)} died during the search (killed, or out of memory); "
+                "the study is consistent: the running trials are interrupted and run again "
+                "first when you run the same command again"
+            )
         return bool(self.tally.halted) or self.deadline.stop_all(time.monotonic() - self.t0)
 
 

@@ -132,3 +132,17 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
         error=TrialError("DiskFullError", str(e.value), "search.tuning.ray_adapter.trial"),
     )
     assert out.interrupted and out.attrs[FAIL_REASON] == str(e.value)
+
+
+def test_deadline_stopper_ends_the_run_when_rays_own_process_died():
+    pytest.importorskip("ray")
+    from search.tuning.deadline import Deadline
+    from search.tuning.progress import Tally
+    from search.tuning.ray_adapter.searcher import _DeadlineStopper
+
+    alive = _DeadlineStopper(Deadline(full_fold_epochs=4), 0.0, Tally(target=3))
+    assert not alive.stop_all() and not alive.tally.halted
+    tally = Tally(target=3)
+    dead = _DeadlineStopper(Deadline(full_fold_epochs=4), 0.0, tally, lambda: ["raylet"])
+    assert dead.stop_all()
+    assert "raylet died" in tally.halted and "run again first" in tally.halted
