@@ -109,6 +109,24 @@ class _TrialRegistry(tune.Callback):
         self.trials[trial.trial_id] = trial
 
 
+def _last_report_attrs(result: dict | None) -> dict:
+    """The trial's user attrs from its last report (none when it never reported)."""
+    if not result or METRIC not in result:
+        return {}
+    attrs = {
+        AUC_FOLDS: [float(a) for a in result.get("auc_folds", [])],
+        SECONDS: round(float(result.get("trial_seconds", 0.0)), 2),
+        DEVICE: result.get("device", ""),
+        PRECISION: result.get("precision", ""),
+        NODE: result.get("node", ""),
+        VAL_LOSS: float(result.get("val_loss", float("nan"))),
+        IMAGES_PER_S: round(float(result.get("images_per_s", 0.0)), 1),
+    }
+    if result.get("pool"):
+        attrs[POOL] = result["pool"]
+    return attrs
+
+
 def _finite(v: float | None) -> float | None:
     """A loss for JSON user attrs: None when missing or not finite (JSON has no NaN)."""
     v = None if v is None else float(v)
@@ -274,21 +292,7 @@ class _TruthfulSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         epochs = int(result["epoch"]) if result and "epoch" in result else 0
         fold_epochs = max(self._reported.get(trial_id, ()), default=0)
-        attrs: dict = {EPOCHS_RUN: epochs, FOLD_EPOCHS: fold_epochs}
-        if result and METRIC in result:
-            attrs.update(
-                {
-                    AUC_FOLDS: [float(a) for a in result.get("auc_folds", [])],
-                    SECONDS: round(float(result.get("trial_seconds", 0.0)), 2),
-                    DEVICE: result.get("device", ""),
-                    PRECISION: result.get("precision", ""),
-                    NODE: result.get("node", ""),
-                    VAL_LOSS: float(result.get("val_loss", float("nan"))),
-                    IMAGES_PER_S: round(float(result.get("images_per_s", 0.0)), 1),
-                }
-            )
-            if result.get("pool"):
-                attrs[POOL] = result["pool"]
+        attrs: dict = {EPOCHS_RUN: epochs, FOLD_EPOCHS: fold_epochs, **_last_report_attrs(result)}
         value = float(result[METRIC]) if result and METRIC in result else float("nan")
         err = _error_of(self._registry.trials.get(trial_id)) if error else None
         if err is not None and err.type in STOPS_THE_RUN:
