@@ -132,75 +132,83 @@ def scan(root: Path, workdir: Path) -> tuple[pd.DataFrame, list[Problem]]:
     if d is None:
         raise DataError(f"{root}: no {PREFIX}*_x.h5 files")
     problems: list[Problem] = []
-    frames = []
-    for split in SPLITS:
-        xp = _find(d, f"{PREFIX}{split}_x.h5")
-        yp = _find(d, f"{PREFIX}{split}_y.h5")
-        if xp is None and yp is None:
-            continue
-        if xp is None or yp is None:
-            have, lack = (xp, "y") if yp is None else (yp, "x")
-            problems.append(
-                Problem(
-                    "missing_source",
-                    path=str(have),
-                    split=split,
-                    detail=f"the matching {split}_{lack}.h5 file is missing",
-                )
-            )
-            continue
-        xh, yh = _unpack_or_report(xp, workdir, problems), _unpack_or_report(yp, workdir, problems)
-        if xh is None or yh is None:
-            continue
-        n = _check_x(xh, problems)
-        if n is None:
-            continue
-        y = _read_y(yh, n, problems)
-        if y is None:
-            continue
-        ids = [f"{split}_{i:06d}" for i in range(n)]
-        ok = np.isin(y, (0, 1))
-        for i in np.flatnonzero(~ok):
-            problems.append(
-                Problem(
-                    "bad_label",
-                    id=ids[i],
-                    path=str(yp),
-                    split=split,
-                    detail=f"label {y[i]!r} is not 0 or 1",
-                )
-            )
-        frame = pd.DataFrame(
-            {
-                "id": ids,
-                "split": split,
-                "label": np.where(ok, y, -1).astype(np.int8),
-                "slide": "",
-                "path": str(xh),
-                "row": np.arange(n, dtype=np.int64),
-            }
-        )
-        meta = d / f"{PREFIX}{split}_meta.csv"
-        if meta.is_file():
-            m = pd.read_csv(meta, dtype=str, keep_default_na=False)
-            if "wsi" not in m.columns or len(m) != n:
-                problems.append(
-                    Problem(
-                        "bad_columns",
-                        path=str(meta),
-                        split=split,
-                        detail=f"expected a 'wsi' column and {n} rows; "
-                        f"found columns {list(m.columns)} and {len(m)} rows",
-                    )
-                )
-            else:
-                frame["slide"] = m["wsi"].str.strip().to_numpy()
-        frames.append(frame)
+    frames = [f for split in SPLITS if (f := _split(d, split, workdir, problems)) is not None]
     if not frames:
         if problems:
             raise DataError(f"{d}: no usable PCam split", problems)
         raise DataError(f"{d}: no complete x/y pair for any of {SPLITS}")
     return pd.concat(frames, ignore_index=True)[COLUMNS], problems
+
+
+def _split(d: Path, split: str, workdir: Path, problems: list[Problem]) -> pd.DataFrame | None:
+    """One split's patches (None when its files are missing or unusable: said in ``problems``)."""
+    xp = _find(d, f"{PREFIX}{split}_x.h5")
+    yp = _find(d, f"{PREFIX}{split}_y.h5")
+    if xp is None and yp is None:
+        return None
+    if xp is None or yp is None:
+        have, lack = (xp, "y") if yp is None else (yp, "x")
+        problems.append(
+            Problem(
+                "missing_source",
+                path=str(have),
+                split=split,
+                detail=f"the matching {split}_{lack}.h5 file is missing",
+            )
+        )
+        return None
+    xh, yh = _unpack_or_report(xp, workdir, problems), _unpack_or_report(yp, workdir, problems)
+    if xh is None or yh is None:
+        return None
+    n = _check_x(xh, problems)
+    if n is None:
+        return None
+    y = _read_y(yh, n, problems)
+    if y is None:
+        return None
+    ids = [f"{split}_{i:06d}" for i in range(n)]
+    ok = np.isin(y, (0, 1))
+    for i in np.flatnonzero(~ok):
+        problems.append(
+            Problem(
+                "bad_label",
+                id=ids[i],
+                path=str(yp),
+                split=split,
+                detail=f"label {y[i]!r} is not 0 or 1",
+            )
+        )
+    frame = pd.DataFrame(
+        {
+            "id": ids,
+            "split": split,
+            "label": np.where(ok, y, -1).astype(np.int8),
+            "slide": "",
+            "path": str(xh),
+            "row": np.arange(n, dtype=np.int64),
+        }
+    )
+    _add_slides(frame, d / f"{PREFIX}{split}_meta.csv", split, problems)
+    return frame
+
+
+def _add_slides(frame: pd.DataFrame, meta: Path, split: str, problems: list[Problem]) -> None:
+    """The slide of each patch from PCam's meta CSV ("wsi"), where there is one that fits."""
+    if not meta.is_file():
+        return
+    m = pd.read_csv(meta, dtype=str, keep_default_na=False)
+    if "wsi" not in m.columns or len(m) != len(frame):
+        problems.append(
+            Problem(
+                "bad_columns",
+                path=str(meta),
+                split=split,
+                detail=f"expected a 'wsi' column and {len(frame)} rows; "
+                f"found columns {list(m.columns)} and {len(m)} rows",
+            )
+        )
+    else:
+        frame["slide"] = m["wsi"].str.strip().to_numpy()
 
 
 def read_rows(path: str, start: int, stop: int) -> np.ndarray:
