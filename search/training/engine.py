@@ -202,9 +202,8 @@ def _train_cv(
         steps = fold_steps(k, epochs, race)
         start, history, stopped, t_start = _resume(checkpoint, steps, runs, run, clock, on_epoch)
         ckpt_s, share = 0.0, ckpt.write_share()  # seconds spent writing checkpoints, at most
-        for i, (group, epoch) in enumerate(steps):
-            if i < start or stopped:
-                continue
+        todo = [] if stopped else list(enumerate(steps))[start:]  # a replay may have stopped it
+        for i, (group, epoch) in todo:
             clock.new_step()
             for f in group:
                 runs[f].train_to(run, epoch, clock, eval_batch)

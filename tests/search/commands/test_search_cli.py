@@ -845,10 +845,11 @@ def test_search_bad_space_file_fails_before_ray(_kaggle_master, tmp_path, capsys
     assert "depth 7 is too deep for crop 32" in err and "starting a private Ray" not in err
 
 
-def _trial_workers(session: int) -> list[int]:
-    """Pids of the Ray trial actors of the search leading ``session`` (their process title
-    names the trainable; another Ray on the machine has its own)."""
-    cmd = ["pgrep", "-s", str(session), "-f", "ray::ImplicitFunc"]
+def _trial_workers(leader: int) -> list[int]:
+    """Pids of the Ray trial actors started under the search process ``leader`` (it runs in
+    a process group of its own; another Ray on the machine is left alone). Their process
+    title names the trainable."""
+    cmd = ["pgrep", "-s", str(leader), "-f", "ray::ImplicitFunc"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
@@ -865,16 +866,7 @@ def test_search_worker_killed_mid_trial_is_interrupted_not_a_fail_and_resumed(
     try:
 
         def reporting() -> bool:
-            db = tmp_path / "studies" / "pcam.db"
-            if not db.is_file():
-                return False
-            try:
-                uri = f"file:{db}?mode=ro"
-                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as c:
-                    n = c.execute("SELECT COUNT(*) FROM trial_intermediate_values").fetchone()
-            except sqlite3.Error:  # schema not there yet
-                return False
-            return n[0] >= 2 and bool(_trial_workers(proc.pid))
+            return _reports(tmp_path) >= 2 and bool(_trial_workers(proc.pid))
 
         _wait_for(reporting, 180, "a trial reporting", proc)
         os.kill(_trial_workers(proc.pid)[0], signal.SIGKILL)
