@@ -24,9 +24,15 @@ last ran (their 75th percentile: the long-running winners are the slower configu
 latest, so a machine that got busy mid-search counts at once). A running trial whose own pace
 now says it cannot train every fold-epoch before the end is stopped at once
 (its worker goes to one that can), and trials still running at the end are stopped; both are
-recorded as interrupted, so the study holds only fully trained COMPLETE trials. (Starting only
-trials that could run the full length would leave the workers idle for the last full-trial
-time, ~20% of a 10-minute budget on 2 cores, measured; most trials end at the first rung.)
+recorded as interrupted, so the study holds only fully trained COMPLETE trials. While a full
+trial still fits, every start is one. After that a trial that can only reach its first rung
+starts while the fold-epochs the deadline stopped, plus those it may still stop (each running
+trial that cannot finish: at least its first rung, lost if ASHA lets it go on), plus the new
+trial's first rung stay within ``WASTE_SHARE`` of this run's fold-epochs; otherwise the worker
+waits for one of them to end (a PRUNED trial frees its share). Starting no such trial would
+leave the workers idle for the last full-trial time, ~20% of a 10-minute budget on 2 cores;
+starting every one wasted 21% of a loaded machine's fold-epochs on trials that passed their
+first rung and were then stopped (measured).
 
 A deadline run promises something to submit, so with ``--budget`` or ``--timeout`` one trial
 is *guarded*: while no trial is COMPLETE (in this run or before), the next trial started (a new
@@ -67,6 +73,9 @@ from search.common.pace import (  # noqa: F401  (re-exported: the deadline's cal
 # A new trial's length is estimated from the paces of the trials that reported last: as many
 # as run at once on a 2-4 worker machine, so a load that began mid-search counts at once
 RECENT_TRIALS = 4
+# The share of a deadline run's fold-epochs it may risk on trials that can only reach their
+# first rung (the rest of the deadline's waste comes from a pace that changed mid-trial)
+WASTE_SHARE = 0.05
 
 
 @dataclass
@@ -95,6 +104,7 @@ class Deadline:
     reached: bool = False  # the deadline ended the run (no more starts, or the end passed)
     settled: bool = False  # the study holds a COMPLETE trial (this run or an earlier one)
     guard: str | None = None  # the trial the deadline lets finish (see the module docstring)
+    running: dict[str, float] = field(default_factory=dict)  # trial id -> elapsed at its start
 
     @property
     def active(self) -> bool:
@@ -105,8 +115,13 @@ class Deadline:
         no COMPLETE trial yet, none guarded."""
         return self.active and not self.settled and self.guard is None
 
+    def started(self, trial: str, elapsed: float) -> None:
+        """Record that ``trial`` started ``elapsed`` seconds after the search."""
+        self.running[trial] = elapsed
+
     def finished(self, trial: str, complete: bool) -> None:
         """Record that ``trial`` ended (``complete``: COMPLETE with a value)."""
+        self.running.pop(trial, None)
         self.settled |= complete
         if trial == self.guard:
             self.guard = None
@@ -199,15 +214,51 @@ class Deadline:
         return predict_seconds(self.predict_images, pace)
 
     def may_start(self, elapsed: float) -> bool:
-        """Whether a new trial started now could reach its first rung before the end."""
+        """Whether a new trial may start now: a full trial fits before the end, or its first
+        rung does and the waste it risks fits ``WASTE_SHARE`` (see the module docstring)."""
         if self.needs_guard():
             return True
-        if self.settled and self.starved():
+        if self.closed(elapsed):
             return False
         end = self.end()
-        if end is None:
+        if end is None or elapsed + (self.full_trial_s() or 0.0) < end:
             return True
-        return elapsed + (self.first_rung_s() or 0.0) < end
+        rung = self.first_rung or self.full_fold_epochs
+        done = sum(fe for _, fe in self._last.values())
+        return self.lost() + self.at_risk(elapsed) + rung <= WASTE_SHARE * (done + rung)
+
+    def closed(self, elapsed: float) -> bool:
+        """Whether no trial may start now or later: not even a first rung fits before the end
+        (or a starved budget has its COMPLETE trial)."""
+        if self.needs_guard():
+            return False
+        if self.settled and self.starved():
+            return True
+        end = self.end()
+        return end is not None and elapsed + (self.first_rung_s() or 0.0) >= end
+
+    def lost(self) -> int:
+        """Fold-epochs of the trials the deadline stopped (they could not finish)."""
+        return sum(self._last[t][1] for t in self.cut if t in self._last)
+
+    def at_risk(self, elapsed: float) -> int:
+        """Fold-epochs the deadline may still stop: each running trial (not the guarded one)
+        whose pace says it cannot finish before the end, at least its first rung."""
+        end, rung = self.end(), self.first_rung or self.full_fold_epochs
+        if end is None:
+            return 0
+        risk = 0
+        for trial, start in self.running.items():
+            if trial == self.guard or trial in self.cut:
+                continue
+            done = self._last.get(trial, (0.0, 0))[1]
+            if trial in self.paces:
+                finish = elapsed + (self.full_fold_epochs - done) * self._rate(trial)
+            else:  # no report yet: the full trial at the latest trials' pace, from its start
+                finish = start + (self.full_trial_s() or 0.0)
+            if finish > end:
+                risk += max(done, rung)
+        return risk
 
     def should_cut(
         self, elapsed: float, fold_epochs: int, seconds: float, trial: str | None = None

@@ -230,8 +230,10 @@ class _TruthfulSearch(OptunaSearch):
             return self.FINISHED
         if self._tally.finished + len(self._tally.running) >= self._tally.target:
             return None  # enough are running; ask again when one ends (it may be interrupted)
-        guard = self._deadline.needs_guard()
-        if not self._deadline.may_start(time.monotonic() - self._t0):
+        guard, elapsed = self._deadline.needs_guard(), time.monotonic() - self._t0
+        if not self._deadline.may_start(elapsed):
+            if self._tally.running and not self._deadline.closed(elapsed):
+                return None  # its waste share is taken: ask again when a running trial ends
             self._deadline.not_started += 1
             self._deadline.reached = True
             return self.FINISHED  # Ray starts no further trial and lets running ones end
@@ -240,6 +242,7 @@ class _TruthfulSearch(OptunaSearch):
             return config
         if guard:
             self._deadline.guard = trial_id
+        self._deadline.started(trial_id, elapsed)
         ot = self._ot_trials[trial_id]
         ot.set_user_attr(DRIVER, self._driver)
         ot.set_user_attr(RAY_TRIAL_ID, trial_id)

@@ -41,11 +41,46 @@ def test_deadline_refuses_a_trial_that_cannot_finish():
 
 
 def test_deadline_with_asha_starts_a_trial_that_can_reach_its_first_rung():
-    # ASHA decides at 3 fold-epochs (PRUNED there, or it goes on): 2 s x 3 x margin
+    # ASHA decides at 3 fold-epochs (PRUNED there, or it goes on): 2 s x 3 x margin. 200
+    # fold-epochs done and nothing lost: a first rung's risk fits the waste share
     d = Deadline(full_fold_epochs=36, first_rung=3, timeout=600, settled=True)
-    d.observe("a", seconds=20, fold_epochs=10, images_per_s=1000)
+    d.observe("a", seconds=400, fold_epochs=200, images_per_s=1000)
     rung = 2 * 3 * MARGIN
     assert d.may_start(600 - rung - 1) and not d.may_start(600 - rung)
+    assert not d.closed(600 - rung - 1) and d.closed(600 - rung)
+
+
+def test_deadline_first_rung_only_starts_keep_within_the_waste_share():
+    # 1 s per fold-epoch, 12 fold-epochs a trial, first rung 3; 100 s left: no full trial
+    # fits (12 x 1 x margin), a first rung does
+    d = Deadline(full_fold_epochs=12, first_rung=3, timeout=200, settled=True)
+    d.observe("done", seconds=100, fold_epochs=100, images_per_s=100)
+    now = 200 - 12 * MARGIN + 1
+    assert d.may_start(now)  # 0 lost + 0 at risk + 3 <= 5% of 103
+    d.started("a", now)
+    # "a" cannot finish: its first rung is at risk, and a second one would pass the share
+    assert d.at_risk(now) == 3 and not d.may_start(now) and not d.closed(now)
+    d.finished("a", complete=False)  # ASHA pruned it at its first rung: nothing lost
+    assert d.at_risk(now) == 0 and d.may_start(now)
+
+
+def test_deadline_waste_share_counts_the_trials_it_stopped():
+    d = Deadline(full_fold_epochs=12, first_rung=3, timeout=200, settled=True)
+    d.observe("done", seconds=100, fold_epochs=100, images_per_s=100)
+    d.observe("b", seconds=4, fold_epochs=4, images_per_s=100)
+    d.cut.add("b")  # stopped past its first rung: 4 fold-epochs lost
+    assert d.lost() == 4
+    assert not d.may_start(200 - 12 * MARGIN + 1)  # 4 + 3 > 5% of 107
+
+
+def test_deadline_a_running_trial_that_can_finish_risks_nothing():
+    d = Deadline(full_fold_epochs=12, first_rung=3, timeout=200, settled=True)
+    d.observe("t", seconds=6, fold_epochs=6, images_per_s=100)
+    d.started("t", 0)
+    assert d.at_risk(150) == 0  # 6 fold-epochs left at 1 s: ends at 156 s
+    assert d.at_risk(195) == 6  # ends at 201 s: its 6 fold-epochs are at risk
+    d.guard = "t"
+    assert d.at_risk(195) == 0  # the guarded trial is never stopped
 
 
 def test_deadline_full_trial_uses_the_slower_trials_pace():

@@ -146,3 +146,48 @@ def test_deadline_stopper_ends_the_run_when_rays_own_process_died():
     dead = _DeadlineStopper(Deadline(full_fold_epochs=4), 0.0, tally, lambda: ["raylet"])
     assert dead.stop_all()
     assert "raylet died" in tally.halted and "run again first" in tally.halted
+
+
+def test_searcher_waits_while_its_waste_share_is_taken_and_ends_when_nothing_runs(tmp_path):
+    pytest.importorskip("ray")
+    import time
+
+    import optuna
+
+    from search.tuning.deadline import MARGIN, Deadline
+    from search.tuning.progress import Tally
+    from search.tuning.ray_adapter.searcher import _TrialRegistry, _TruthfulSearch
+
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    # 1 s per fold-epoch, 12 a trial, first rung 3; no full trial fits, a first rung does,
+    # and the running trial "a" (which cannot finish) holds the whole waste share
+    d = Deadline(full_fold_epochs=12, first_rung=3, timeout=200, settled=True)
+    d.observe("done", seconds=100, fold_epochs=100, images_per_s=100)
+    elapsed = 200 - 12 * MARGIN + 1
+    d.started("a", elapsed)
+    tally = Tally(target=50)
+    searcher = _TruthfulSearch(
+        space=lambda trial: {"lr": trial.suggest_float("lr", 1e-4, 1e-1, log=True)},
+        metric="auc",
+        mode="max",
+        study_name="s",
+        storage=optuna.storages.RDBStorage(storage),
+        max_epochs=4,
+        full_fold_epochs=12,
+        deadline=d,
+        t0=time.monotonic() - elapsed,
+        stopped_early=set(),
+        registry=_TrialRegistry(),
+        tally=tally,
+        driver={},
+    )
+    tally.running[0] = 1  # "a"
+    assert searcher.suggest("b") is None and not d.reached  # ask again when "a" ends
+    d.finished("a", complete=False)  # pruned at its first rung: the share is free again
+    assert isinstance(searcher.suggest("b"), dict) and "b" in d.running
+    d.cut.add("b")
+    d.observe("b", seconds=6, fold_epochs=6, images_per_s=100)  # stopped: 6 fold-epochs lost
+    d.finished("b", complete=False)
+    tally.running.clear()
+    assert searcher.suggest("c") == searcher.FINISHED and d.reached and d.not_started == 1
