@@ -150,7 +150,16 @@ class Deadline:
 
     def first_rung_s(self) -> float | None:
         """Estimated seconds for a new trial to finish or pass ASHA's first rung."""
-        return self._estimate(self.first_rung or self.full_fold_epochs)
+        return self._estimate(self.rung)
+
+    @property
+    def rung(self) -> int:
+        """Fold-epochs to ASHA's first decision (a whole trial without ASHA)."""
+        return self.first_rung or self.full_fold_epochs
+
+    def _done(self, trial: str) -> int:
+        """Fold-epochs ``trial`` had trained at its latest report (0 before one)."""
+        return self._last.get(trial, (0.0, 0))[1]
 
     def _estimate(self, fold_epochs: int) -> float | None:
         """At the pace of the trials that reported last (the machine's load now, not the first
@@ -223,9 +232,8 @@ class Deadline:
         end = self.end()
         if end is None or elapsed + (self.full_trial_s() or 0.0) < end:
             return True
-        rung = self.first_rung or self.full_fold_epochs
-        done = sum(fe for _, fe in self._last.values())
-        return self.lost() + self.at_risk(elapsed) + rung <= WASTE_SHARE * (done + rung)
+        done = sum(map(self._done, self._last))
+        return self.lost() + self.at_risk(elapsed) + self.rung <= WASTE_SHARE * (done + self.rung)
 
     def closed(self, elapsed: float) -> bool:
         """Whether no trial may start now or later: not even a first rung fits before the end
@@ -239,25 +247,22 @@ class Deadline:
 
     def lost(self) -> int:
         """Fold-epochs of the trials the deadline stopped (they could not finish)."""
-        return sum(self._last[t][1] for t in self.cut if t in self._last)
+        return sum(map(self._done, self.cut))
 
     def at_risk(self, elapsed: float) -> int:
         """Fold-epochs the deadline may still stop: each running trial (not the guarded one)
         whose pace says it cannot finish before the end, at least its first rung."""
-        end, rung = self.end(), self.first_rung or self.full_fold_epochs
-        if end is None:
-            return 0
         risk = 0
         for trial, start in self.running.items():
             if trial == self.guard or trial in self.cut:
                 continue
-            done = self._last.get(trial, (0.0, 0))[1]
+            done = self._done(trial)
             if trial in self.paces:
-                finish = elapsed + (self.full_fold_epochs - done) * self._rate(trial)
+                fits = self.can_finish(elapsed, (self.full_fold_epochs - done) * self._rate(trial))
             else:  # no report yet: the full trial at the latest trials' pace, from its start
-                finish = start + (self.full_trial_s() or 0.0)
-            if finish > end:
-                risk += max(done, rung)
+                fits = self.can_finish(start, self.full_trial_s() or 0.0)
+            if not fits:
+                risk += max(done, self.rung)
         return risk
 
     def should_cut(

@@ -232,7 +232,7 @@ class _TruthfulSearch(OptunaSearch):
             return None  # enough are running; ask again when one ends (it may be interrupted)
         guard, elapsed = self._deadline.needs_guard(), time.monotonic() - self._t0
         if not self._deadline.may_start(elapsed):
-            if self._tally.running and not self._deadline.closed(elapsed):
+            if self._deadline.running and not self._deadline.closed(elapsed):
                 return None  # its waste share is taken: ask again when a running trial ends
             self._deadline.not_started += 1
             self._deadline.reached = True
