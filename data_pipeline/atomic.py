@@ -30,17 +30,22 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _fsync_one(path: Path) -> None:
+    """Flush one file, or one folder's entries (not the files in it), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder: the rename still is atomic
+        pass
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """Flush ``path`` (a file, or every file of a folder, and the folder) to disk."""
     paths = [*sorted(p for p in path.rglob("*") if p.is_file()), path] if path.is_dir() else [path]
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:  # some file systems cannot fsync a folder: the rename still is atomic
-            pass
-        finally:
-            os.close(fd)
+        _fsync_one(p)
 
 
 @contextmanager
@@ -63,7 +68,9 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
             remove(old)
         else:
             os.replace(tmp, path)
-        fsync_path(path.parent)
+        # the parent's entries only: its other files belong to other writers, who may
+        # remove them at any moment (a trial's checkpoint beside another's)
+        _fsync_one(path.parent)
     except BaseException:
         remove(tmp)
         raise

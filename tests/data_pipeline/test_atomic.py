@@ -1,5 +1,6 @@
 """One atomic writer for every output: old or whole new, never half, no temp left behind."""
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -43,3 +44,20 @@ def test_write_csv_atomic_failure_leaves_no_temp_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_csv_atomic(pd.DataFrame({"id": ["a"], "label": [0.5]}), tmp_path / "s.csv", False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_never_opens_the_files_beside_its_target(tmp_path, monkeypatch):
+    # another writer's file in the same folder (a trial's checkpoint beside another's) may be
+    # removed between a listing and an open: writing ours must not depend on it
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"x")
+    real_open = os.open
+
+    def open_(path, *a, **k):
+        if Path(path) == other:  # removed by its own writer just now
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+    write_text_atomic(tmp_path / "mine.pt", "state")
+    assert (tmp_path / "mine.pt").read_text() == "state"

@@ -267,14 +267,15 @@ def test_search_resume_after_kill_9(_kaggle_master, tmp_path):
     for n in zombies:
         assert after[n].state == TrialState.FAIL and after[n].user_attrs[INTERRUPTED]
         # ... and their params were queued again, once each; those that ran had them. (A
-        # trial killed between Optuna's ask and its first suggestion has no params to re-run.)
+        # trial killed between Optuna's ask and its first suggestion has no params to re-run;
+        # one killed between two suggestions re-runs those it had, the others sampled anew.)
         retries = [t for t in after.values() if t.user_attrs.get(RETRY_OF) == n]
         if not after[n].params:
             assert not retries
             continue
         (again,) = retries
         if again.state != TrialState.WAITING:
-            assert again.params == after[n].params
+            assert after[n].params.items() <= again.params.items()
             ran.append(again)
     assert ran or not any(after[n].params for n in zombies)  # queued params ran first ...
     waiting = [t for t in after.values() if t.state == TrialState.WAITING]
