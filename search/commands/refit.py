@@ -6,6 +6,7 @@ pcam-refit --best --time 600         # the same, ending within 10 minutes (seeds
 pcam-refit --best --reuse            # its own fold models from the search: no training
 pcam-refit --best --retrain          # the same params, fold models trained again
 pcam-refit --trial 17 --epochs 20    # a chosen COMPLETE trial, one full-data model x 20 epochs
+pcam-refit --best --top 3            # the 3 best configurations refit so, their models averaged
 pcam-refit --ensemble 10             # greedy ensemble selection over the 10 best kept trials
 pcam-predict DIR --ensemble studies/pcam/refit/trial-17/ensemble --out preds.csv
 """
@@ -46,6 +47,7 @@ from search.submission.outputs import (
 )
 from search.submission.refit import refit
 from search.submission.refit_ensemble import refit_ensemble
+from search.submission.refit_top import refit_top
 
 KAGGLE_COMPETITION = "histopathologic-cancer-detection"
 
@@ -67,6 +69,15 @@ def refit_parser() -> argparse.ArgumentParser:
         help="greedy ensemble selection (with replacement, on out-of-fold AUC) over the fold "
         "models the search kept for its N best trials, plus any retrained final model; no "
         "training. Writes studies/<study>/refit/ensemble/",
+    )
+    ap.add_argument(
+        "--top",
+        type=int,
+        default=1,
+        metavar="M",
+        help="with --best: refit each of the M best configurations (distinct params) as "
+        "--trial refits it, and submit their models averaged (studies/<study>/refit/top/); "
+        "with --time each gets an equal share (default: %(default)s)",
     )
     add_study_args(ap)
     ap.add_argument(
@@ -173,6 +184,13 @@ def refit_main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(rec, default=str))
             return rc
+        if args.top > 1:
+            rec = refit_top(cfg, args.top, out)
+            out.print(_top_line(rec), highlight=False)
+            rc = _print_outputs(cfg, rec["submission"], rec.get("layout"), out)
+            if args.json:
+                print(json.dumps(rec, default=str))
+            return rc
         r = refit(cfg, out)
     except KeyboardInterrupt:
         err.print("interrupted: the earlier refit is unchanged", highlight=False)
@@ -204,6 +222,8 @@ def _flag_problem(args: argparse.Namespace) -> str:
         return "--full N needs N >= 1 (it trains; no --retrain)"
     if args.reuse and args.epochs:
         return "--reuse trains nothing (no --epochs)"
+    if args.top < 1 or (args.top > 1 and not args.best):
+        return f"--top M needs M >= 1 and --best (got --top {args.top})"
     if args.time is not None and args.time <= 0:
         return f"--time must be > 0 seconds, got {args.time}"
     if args.ensemble is not None and (
@@ -263,6 +283,19 @@ def _print_scores(r: RefitResult, out: Console) -> None:
             highlight=False,
         )
     out.print(f"ensemble: {r.ensemble_dir}\nout-of-fold: {r.oof_csv}", highlight=False)
+
+
+def _top_line(rec: dict) -> str:
+    """What --top submitted: the members and, with test labels, each one's and the blend's AUC."""
+    members = ", ".join(
+        f"trial {m['trial']} (CV {m['search_auc']:.4f}"
+        + (f", test {m['test_auc']:.4f})" if m.get("test_auc") is not None else ")")
+        for m in rec["members"]
+    )
+    line = f"averaged: {members}; CV AUC of their search fold models blended {rec['oof_auc']:.4f}"
+    if rec.get("test_auc") is not None:
+        line += f"; test AUC {rec['test_auc']:.4f} (true test labels present)"
+    return line + f"\nensemble: {rec['ensemble']}"
 
 
 def _print_ensemble(rec: dict, cfg: RefitConfig, out: Console) -> int:

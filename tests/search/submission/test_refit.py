@@ -567,3 +567,82 @@ def test_refit_json_prints_the_record_alone_on_stdout(refitted, tmp_path, capsys
     out = capsys.readouterr().out.strip()
     rec = json.loads(out)  # stdout is the JSON line and nothing else
     assert rec["path"] == "reuse" and Path(rec["submission"]).is_file()
+
+
+def test_top_trials_are_the_best_complete_with_distinct_params():
+    from optuna.distributions import FloatDistribution
+
+    from search.submission.refit_top import top_trials
+
+    dist = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
+
+    def made(number: int, lr: float, value: float | None, state=TrialState.COMPLETE):
+        t = optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value)
+        if state != TrialState.COMPLETE:
+            t = optuna.trial.create_trial(
+                params={"lr": lr}, distributions=dist, state=state, intermediate_values={1: 0.99}
+            )
+        t.number = number
+        return t
+
+    trials = [
+        made(0, 1e-3, 0.90),
+        made(1, 2e-3, 0.95),
+        made(2, 2e-3, 0.94),  # the same params again (a re-run): counted once
+        made(3, 5e-3, 0.99, TrialState.PRUNED),  # never a pruned one
+        made(4, 3e-3, 0.93),
+    ]
+    assert [t.number for t in top_trials(trials, 3)] == [1, 4, 0]
+    assert [t.number for t in top_trials(trials, 1)] == [1]
+    assert top_trials(trials[3:4], 2) == []
+
+
+def test_refit_top_averages_the_best_configurations_models(refitted, tmp_path):
+    # --top 2: each of the two best configurations refit in its own folder, then their saved
+    # models averaged with equal weights; the submission is what pcam-predict gives with the
+    # saved blend, and the record names the members
+    root, data = refitted
+    common = _copy_studies(root, tmp_path)
+    assert (
+        refit_main(["--best", "--top", "2", "--reuse", "--force", "--no-progress", *common]) == 0
+    )
+    study = optuna.load_study(
+        study_name="pcam", storage=f"sqlite:///{tmp_path / 'studies/pcam.db'}"
+    )
+    rec = get_record(study, REFIT)
+    best = sorted(
+        (t for t in study.trials if t.state == TrialState.COMPLETE),
+        key=lambda t: t.value,
+        reverse=True,
+    )[:2]
+    assert rec["kind"] == "top" and rec["trials"] == [t.number for t in best]
+    top = tmp_path / "studies/pcam/refit/top"
+    assert json.loads((top / "refit.json").read_text()) == rec
+    sub = pd.read_csv(top / "submission.csv", dtype={"id": str})
+    sample = pd.read_csv(data / "sample_submission.csv", dtype={"id": str})
+    assert sub["id"].tolist() == sample["id"].tolist()
+    # the members' own submissions, averaged, are the blend's (same models, same views)
+    members = [
+        pd.read_csv(tmp_path / f"studies/pcam/refit/trial-{n}/submission.csv", dtype={"id": str})
+        for n in rec["trials"]
+    ]
+    mean = np.mean([m.set_index("id").loc[sub["id"], "label"] for m in members], axis=0)
+    np.testing.assert_allclose(sub["label"], mean, rtol=1e-5, atol=1e-6)
+    # and pcam-predict with the saved blend writes the same submission
+    out = tmp_path / "predicted.csv"
+    assert predict_main([str(data), "--ensemble", rec["ensemble"], "--out", str(out)]) == 0
+    np.testing.assert_allclose(pd.read_csv(out)["label"], sub["label"], rtol=1e-5, atol=1e-6)
+    # the blend's CV estimate: the members' search out-of-fold probabilities averaged
+    oof = pd.read_csv(rec["oof_csv"])
+    assert rec["oof_auc"] == pytest.approx(roc_auc_score(oof["label"], oof["prob"]))
+    # the report shows it
+    from search.report import page
+
+    assert page.main(["--studies-dir", str(tmp_path / "studies")]) == 0
+    html = next((tmp_path / "studies").rglob("*.html")).read_text()
+    assert "the 2 best configurations" in html
+
+
+def test_refit_top_needs_best(capsys):
+    assert refit_main(["--trial", "0", "--top", "2"]) != 0
+    assert "--top M needs" in capsys.readouterr().err
