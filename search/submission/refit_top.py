@@ -88,6 +88,13 @@ def _search_estimate(su: Setup, members: list[FrozenTrial], out_dir: Path) -> di
     }
 
 
+def member_seconds(total: float, elapsed: float, reserve: float, members_left: int) -> float:
+    """The next member's ``--time``: an equal share of what is left of ``total`` seconds
+    after ``elapsed`` and the blend's ``reserve`` (at least 1 s: it then reuses or trains
+    what fits, as a refit with little time does)."""
+    return max((total - elapsed - reserve) / members_left, 1.0)
+
+
 def _blend_reserve(su: Setup, members: list[FrozenTrial], tta: int) -> float:
     """Seconds the blend's test predictions may take (each member again over every view)."""
     views = len(su.cache.rows("test")) * tta
@@ -119,9 +126,9 @@ def refit_top(cfg: RefitConfig, m: int, console: Console) -> dict:
     results = []
     for i, t in enumerate(members):
         share = None
-        if cfg.seconds is not None:  # an equal share of what is left, after the blend
-            left = cfg.seconds - (time.monotonic() - t_start) - reserve
-            share = max(left / (len(members) - i), 1.0)
+        if cfg.seconds is not None:
+            elapsed = time.monotonic() - t_start
+            share = member_seconds(cfg.seconds, elapsed, reserve, len(members) - i)
         now = time.monotonic()
         results.append(
             refit(replace(cfg, trial=t.number, out=None, seconds=share, t_start=now), console)

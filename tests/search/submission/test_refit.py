@@ -646,3 +646,13 @@ def test_refit_top_averages_the_best_configurations_models(refitted, tmp_path):
 def test_refit_top_needs_best(capsys):
     assert refit_main(["--trial", "0", "--top", "2"]) != 0
     assert "--top M needs" in capsys.readouterr().err
+
+
+def test_member_seconds_share_what_is_left_after_the_blend():
+    from search.submission.refit_top import member_seconds
+
+    # 600 s for 3 members, 30 s kept for the blend's predictions: 190 s each from the start
+    assert member_seconds(600, 0, 30, 3) == pytest.approx(190)
+    # the first took 250 s (more than its share): the other two split what is left
+    assert member_seconds(600, 250, 30, 2) == pytest.approx(160)
+    assert member_seconds(600, 620, 30, 1) == 1.0  # nothing left: the smallest refit
