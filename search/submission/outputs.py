@@ -58,6 +58,14 @@ def submission_frame(cache: Cache, probs: np.ndarray, test_rows: np.ndarray) -> 
     return pd.DataFrame({"id": want.to_numpy(), "label": pred.loc[want].to_numpy()})
 
 
+def refuse_earlier(paths: list[Path], force: bool) -> None:
+    """Before any work: an earlier refit's file among ``paths`` is replaced only with
+    ``force`` (a ``RefitError`` naming it otherwise)."""
+    for earlier in paths:
+        if earlier.exists() and not force:
+            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+
+
 def check_out_path(path: Path, force: bool) -> None:
     """Before any work: ``path`` can take a CSV (not a folder, not an existing file without
     ``force``, in a folder that can be written); a ``RefitError`` or ``StorageError`` naming

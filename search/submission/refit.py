@@ -44,7 +44,6 @@ from search.submission.fold_models import (
 )
 from search.submission.inputs import (
     RefitConfig,
-    RefitError,
     RefitResult,
     Setup,
     check_outputs_writable,
@@ -59,6 +58,7 @@ from search.submission.outputs import (
     moved,
     pool_images,
     predict_test,
+    refuse_earlier,
     stage_dir,
     submission_frame,
     swap_in,
@@ -95,9 +95,7 @@ def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
     # before any work: an earlier refit (its folder, or the submission asked for) is replaced
     # only with --force, and then as a whole
     sub_path = Path(cfg.out).resolve() if cfg.out else final_dir / SUBMISSION
-    for earlier in (sub_path, final_dir / REFIT_JSON):
-        if earlier.exists() and not cfg.force:
-            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+    refuse_earlier([sub_path, final_dir / REFIT_JSON], cfg.force)  # before any work
     out_dir = stage_dir(final_dir)
     if not cfg.out:
         sub_path = out_dir / SUBMISSION

@@ -55,6 +55,7 @@ from search.submission.outputs import (
     moved,
     pool_images,
     progress_bar,
+    refuse_earlier,
     stage_dir,
     submission_frame,
     swap_in,
@@ -212,9 +213,7 @@ def refit_ensemble(cfg: RefitConfig, n: int, console: Console) -> EnsembleResult
     su = open_setup(cfg)
     final_dir = (cfg.studies_dir / cfg.study / "refit" / ENSEMBLE_DIR).resolve()
     sub_path = Path(cfg.out).resolve() if cfg.out else final_dir / SUBMISSION
-    for earlier in (sub_path, final_dir / REFIT_JSON):  # before any work
-        if earlier.exists() and not cfg.force:
-            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+    refuse_earlier([sub_path, final_dir / REFIT_JSON], cfg.force)  # before any work
     cache_dir = final_dir.parent / TEST_CACHE_DIR
     chosen = _select(cfg, su, n, console, cache_dir)
     stage = stage_dir(final_dir)

@@ -42,6 +42,7 @@ from search.submission.outputs import (
     SUBMISSION,
     moved,
     predict_test,
+    refuse_earlier,
     stage_dir,
     submission_frame,
     swap_in,
@@ -113,13 +114,11 @@ def refit_top(cfg: RefitConfig, m: int, console: Console) -> dict:
         raise RefitError(f"study {cfg.study!r} has no COMPLETE trial to refit yet")
     final_dir = (cfg.studies_dir / cfg.study / "refit" / TOP_DIR).resolve()
     sub_path = Path(cfg.out).resolve() if cfg.out else final_dir / SUBMISSION
-    for earlier in (sub_path, final_dir / REFIT_JSON):  # before any work
-        if earlier.exists() and not cfg.force:
-            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
-    for t in members:  # each member's own refit folder is replaced only with --force too
-        earlier = final_dir.parent / f"trial-{t.number}" / REFIT_JSON
-        if earlier.exists() and not cfg.force:
-            raise RefitError(f"{earlier} exists (an earlier refit); pass --force to replace it")
+    refuse_earlier([sub_path, final_dir / REFIT_JSON], cfg.force)  # before any work
+    # each member's own refit folder is replaced only with --force too
+    refuse_earlier(
+        [final_dir.parent / f"trial-{t.number}" / REFIT_JSON for t in members], cfg.force
+    )
     names = ", ".join(f"{t.number} ({value_of(t):.4f})" for t in members)
     console.print(f"the {len(members)} best configurations, trials (CV AUC): {names}")
     reserve = _blend_reserve(su, members, cfg.tta) if cfg.seconds is not None else 0.0
