@@ -2,15 +2,20 @@
 
     python benchmarks/more_trials.py [--settings embedded hard stain] [--trials 40]
                                      [--at 10 20 40] [--seed 0] [--baseline 0.9718 ...]
+                                     [--no-promote]
 
 On each generator setting (see ``anytime.py``): one default ``pcam-search --trials N`` (the
-CPU defaults: 12-epoch trials, fold racing, ASHA, no deadline), then for each count n in
+CPU defaults: 12-epoch trials, fold racing, ASHA, the growing top rung, no deadline; with
+``--no-promote`` the search runs without the growing top rung, in a folder of its own), then
+for each count n in
 ``--at`` the study's best COMPLETE trial among its first n finished trials (in order of
 finishing) is submitted as ``pcam-refit --trial T`` submits it (``pcam-refit --best`` on a
 study stopped after n trials: one model on every labelled patch for the final model's 48
 epochs, 8 dihedral views). Printed per n: the best trial, its mean CV AUC (12 epochs, k
 folds), the submission's test AUC and its ratio to the baseline (``--baseline``: one test AUC
-per setting, e.g. ``pcam-search --budget 600`` from ``anytime.py --methods a``).
+per setting, e.g. ``pcam-search --budget 600`` from ``anytime.py --methods a``). The best
+trial's own length is printed beside its CV AUC: a promoted trial's CV is scored at 24 or
+48 epochs, the submission's own length at 48.
 
 ``--top M``: at the largest n, the M best COMPLETE trials are each submitted that way, and
 their submissions' probabilities averaged (what spending M final models' compute on the top
@@ -39,7 +44,8 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anytime import OUT, SETTINGS, _load, dataset  # noqa: E402
 
-from search.common.attrs import get_record  # noqa: E402
+from search.common.attrs import CONFIG, get_record  # noqa: E402
+from search.tuning.ladder import epochs_of  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -59,13 +65,15 @@ def _finished(s: optuna.Study | None) -> list[optuna.trial.FrozenTrial]:
     return sorted(done, key=lambda t: t.datetime_complete)
 
 
-def search(data_dir: Path, studies: Path, trials: int, seed: int) -> float | None:
+def search(
+    data_dir: Path, studies: Path, trials: int, seed: int, flags: list[str]
+) -> float | None:
     """A default ``pcam-search --trials N`` (None: an earlier one is reused)."""
     if len(_finished(_study(studies))) >= trials:
         return None
     cmd = [str(BIN / "pcam-search"), "--data", str(data_dir), "--cache-dir", str(OUT / "cache")]
     cmd += ["--studies-dir", str(studies), "--trials", str(trials), "--seed", str(seed)]
-    cmd += ["--no-progress"]
+    cmd += ["--no-progress", *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     (studies / "console.log").write_text(proc.stdout + proc.stderr)
@@ -138,15 +146,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", type=float, nargs="*", default=[], help="test AUC per setting")
     ap.add_argument("--top", type=int, default=0, help="also the average of the M best")
+    ap.add_argument("--no-promote", action="store_true", help="search without the top rung")
     args = ap.parse_args()
+    flags, arm = (["--no-promote"], "-flat") if args.no_promote else ([], "")
     path = OUT / "more_trials.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     base = dict(zip(args.settings, args.baseline, strict=False))
     for name in args.settings:
-        studies = OUT / "studies" / f"more-{name}-seed{args.seed}"
-        wall = search(dataset(name), studies, args.trials, args.seed)
+        studies = OUT / "studies" / f"more-{name}-seed{args.seed}{arm}"
+        wall = search(dataset(name), studies, args.trials, args.seed, flags)
         s = _study(studies)
-        key = f"{name}/seed{args.seed}"
+        key = f"{name}/seed{args.seed}{arm}"
         # submissions made by an earlier run of this benchmark on the same study are reused
         earlier = results.get(key, {}).get("refits", {}) if wall is None else {}
         rows, refits = [], {int(t): r for t, r in earlier.items()}
@@ -154,7 +164,9 @@ def main() -> None:
             if t.number not in refits:
                 print(f"[{name}] best of {n} trials: trial {t.number}; refitting ...", flush=True)
                 refits[t.number] = submit(studies, t.number, args.seed)
-            rows.append({"n": n, "trial": t.number, "cv_auc": t.value, **refits[t.number]})
+            length = epochs_of(t, int(get_record(s, CONFIG, {}).get("max_epochs", 12)))
+            row = {"n": n, "trial": t.number, "cv_auc": t.value, "cv_epochs": length}
+            rows.append({**row, **refits[t.number]})
         results[key] = {"wall_s": wall, "finished": len(_finished(s)), "rows": rows}
         if args.top > 1 and rows:
             n_last = rows[-1]["n"]
@@ -171,10 +183,11 @@ def main() -> None:
 def table(key: str, r: dict, baseline: float | None) -> None:
     wall = "reused" if r["wall_s"] is None else f"{r['wall_s']:.0f} s"
     print(f"\n{key}: default pcam-search, {r['finished']} trials finished ({wall})")
-    head = f"{'trials':>7}{'best trial':>11}{'CV AUC':>8}{'test AUC':>10}{'epochs':>7}"
+    head = f"{'trials':>7}{'best trial':>11}{'CV AUC':>8}{'CV ep':>6}{'test AUC':>10}{'epochs':>7}"
     print(head + (f"{'vs base':>9}  (base {baseline:.4f})" if baseline else ""))
     for x in r["rows"]:
-        line = f"{x['n']:>7}{x['trial']:>11}{x['cv_auc']:>8.4f}{x['test_auc']:>10.4f}"
+        line = f"{x['n']:>7}{x['trial']:>11}{x['cv_auc']:>8.4f}{x.get('cv_epochs', 12):>6}"
+        line += f"{x['test_auc']:>10.4f}"
         line += f"{x['epochs']:>7}"
         if baseline:
             line += f"{x['test_auc'] / baseline:>9.4f}"

@@ -306,6 +306,7 @@ def _search_run(
         grace_period=cfg.grace_period,
         reduction_factor=cfg.reduction_factor,
         asha=cfg.asha,
+        promote_to=cfg.final_max_epochs if cfg.promote else 0,
         keep_top=cfg.keep_top,
         verbose=cfg.verbose,
         log_file=str(cfg.out_dir / LOG_FILE),

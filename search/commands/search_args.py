@@ -103,6 +103,13 @@ def parser() -> argparse.ArgumentParser:
     )
     a("--no-asha", action="store_true", help="run every trial for --max-epochs")
     a(
+        "--no-promote",
+        action="store_true",
+        help="no growing top rung: without a deadline the study's best params otherwise train "
+        "again as new trials of 2x, 4x .. the epochs as COMPLETE trials accumulate, up to "
+        f"the final model's ({cpu_gpu('final_max_epochs')})",
+    )
+    a(
         "--race-epochs",
         type=int,
         default=None,

@@ -42,6 +42,7 @@ def build_config(args: argparse.Namespace, has_gpu: bool) -> SearchConfig:
         grace_period=pick(args.grace_period, d.grace_period),
         reduction_factor=pick(args.reduction_factor, d.reduction_factor),
         asha=not args.no_asha,
+        promote=not (args.no_promote or short),
         race_epochs=0 if args.no_race else pick(args.race_epochs, d.race_epochs),
         timeout=args.timeout,
         budget=args.budget,

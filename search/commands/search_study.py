@@ -21,6 +21,7 @@ from search.common.attrs import (
     CONFIG,
     DATASET_FINGERPRINT,
     FOLDS_FILE,
+    PROMOTED_FROM,
     REFIT,
     RUNS,
     SPACE,
@@ -30,6 +31,7 @@ from search.common.attrs import (
 )
 from search.common.cli_args import print_error, study_flags
 from search.common.config import SearchConfig
+from search.tuning.ladder import epochs_of
 from search.tuning.progress import Tally
 from search.tuning.space import Space
 
@@ -134,9 +136,13 @@ def print_summary(console: Console, study: optuna.Study, cfg: SearchConfig, tall
     best = studies.best_trial(study)
     if best is not None:
         folds = best.user_attrs.get(AUC_FOLDS, [])
+        source = best.user_attrs.get(PROMOTED_FROM)
+        length = f"{epochs_of(best, cfg.max_epochs)} epochs" + (
+            f", the params of trial {source} trained longer" if source is not None else ""
+        )
         console.print(
             f"best mean {cfg.folds}-fold AUC [bold green]{best.value:.4f}[/] "
-            f"(trial {best.number}; folds {', '.join(f'{a:.4f}' for a in folds)})"
+            f"(trial {best.number}, {length}; folds {', '.join(f'{a:.4f}' for a in folds)})"
         )
         console.print("  " + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     models_dir = cfg.out_dir / "models"

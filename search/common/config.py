@@ -60,6 +60,9 @@ class SearchConfig:
     grace_period: int = C.grace_period  # ASHA: fold-epochs before a trial may be stopped
     reduction_factor: int = C.reduction_factor  # ASHA eta: 1/eta of trials go on at each rung
     asha: bool = True  # False: every trial runs max_epochs (benchmarks)
+    # the growing top rung (search.tuning.ladder): the best params train again as trials of
+    # 2x, 4x .. max_epochs up to final_max_epochs; off under a deadline (short trials there)
+    promote: bool = True
     race_epochs: int = C.race_epochs  # fold racing: epochs of fold 0 alone, then the others
     timeout: float | None = None  # seconds for the search; no trial starts that cannot end
     budget: float | None = None  # seconds for search + refit (submission); refit reserved

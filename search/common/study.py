@@ -28,7 +28,9 @@ from search.common.attrs import (
     ERROR_TYPE,
     FAIL_REASON,
     INTERRUPTED,
+    PROMOTED_FROM,
     RETRY_OF,
+    TRIAL_EPOCHS,
 )
 
 SQLITE_TIMEOUT_S = 60  # seconds a writer waits for a lock before "database is locked"
@@ -245,7 +247,9 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
         if t.state != TrialState.FAIL or not t.user_attrs.get(INTERRUPTED) or not t.params:
             continue
         if t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+            # a promoted trial's retry keeps its length (search.tuning.ladder)
+            kept = {k: t.user_attrs[k] for k in (TRIAL_EPOCHS, PROMOTED_FROM) if k in t.user_attrs}
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number, **kept})
             queued.append(t.number)
     return queued
 

@@ -17,6 +17,7 @@ from search.common.defaults import CPU_DEFAULTS
 from search.common.pace import MARGIN, REFIT_FIXED_S, Pace, full_fit_plan, predict_seconds
 from search.submission.fold_models import saved_models
 from search.submission.inputs import FinalPlan, RefitConfig, Setup, pick_trial
+from search.tuning.ladder import epochs_of
 
 
 def trial_pace(trial: FrozenTrial) -> Pace | None:
@@ -72,7 +73,7 @@ def final_config(cfg: RefitConfig, su: Setup) -> RefitConfig:
     ``_models``."""
     trial = pick_trial(su.study, cfg.trial)
     sc = su.search_cfg
-    search_epochs = int(sc.get("max_epochs", 1))
+    search_epochs = epochs_of(trial, int(sc.get("max_epochs", 1)))  # a promoted trial: its own
     cap = int(sc.get("final_max_epochs") or CPU_DEFAULTS.final_max_epochs)
     seed_epochs = int(sc.get("final_seed_epochs") or cap)
     t0 = time.monotonic() if cfg.t_start is None else cfg.t_start

@@ -69,6 +69,7 @@ from search.training.engine import (
     TrainParams,
 )
 from search.training.metrics import auc, fold_aucs
+from search.tuning.ladder import epochs_of
 
 
 @dataclass
@@ -89,7 +90,7 @@ def _plan(cfg: RefitConfig, su: Setup) -> _Plan:
     """Pick the trial and its output paths; refuse an existing submission before any work."""
     trial = pick_trial(su.study, cfg.trial)
     params = trial_params(su.study, trial)
-    search_epochs = int(su.search_cfg.get("max_epochs", 1))
+    search_epochs = epochs_of(trial, int(su.search_cfg.get("max_epochs", 1)))
     epochs = cfg.epochs or search_epochs
     final_dir = (cfg.studies_dir / cfg.study / "refit" / f"trial-{trial.number}").resolve()
     # before any work: an earlier refit (its folder, or the submission asked for) is replaced

@@ -55,6 +55,7 @@ class SearchRun:
     grace_period: int = 1  # ASHA, in fold-epochs
     reduction_factor: int = 3
     asha: bool = True
+    promote_to: int = 0  # the growing top rung's longest trial, epochs (0: no promotions)
     keep_top: int = 10  # COMPLETE trials whose fold models stay on disk
     verbose: bool = False
     trainable: Callable = _trainable
@@ -143,6 +144,8 @@ def _searcher(
         tally=tally,
         driver=run.driver,
         keep_top=run.keep_top,
+        promote_to=run.promote_to,
+        eta=run.reduction_factor,
         checkpoint_of=lambda config: trial_checkpoint(run.settings, config, k),
     )
 

@@ -34,14 +34,17 @@ from search.common.attrs import (
     NODE,
     POOL,
     PRECISION,
+    PROMOTED_FROM,
     RAY_TRIAL_ID,
     RESUMED_FROM,
     SECONDS,
+    TRIAL_EPOCHS,
     VAL_LOSS,
 )
 from search.common.study import value_of
 from search.training.checkpoint import RESUMED
 from search.tuning.deadline import Deadline
+from search.tuning.ladder import next_promotion
 from search.tuning.outcome import STOPS_THE_RUN, WORKER_GONE, TrialError, classify
 from search.tuning.progress import Tally
 from search.tuning.ray_adapter.trial import METRIC, TIME_ATTR
@@ -50,17 +53,27 @@ MACHINERY_SLACK = 8  # trials Ray may create beyond --trials to replace interrup
 
 
 class _RecordingASHA(ASHAScheduler):
-    """ASHA that remembers which trials it stopped before their last epoch."""
+    """ASHA that remembers which trials it stopped before their last epoch, and leaves the
+    promoted trials of the growing top rung alone (``search.tuning.ladder``): its rungs
+    compare trials of one schedule length, and a promoted trial is already a study's best."""
 
     def __init__(self, stopped: set[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stopped_early = stopped
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if TRIAL_EPOCHS in trial.config:
+            return TrialScheduler.CONTINUE
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision == TrialScheduler.STOP and result.get(TIME_ATTR, 0) < self._max_t:
             self.stopped_early.add(trial.trial_id)
         return decision
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if TRIAL_EPOCHS in trial.config:
+            self._trial_info.pop(trial.trial_id, None)  # never recorded in a rung
+            return
+        super().on_trial_complete(tune_controller, trial, result)
 
 
 class _DeadlineStopper(tune.Stopper):
@@ -180,11 +193,14 @@ class _TruthfulSearch(OptunaSearch):
         tally: Tally,
         driver: dict,
         keep_top: int = 10,
+        promote_to: int = 0,
+        eta: int = 3,
         checkpoint_of: Callable[[dict], Path | None] = lambda config: None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._keep_top = keep_top
+        self._promote_to, self._eta = promote_to, eta  # the growing top rung (0: off)
         # a trial's resumable state: kept while it may be re-run (interrupted), else removed
         self._checkpoint_of = checkpoint_of
         self._configs: dict[str, dict] = {}
@@ -196,6 +212,7 @@ class _TruthfulSearch(OptunaSearch):
         }
         self._max_epochs = max_epochs
         self._full = full_fold_epochs
+        self._full_of: dict[str, int] = {}  # a promoted trial's own full fold-epochs
         self._deadline, self._t0 = deadline, t0
         self._best_value = -math.inf
         self._folds_at: dict[str, dict[str, int]] = {}  # trial -> {step: folds averaged}
@@ -237,6 +254,7 @@ class _TruthfulSearch(OptunaSearch):
             self._deadline.not_started += 1
             self._deadline.reached = True
             return self.FINISHED  # Ray starts no further trial and lets running ones end
+        self._promote()
         config = super().suggest(trial_id)
         if not isinstance(config, dict):
             return config
@@ -244,12 +262,30 @@ class _TruthfulSearch(OptunaSearch):
             self._deadline.guard = trial_id
         self._deadline.started(trial_id, elapsed)
         ot = self._ot_trials[trial_id]
+        epochs = ot.user_attrs.get(TRIAL_EPOCHS)
+        if epochs:  # a promoted trial (or its retry): its own schedule length
+            config = {**config, TRIAL_EPOCHS: int(epochs)}
+            self._full_of[trial_id] = self._full // self._max_epochs * int(epochs)
         ot.set_user_attr(DRIVER, self._driver)
         ot.set_user_attr(RAY_TRIAL_ID, trial_id)
         self._reported[trial_id] = set()
         self._tally.running[ot.number] = 0
         self._configs[trial_id] = config
         return config
+
+    def _promote(self) -> None:
+        """Queue the growing top rung's next trial, when one is due (``search.tuning.ladder``;
+        never under a deadline, whose trials are short and whose winner trains long after)."""
+        if not self._promote_to or self._deadline.active:
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return  # what is queued (retries, a promotion) runs first
+        due = next_promotion(trials, self._max_epochs, self._promote_to, self._eta)
+        if due is not None:
+            self.study.enqueue_trial(
+                due.params, user_attrs={TRIAL_EPOCHS: due.epochs, PROMOTED_FROM: due.source}
+            )
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         ot = self._ot_trials.get(trial_id)
@@ -302,7 +338,7 @@ class _TruthfulSearch(OptunaSearch):
             self._tally.halted = err.message  # the stopper ends the run at once
         outcome = classify(
             fold_epochs=fold_epochs,
-            full_fold_epochs=self._full,
+            full_fold_epochs=self._full_of.pop(trial_id, self._full),
             value=value,
             error=err,
             self_stopped=bool(result and result.get("self_stopped")),

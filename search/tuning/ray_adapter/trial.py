@@ -17,6 +17,7 @@ import torch
 from ray import tune
 
 from data_pipeline.atomic import remove
+from search.common.attrs import TRIAL_EPOCHS
 from search.common.ensemble import ensemble_files, model_meta, write_files
 from search.training.checkpoint import RESUMED, checkpoint_key
 from search.training.checkpoint import SUFFIX as CHECKPOINT_SUFFIX
@@ -48,15 +49,23 @@ class TrialSettings:
     checkpoint_dir: str | None = None
 
 
+def split_config(config: dict, settings: TrialSettings) -> tuple[dict, int]:
+    """A trial's training params and its schedule length in epochs: a promoted trial's config
+    carries its own (``search.tuning.ladder``), every other trial trains the study's."""
+    params = {k: v for k, v in config.items() if k != TRIAL_EPOCHS}
+    return params, int(config.get(TRIAL_EPOCHS, settings.max_epochs))
+
+
 def trial_checkpoint(settings: TrialSettings, config: dict, k: int) -> Path | None:
     """Where the trial of ``config`` keeps its resumable state (None: no checkpoints): the
     same params trained the same way on the same data and folds find the same file."""
     if settings.checkpoint_dir is None:
         return None
+    params, epochs = split_config(config, settings)
     key = checkpoint_key(
-        config,
+        params,
         seed=settings.seed,
-        max_epochs=settings.max_epochs,
+        max_epochs=epochs,
         race_epochs=settings.race_epochs,
         k=k,
         data=settings.model_meta,
@@ -81,7 +90,8 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
     device = trial_device(ray.get_gpu_ids(), torch.cuda.is_available(), node)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     arithmetic = precision(device)  # once per trial, not per report
-    full = settings.max_epochs * (int(np.max(folds)) + 1)
+    params, epochs = split_config(config, settings)
+    full = epochs * (int(np.max(folds)) + 1)
     keep = settings.models_dir is not None
     last: dict = {}
 
@@ -111,10 +121,10 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
 
     checkpoint = trial_checkpoint(settings, config, int(np.max(folds)) + 1)
     res = train_cv(
-        config,
+        params,
         data,
         folds,
-        epochs=settings.max_epochs,
+        epochs=epochs,
         device=device,
         seed=settings.seed,
         threads=settings.threads,
@@ -129,7 +139,8 @@ def _trainable(config: dict, data: TrainData, folds: np.ndarray, settings: Trial
     if checkpoint is not None:  # trained to its end: nothing left to resume
         remove(checkpoint)
     if last:
-        last["models"] = _save_models(config, res, settings, tune.get_context().get_trial_id())
+        trial_id = tune.get_context().get_trial_id()
+        last["models"] = _save_models(params, epochs, res, settings, trial_id)
         last["pool"] = res.pool + (f" ({res.pool_note})" if res.pool_note else "")
         tune.report(last)
 
@@ -192,15 +203,17 @@ def start_sink(models_dir: str) -> Any:
     ).remote(models_dir)
 
 
-def _save_models(config: dict, res: CVResult, settings: TrialSettings, trial_id: str) -> str:
+def _save_models(
+    params: dict, epochs: int, res: CVResult, settings: TrialSettings, trial_id: str
+) -> str:
     """Fold weights + OOF of a finished trial, atomically, in ``models_dir/<ray trial id>`` on
     the driver's node (through ``settings.sink``; written here when there is none)."""
-    p = TrainParams.from_dict(config)
+    p = TrainParams.from_dict(params)
     assert res.states is not None  # train_cv(keep_states=True) for a kept trial
     meta = {
         **(settings.model_meta or {}),
         **model_meta(p),
-        "epochs": settings.max_epochs,
+        "epochs": epochs,
         "k": len(res.states),
         "device": res.device,
         "ray_trial_id": trial_id,
@@ -231,7 +244,7 @@ def noop_trainable(
     """
     base = 0.9 - 0.05 * abs(math.log10(float(config.get("lr", 1e-3))) + 3)
     k = int(np.max(folds)) + 1
-    for epoch in range(1, settings.max_epochs + 1):
+    for epoch in range(1, split_config(config, settings)[1] + 1):
         tune.report(
             {
                 METRIC: base + 0.01 * epoch,

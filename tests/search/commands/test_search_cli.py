@@ -51,6 +51,7 @@ from search.common.ensemble import load_ensemble
 from search.training.checkpoint import CHECKPOINTS_DIR
 from search.training.checkpoint import SHARE_ENV as CHECKPOINT_SHARE_ENV
 from search.tuning.deadline import TIE_AUC
+from search.tuning.ladder import epochs_of
 
 # lr 1e30 makes the loss NaN in the first epoch: those trials must end FAIL, not kill the search
 SPACE = """
@@ -134,15 +135,19 @@ def test_search_states_are_truthful(searched):
             assert "nan" in t.user_attrs[ERROR_MESSAGE]
         elif t.state == TrialState.COMPLETE:
             # every report's mean fold AUC (step = fold-epochs), the last one included; the
-            # value is the mean over all k folds at the last epoch
-            assert steps == STEPS
-            assert t.value == pytest.approx(t.intermediate_values[STEPS[-1]])
-            assert t.user_attrs[EPOCHS_RUN] == MAX_EPOCHS
-            assert t.user_attrs[FOLD_EPOCHS] == K * MAX_EPOCHS
+            # value is the mean over all k folds at the last epoch. A promoted trial (the
+            # growing top rung) reports every epoch of its own, longer schedule
+            epochs = epochs_of(t, MAX_EPOCHS)
+            want_steps = STEPS + list(range(STEPS[-1] + K, K * epochs + 1, K))
+            assert steps == want_steps
+            assert t.value == pytest.approx(t.intermediate_values[want_steps[-1]])
+            assert t.user_attrs[EPOCHS_RUN] == epochs
+            assert t.user_attrs[FOLD_EPOCHS] == K * epochs
             assert len(t.user_attrs[AUC_FOLDS]) == K
             assert t.value == pytest.approx(sum(t.user_attrs[AUC_FOLDS]) / K)
             # the first values are fold 0 alone, then every value averages both folds
-            assert t.user_attrs[INTERMEDIATE_FOLDS] == {"1": 1, "2": 1, "4": 2, "6": 2}
+            want_folds = {"1": 1, "2": 1, **{str(s): 2 for s in want_steps[2:]}}
+            assert t.user_attrs[INTERMEDIATE_FOLDS] == want_folds
             # what it trained on: the GPU's name on a CUDA host, else "cpu"
             want = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
             assert t.user_attrs[DEVICE] == want and t.user_attrs[SECONDS] > 0

@@ -9,7 +9,15 @@ import pytest
 from optuna.trial import TrialState
 
 from search.common import study as studies
-from search.common.attrs import DRIVER, ERROR_MESSAGE, ERROR_TYPE, INTERRUPTED, RETRY_OF
+from search.common.attrs import (
+    DRIVER,
+    ERROR_MESSAGE,
+    ERROR_TYPE,
+    INTERRUPTED,
+    PROMOTED_FROM,
+    RETRY_OF,
+    TRIAL_EPOCHS,
+)
 
 
 def _sqlite(tmp_path):
@@ -169,6 +177,18 @@ def test_requeue_interrupted_queues_each_interrupted_trial_once():
     assert len(waiting) == 1 and waiting[0].user_attrs[RETRY_OF] == first
     again = study.ask()  # the queued trial comes first, with the interrupted one's params
     assert again.suggest_float("lr", 1e-4, 1.0, log=True) == study.trials[first].params["lr"]
+
+
+def test_requeue_interrupted_keeps_a_promoted_trials_length():
+    study = optuna.create_study(direction="maximize")
+    t = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)})
+    for key, v in ((INTERRUPTED, True), (TRIAL_EPOCHS, 24), (PROMOTED_FROM, 7)):
+        t.set_user_attr(key, v)
+    study.tell(t, state=TrialState.FAIL)
+    number = t.number
+    assert studies.requeue_interrupted(study) == [number]
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.user_attrs == {RETRY_OF: number, TRIAL_EPOCHS: 24, PROMOTED_FROM: 7}
 
 
 def test_failures_name_the_commonest_error_and_ignore_interrupted():

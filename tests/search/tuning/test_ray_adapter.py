@@ -122,7 +122,7 @@ def test_save_models_on_a_full_disk_is_a_disk_full_error_naming_the_folder(tmp_p
     monkeypatch.setattr(trial, "write_files", full)
     config = {"arch": "simple_cnn", "width": 8, "crop": 32}
     with pytest.raises(ray_adapter.DiskFullError) as e:
-        trial._save_models(config, res, settings, "t1")
+        trial._save_models(config, 1, res, settings, "t1")
     assert f"no space left on the disk of {models_dir}" in str(e.value)
     # not the params' fault: interrupted (run again on resume), with the message as reason
     out = classify(
