@@ -28,12 +28,15 @@ from data_pipeline.version import add_version
 from search.common import study as studies
 from search.common.attrs import (
     COMMAND,
+    CONFIG,
     DATASET_FINGERPRINT,
     ERROR_MESSAGE,
     ERROR_TYPE,
     FOLD_EPOCHS,
     FOLDS_FILE,
+    PROMOTED_FROM,
     REFIT,
+    TRIAL_EPOCHS,
     VERSION,
     get_record,
 )
@@ -74,13 +77,16 @@ _SORT_JS = (
 
 
 def trials_table(study: optuna.Study) -> str:
-    """Every trial as an HTML table: number, state, mean AUC, fold-epochs, seconds and
+    """Every trial as an HTML table: number, state, mean AUC, its schedule's epochs (a
+    promoted trial's own, and the trial it was promoted from), fold-epochs, seconds and
     params; click a header to sort by it."""
     trials = all_trials(study)
     if not trials:
         return "<p class='note'>No trials yet.</p>"
     names = sorted({k for t in trials for k in t.params})
-    head = ["trial", "state", "mean fold AUC", "fold-epochs", "seconds", *names]
+    head = ["trial", "state", "mean fold AUC", "epochs", "promoted from", "fold-epochs"]
+    head += ["seconds", *names]
+    study_epochs = (get_record(study, CONFIG) or {}).get("max_epochs")
 
     def cell(v: object) -> str:
         shown = f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
@@ -93,7 +99,9 @@ def trials_table(study: optuna.Study) -> str:
             if t.datetime_complete and t.datetime_start
             else None
         )
-        vals = [t.number, t.state.name, t.value, t.user_attrs.get(FOLD_EPOCHS), secs]
+        epochs = t.user_attrs.get(TRIAL_EPOCHS, study_epochs)
+        vals = [t.number, t.state.name, t.value, epochs, t.user_attrs.get(PROMOTED_FROM)]
+        vals += [t.user_attrs.get(FOLD_EPOCHS), secs]
         rows.append("<tr>" + "".join(cell(v) for v in vals + [t.params.get(n) for n in names]))
     ths = "".join(f"<th onclick='srt(this)'>{html.escape(h)}</th>" for h in head)
     return (

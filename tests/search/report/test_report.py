@@ -8,7 +8,7 @@ import pytest
 
 from search import report
 from search.common import study as studies
-from search.common.attrs import FOLDS_FILE, REFIT
+from search.common.attrs import CONFIG, FOLDS_FILE, PROMOTED_FROM, REFIT, TRIAL_EPOCHS
 from search.report import refit_figures, study_figures
 
 
@@ -108,6 +108,21 @@ def test_report_trials_table_lists_every_trial_and_sorts(made_up_study):
     assert "onclick='srt(this)'" in table and "function srt(" in html
     for state in ("COMPLETE", "PRUNED", "FAIL"):
         assert f">{state}<" in table
+
+
+def test_report_trials_table_shows_a_promoted_trials_length_and_source(made_up_study):
+    st = made_up_study(2, 0)
+    st.set_user_attr(CONFIG, {"max_epochs": 12})
+    t = st.ask()
+    t.suggest_float("lr", 1e-4, 1e-1, log=True)
+    t.set_user_attr(TRIAL_EPOCHS, 24)
+    t.set_user_attr(PROMOTED_FROM, 1)
+    st.tell(t, 0.99)
+    table = report.render(st).split("<table class='trials'>")[1].split("</table>")[0]
+    rows = table.split("<tr>")[2:]  # after the header
+    cells = [r.split("</td>")[:5] for r in rows]
+    shown = [[c.rsplit(">", 1)[-1] for c in r] for r in cells]
+    assert shown[0][3:5] == ["12", ""] and shown[-1][3:5] == ["24", "1"]
 
 
 def test_report_fold_spread_shows_each_complete_trials_folds(made_up_study):
