@@ -102,7 +102,8 @@ def check_internals() -> None:
     """``InternalsChanged`` naming the attribute when a private one the project needs is
     missing. No public API gives them: the searcher's trial map and study (``_ot_trials``,
     ``_ot_study``, ``_completed_trials``: the study is recorded truthfully through them),
-    ASHA's ``_max_t`` (a STOP below it is PRUNED), and Optuna's storage handle (study system
+    ASHA's ``_max_t`` (a STOP below it is PRUNED) and ``_trial_info`` (a promoted trial of
+    the growing top rung leaves it unrecorded), and Optuna's storage handle (study system
     attrs, closing a dead driver's trials). Checked before every search, so a Ray or Optuna
     release that renames one fails at once instead of recording a wrong study."""
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
@@ -115,7 +116,7 @@ def check_internals() -> None:
         ),
         "ray.tune.schedulers.ASHAScheduler": (
             ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="max", max_t=3),
-            ("_max_t",),
+            ("_max_t", "_trial_info"),
         ),
         "optuna.study.Study": (study, ("_storage", "_study_id")),
         "optuna.trial.FrozenTrial": (trial, ("_trial_id",)),
